@@ -1,0 +1,122 @@
+"""The FastAPI application: middleware (request id, body limit, metrics), error mapping, routers,
+and the lifespan that owns the Postgres pool, the Temporal client and the authenticator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from api import metrics
+from api.auth import Authenticator
+from api.deps import Services
+from api.http import (
+    InvalidBody, MalformedJson, adopt_request_id, error_response, internal_error, invalid_body_response,
+)
+from api.temporal_gateway import TemporalGateway
+from rules.errors import CoordinatorError
+from settings import Settings, get_settings
+from storage.db import Database, is_outage, postgres_unavailable
+
+log = logging.getLogger("coordinator.api")
+
+
+async def connect_temporal(settings: Settings):
+    from temporalio.client import Client
+
+    return await Client.connect(settings.TEMPORAL_ADDRESS, namespace=settings.TEMPORAL_NAMESPACE)
+
+
+def create_app(settings: Settings | None = None, *, services: Services | None = None) -> FastAPI:
+    """Build the app. Tests pass ready `services`; otherwise the lifespan creates them."""
+    settings = settings or (services.settings if services else get_settings())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if services is not None:
+            app.state.services = services
+            yield
+            return
+        db = Database(settings.DATABASE_URL, max_size=settings.DB_POOL_MAX,
+                      statement_timeout_ms=settings.DB_STATEMENT_TIMEOUT_MS,
+                      connect_timeout_s=settings.DB_CONNECTION_TIMEOUT_MS / 1000)
+        await db.open(wait=False)
+        client = None
+        for attempt in range(30):
+            try:
+                client = await connect_temporal(settings)
+                break
+            except Exception as exc:  # the server may still be starting
+                log.warning("temporal not reachable yet (%s)", exc)
+                await asyncio.sleep(1)
+        auth = Authenticator(settings, db)
+        app.state.services = Services(settings, db, TemporalGateway(client, settings), auth)
+        try:
+            yield
+        finally:
+            await auth.aclose()
+            await db.close()
+
+    app = FastAPI(title="Coordinator", version="0.1.0", lifespan=lifespan,
+                  description="Runtime state of AI-agent authority: sessions, services, invocations and "
+                              "delegation edges, on durable Temporal workflows.")
+    app.state.settings = settings
+
+    @app.middleware("http")
+    async def conventions(request: Request, call_next):
+        request.state.request_id = adopt_request_id(request.headers.get("x-request-id"))
+        started = time.perf_counter()
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > settings.COORDINATOR_BODY_LIMIT_BYTES:
+            response = internal_error(request, 413, "Request body is too large")
+        else:
+            response = await call_next(request)
+        response.headers["x-request-id"] = request.state.request_id
+        metrics.observe_request(request, response.status_code, time.perf_counter() - started)
+        return response
+
+    @app.exception_handler(CoordinatorError)
+    async def coordinator_error(request: Request, exc: CoordinatorError):
+        return error_response(request, exc)
+
+    @app.exception_handler(InvalidBody)
+    async def invalid_body(request: Request, exc: InvalidBody):
+        return invalid_body_response(request, exc)
+
+    @app.exception_handler(MalformedJson)
+    async def malformed_json(request: Request, exc: MalformedJson):
+        return internal_error(request, 400, f"Body is not valid JSON: {exc}")
+
+    @app.exception_handler(RequestValidationError)
+    async def request_validation(request: Request, exc: RequestValidationError):
+        return error_response(request, CoordinatorError(400, "invalid_params"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_exception(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 404:
+            return JSONResponse({"error": "not_found"}, status_code=404)
+        if exc.status_code == 405:
+            return JSONResponse({"error": "method_not_allowed"}, status_code=405)
+        return internal_error(request, exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):
+        if is_outage(exc):
+            return error_response(request, postgres_unavailable())
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return internal_error(request, 500, "internal error")
+
+    from api.routes import directory, health, sessions
+
+    app.include_router(health.router)
+    app.include_router(sessions.router)
+    app.include_router(directory.router)
+    return app

@@ -1,0 +1,149 @@
+"""Configuration from the environment, with the reference's variable names (reference-behaviour §12).
+
+One `Settings` object is built per process (`get_settings()`); tests build their own and pass it in.
+`*_FILE` indirection is supported for the secrets, as in the reference.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_FILE_VARS = (
+    "DATABASE_URL",
+    "REDIS_URL",
+    "STREAMS_HMAC_KEY",
+    "AUDIT_HMAC_KEY",
+    "IDEMPOTENCY_HMAC_KEY",
+    "IDEMPOTENCY_HMAC_KEY_PREVIOUS",
+    "CARACAL_COORDINATOR_TOKEN",
+    "METRICS_BEARER",
+)
+
+# Fallback idempotency key outside published modes (the reference does the same).
+DEV_IDEMPOTENCY_HMAC_KEY = "caracal-coordinator-development-idempotency-key".encode().hex()
+
+
+def _resolve_file_vars() -> None:
+    for name in _FILE_VARS:
+        path = os.environ.get(f"{name}_FILE")
+        if path and not os.environ.get(name):
+            value = open(path, encoding="utf-8").read().rstrip()
+            if not value:
+                raise ValueError(f"{name}_FILE points at an empty file")
+            os.environ[name] = value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(extra="ignore", case_sensitive=True)
+
+    # --- processes ---
+    PORT: int = 4000
+    HOST: str = "127.0.0.1"
+    DATABASE_URL: str = "postgresql://postgres@127.0.0.1:54329/coordinator"
+    TEMPORAL_ADDRESS: str = "127.0.0.1:7233"
+    TEMPORAL_NAMESPACE: str = "default"
+    TEMPORAL_TASK_QUEUE: str = "coordinator"
+    # How long an HTTP request waits on a workflow update before answering 503.
+    TEMPORAL_RPC_TIMEOUT_SECONDS: float = 10.0
+    CARACAL_MODE: str = "dev"
+    DB_POOL_MAX: int = Field(20, ge=1)
+    DB_STATEMENT_TIMEOUT_MS: int = Field(10000, ge=0)
+    DB_CONNECTION_TIMEOUT_MS: int = Field(5000, ge=1)
+
+    # --- authentication (reference-behaviour §3) ---
+    ISSUER_URL: str = "http://127.0.0.1:4000/sts"
+    # JWKS location: a URL template (may contain {zone_id}) or a file. STS_URL is the reference's
+    # base (`${STS_URL}/.well-known/jwks.json?zone_id=<zone>`), used when JWKS_URL is not set.
+    JWKS_URL: str = ""
+    JWKS_FILE: str = ""
+    STS_URL: str = ""
+    AGENT_COORDINATOR_SCOPE: str = "agent:lifecycle"
+    CARACAL_COORDINATOR_TOKEN: str = ""
+    METRICS_BEARER: str = ""
+    JWKS_CACHE_MAX: int = Field(256, ge=1)
+
+    # --- capacity (configurable, reference defaults) ---
+    MAX_AGENTS_PER_ZONE: int = Field(50, ge=0)
+    MAX_AGENTS_PER_APP: int = Field(200, ge=0)
+    MAX_SESSION_DEPTH: int = Field(10, ge=0)
+    MAX_CHILDREN: int = Field(10, ge=0)
+    SERVICE_AGENT_LEASE_SECONDS: int = Field(120, ge=1)
+
+    # --- idempotency (§7) ---
+    IDEMPOTENCY_HMAC_KEY: str = ""
+    IDEMPOTENCY_HMAC_KEY_PREVIOUS: str = ""
+    IDEMPOTENCY_RETENTION_SECONDS: int = Field(604800, ge=3600)
+    GENERATED_IDEMPOTENCY_RETENTION_SECONDS: int = Field(86400, ge=3600)
+    IDEMPOTENCY_MAX_RECEIPTS_PER_SCOPE: int = Field(10000, ge=100)
+
+    # --- HTTP ---
+    COORDINATOR_BODY_LIMIT_BYTES: int = Field(262144, ge=1024)
+    TRUST_PROXY: bool = False
+
+    # --- rate limits per minute, per replica (0 disables) (§10) ---
+    COORDINATOR_RATE_LIMIT_PER_MIN: int = Field(600, ge=0)
+    READY_RATE_LIMIT_PER_MIN: int = Field(120, ge=0)
+    V1_RATE_LIMIT_PER_MIN: int = Field(300, ge=0)
+    VERIFY_RATE_LIMIT_PER_MIN: int = Field(60, ge=0)
+    INVOCATION_RATE_LIMIT_PER_MIN: int = Field(120, ge=0)
+
+    # --- retention and maintenance (§9) ---
+    DELEGATION_RETENTION_DAYS: int = Field(90, ge=0)
+    OUTBOX_RETENTION_DAYS: int = Field(7, ge=0)
+    RETENTION_CLEANUP_BATCH_SIZE: int = Field(500, ge=1)
+    MAINTENANCE_INTERVAL_SECONDS: int = Field(5, ge=1)
+
+    # --- events / audit ---
+    REDIS_URL: str = ""
+    STREAMS_HMAC_KEY: str = ""
+    STREAMS_MAXLEN: int = Field(100000, ge=1)
+    OUTBOX_INTERVAL_MS: int = Field(1000, ge=1)
+    OUTBOX_BATCH_SIZE: int = Field(50, ge=1)
+    OUTBOX_MAX_ATTEMPTS: int = Field(10, ge=1)
+    AUDIT_HMAC_KEY: str = ""
+
+    # --- fan-out of cascades to workflows ---
+    FANOUT_BATCH_SIZE: int = Field(50, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "Settings":
+        if self.CARACAL_MODE not in ("dev", "rc", "stable"):
+            raise ValueError("CARACAL_MODE must be dev, rc or stable")
+        for name in ("IDEMPOTENCY_HMAC_KEY", "IDEMPOTENCY_HMAC_KEY_PREVIOUS", "AUDIT_HMAC_KEY", "STREAMS_HMAC_KEY"):
+            value = getattr(self, name)
+            if value:
+                try:
+                    raw = bytes.fromhex(value)
+                except ValueError as exc:
+                    raise ValueError(f"{name} must be hex") from exc
+                if len(raw) < 32:
+                    raise ValueError(f"{name} must be at least 32 bytes")
+        if self.CARACAL_MODE in ("rc", "stable") and not self.IDEMPOTENCY_HMAC_KEY:
+            raise ValueError("IDEMPOTENCY_HMAC_KEY is required when CARACAL_MODE is rc or stable")
+        return self
+
+    @property
+    def idempotency_key_bytes(self) -> bytes:
+        return bytes.fromhex(self.IDEMPOTENCY_HMAC_KEY or DEV_IDEMPOTENCY_HMAC_KEY)
+
+    @property
+    def idempotency_previous_key_bytes(self) -> bytes | None:
+        return bytes.fromhex(self.IDEMPOTENCY_HMAC_KEY_PREVIOUS) if self.IDEMPOTENCY_HMAC_KEY_PREVIOUS else None
+
+    @property
+    def audit_key_bytes(self) -> bytes | None:
+        return bytes.fromhex(self.AUDIT_HMAC_KEY) if self.AUDIT_HMAC_KEY else None
+
+
+def load_settings(**overrides) -> Settings:
+    _resolve_file_vars()
+    return Settings(**overrides)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return load_settings()

@@ -1,0 +1,106 @@
+"""Postgres access: one async psycopg pool per process, plain SQL, dict rows.
+
+Every multi-entity change runs inside `db.transaction()`; reads use `fetch` / `fetchrow` / `fetchval`.
+A Postgres outage surfaces as `CoordinatorError(503, "postgres_unavailable")` so the API can answer
+it as JSON and the worker's activities retry it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from rules.errors import CoordinatorError
+
+__all__ = ["Database", "Jsonb", "Conn", "postgres_unavailable"]
+
+Conn = psycopg.AsyncConnection
+
+
+def postgres_unavailable() -> CoordinatorError:
+    return CoordinatorError(503, "postgres_unavailable", dependency="postgres")
+
+
+_OUTAGE_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
+
+
+def is_outage(exc: BaseException) -> bool:
+    return isinstance(exc, _OUTAGE_ERRORS)
+
+
+class Database:
+    def __init__(self, url: str, *, max_size: int = 20, min_size: int = 1,
+                 statement_timeout_ms: int = 10000, connect_timeout_s: float = 5.0) -> None:
+        self.url = url
+        options = f"-c statement_timeout={statement_timeout_ms}"
+        self.pool = AsyncConnectionPool(
+            url,
+            min_size=min_size,
+            max_size=max_size,
+            open=False,
+            timeout=connect_timeout_s,
+            kwargs={"row_factory": dict_row, "autocommit": True, "options": options,
+                    "connect_timeout": max(1, int(connect_timeout_s))},
+            check=AsyncConnectionPool.check_connection,
+            reconnect_timeout=3600 * 24,
+        )
+
+    async def open(self, wait: bool = True) -> None:
+        await self.pool.open(wait=wait, timeout=30)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[Conn]:
+        try:
+            async with self.pool.connection() as conn:
+                yield conn
+        except _OUTAGE_ERRORS as exc:
+            raise postgres_unavailable() from exc
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Conn]:
+        """A connection inside BEGIN ... COMMIT; any exception rolls everything back."""
+        async with self.connection() as conn:
+            try:
+                async with conn.transaction():
+                    yield conn
+            except _OUTAGE_ERRORS as exc:
+                raise postgres_unavailable() from exc
+
+    async def fetch(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[dict[str, Any]]:
+        async with self.connection() as conn:
+            cur = await conn.execute(sql, params)
+            return await cur.fetchall()
+
+    async def fetchrow(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> dict[str, Any] | None:
+        async with self.connection() as conn:
+            cur = await conn.execute(sql, params)
+            return await cur.fetchone()
+
+    async def fetchval(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> Any:
+        row = await self.fetchrow(sql, params)
+        return None if row is None else next(iter(row.values()))
+
+    async def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> int:
+        async with self.connection() as conn:
+            cur = await conn.execute(sql, params)
+            return cur.rowcount
+
+
+async def q(conn: Conn, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[dict[str, Any]]:
+    """Run a statement on a connection already inside a transaction and return all rows."""
+    cur = await conn.execute(sql, params)
+    return await cur.fetchall() if cur.description else []
+
+
+async def q1(conn: Conn, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> dict[str, Any] | None:
+    cur = await conn.execute(sql, params)
+    return await cur.fetchone() if cur.description else None

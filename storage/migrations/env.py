@@ -1,0 +1,18 @@
+"""Alembic environment: runs the plain-SQL migrations in versions/ against `sqlalchemy.url`."""
+
+from alembic import context
+from sqlalchemy import create_engine
+
+config = context.config
+
+
+def run_migrations_online() -> None:
+    engine = create_engine(config.get_main_option("sqlalchemy.url"))
+    with engine.connect() as connection:
+        context.configure(connection=connection, target_metadata=None, transaction_per_migration=True)
+        with context.begin_transaction():
+            context.run_migrations()
+    engine.dispose()
+
+
+run_migrations_online()

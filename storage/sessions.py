@@ -1,0 +1,433 @@
+"""Session transactions and projections (reference §4.4-4.10, §5.1-5.3).
+
+Every function that changes state takes a connection already inside a transaction and writes its
+outbox events in that same transaction. Functions that change other sessions return the list of
+`SessionChange`s so the calling workflow can tell those sessions' workflows (by signal).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from psycopg.types.json import Jsonb
+
+from rules import authz
+from rules.errors import CoordinatorError
+from rules.timefmt import iso_ms
+from settings import Settings
+from storage.db import Conn, q, q1
+from storage.idempotency import IdempotencyRequest, find_receipt, inactive_result, store_receipt
+from storage.outbox import AGENTS_LIFECYCLE, DELEGATIONS_INVALIDATE, SESSIONS_REVOKE, Event, bump_epoch, emit
+
+LIVE_STATUSES = ("active", "suspended")
+TERMINAL_STATUSES = ("terminated", "expired")
+
+# "capacity-live" (reference §4): counts against zone and application caps.
+CAPACITY_LIVE_SQL = """
+    s.status IN ('active', 'suspended') AND (
+      (s.lifecycle = 'service' AND (s.status = 'suspended' OR s.heartbeat_deadline_at > now()))
+      OR (s.lifecycle = 'task' AND s.started_at + make_interval(secs => COALESCE(s.ttl_seconds, 3600)) > now()))
+"""
+
+SESSION_COLUMNS = """s.id, s.zone_id, s.application_id, s.parent_id, s.root_id, s.subject_authority_record_id,
+    s.lifecycle, s.labels, s.status, s.depth, s.ttl_seconds, s.metadata_json, s.started_at, s.terminated_at,
+    s.termination_reason, s.last_active_at, s.last_heartbeat_at, s.heartbeat_deadline_at, s.lease_generation,
+    s.state_version, s.child_count, s.max_children"""
+
+
+def full_projection(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "agent_session_id": row["id"],
+        "zone_id": row["zone_id"],
+        "application_id": row["application_id"],
+        "parent_id": row["parent_id"],
+        "subject_authority_record_id": row["subject_authority_record_id"],
+        "lifecycle": row["lifecycle"],
+        "labels": list(row["labels"] or []),
+        "status": row["status"],
+        "depth": row["depth"],
+        "ttl_seconds": row["ttl_seconds"],
+        "metadata": row["metadata_json"],
+        "started_at": iso_ms(row["started_at"]),
+        "terminated_at": iso_ms(row["terminated_at"]),
+        "termination_reason": row["termination_reason"],
+        "last_heartbeat_at": iso_ms(row["last_heartbeat_at"]),
+        "heartbeat_deadline_at": iso_ms(row["heartbeat_deadline_at"]),
+        "lease_generation": row["lease_generation"],
+    }
+
+
+def child_projection(row: dict[str, Any]) -> dict[str, Any]:
+    body = full_projection(row)
+    del body["terminated_at"], body["termination_reason"]
+    return body
+
+
+def start_projection(row: dict[str, Any], delegation_edge_id: str | None) -> dict[str, Any]:
+    return {
+        "agent_session_id": row["id"],
+        "zone_id": row["zone_id"],
+        "application_id": row["application_id"],
+        "parent_id": row["parent_id"],
+        "subject_authority_record_id": row["subject_authority_record_id"],
+        "lifecycle": row["lifecycle"],
+        "labels": list(row["labels"] or []),
+        "status": row["status"],
+        "depth": row["depth"],
+        "ttl_seconds": row["ttl_seconds"],
+        "started_at": iso_ms(row["started_at"]),
+        "last_heartbeat_at": iso_ms(row["last_heartbeat_at"]),
+        "heartbeat_deadline_at": iso_ms(row["heartbeat_deadline_at"]),
+        "delegation_edge_id": delegation_edge_id,
+        "lease_generation": row["lease_generation"],
+    }
+
+
+@dataclass(frozen=True)
+class SessionChange:
+    """A status change of one session, as told to that session's workflow."""
+
+    session_id: str
+    status: str
+    state_version: int
+    reason: str | None = None
+    heartbeat_deadline_at: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"session_id": self.session_id, "status": self.status, "state_version": self.state_version,
+                "reason": self.reason, "heartbeat_deadline_at": self.heartbeat_deadline_at}
+
+
+def _change(row: dict[str, Any], reason: str | None) -> SessionChange:
+    return SessionChange(row["id"], row["status"], int(row["state_version"]), reason,
+                         iso_ms(row.get("heartbeat_deadline_at")))
+
+
+async def get_session(conn: Conn, zone_id: str, session_id: str, *, lock: bool = False) -> dict[str, Any] | None:
+    return await q1(conn, f"SELECT {SESSION_COLUMNS} FROM sessions s WHERE s.zone_id = %s AND s.id = %s"
+                          f"{' FOR UPDATE' if lock else ''}", (zone_id, session_id))
+
+
+# ----------------------------------------------------------------------------------------------
+# start
+
+
+@dataclass(frozen=True)
+class StartSession:
+    zone_id: str
+    session_id: str
+    application_id: str
+    authority_record_id: str
+    parent_id: str | None
+    lifecycle: str
+    labels: list[str]
+    ttl_seconds: int | None
+    parent_authority: str
+    inherit_parent_edge_id: str | None
+    metadata: dict[str, Any]
+    caller_client_id: str
+    caller_scopes: list[str]
+    idempotency: IdempotencyRequest | None = None
+
+
+@dataclass(frozen=True)
+class StartResult:
+    status: int
+    body: dict[str, Any]
+    replayed: bool
+    root_id: str | None = None
+
+
+async def replay_start(conn: Conn, settings: Settings, req: IdempotencyRequest, zone_id: str,
+                       application_id: str) -> StartResult | None:
+    """Answer a repeated start from its receipt (reference §4.4 step 5), None when the key is new."""
+    receipt = await find_receipt(conn, settings, req)
+    if receipt is None:
+        return None
+    live = await q1(conn, f"SELECT 1 FROM sessions s WHERE s.zone_id = %s AND s.id = %s AND s.application_id = %s "
+                          f"AND {CAPACITY_LIVE_SQL}", (zone_id, receipt.resource_id, application_id))
+    if live is None:
+        raise inactive_result()
+    return StartResult(receipt.response_status, receipt.response_json, replayed=True)
+
+
+async def start_session(conn: Conn, settings: Settings, cmd: StartSession) -> StartResult:
+    """Steps 5-15 of reference §4.4 in one transaction. Idempotent for one `session_id`."""
+    existing = await get_session(conn, cmd.zone_id, cmd.session_id)
+    if existing is not None:  # an activity retried after its commit: same answer again
+        edge = await q1(conn, "SELECT id FROM delegation_edges WHERE target_session_id = %s AND parent_edge_id IS NOT NULL "
+                              "AND source_session_id = %s ORDER BY id LIMIT 1", (cmd.session_id, existing["parent_id"]))
+        return StartResult(201, start_projection(existing, edge["id"] if edge else None), False, existing["root_id"])
+
+    if cmd.idempotency is not None:
+        replay = await replay_start(conn, settings, cmd.idempotency, cmd.zone_id, cmd.application_id)
+        if replay is not None:
+            return replay
+
+    # Capacity lock: serialises starts of one zone only while counting and inserting (no zone-wide
+    # lock over the whole request as in the reference).
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
+                       (f"coordinator:session_capacity:{cmd.zone_id}",))
+
+    app = await q1(conn, """SELECT registration_method FROM applications
+                            WHERE zone_id = %s AND id = %s AND archived_at IS NULL
+                              AND (expires_at IS NULL OR expires_at > now())""", (cmd.zone_id, cmd.application_id))
+    if app is None:
+        raise CoordinatorError(404, "application_not_found")
+    dcr = app["registration_method"] == "dcr"
+    if dcr and cmd.lifecycle != "task":
+        raise CoordinatorError(409, "dcr_application_cannot_host_service")
+    if dcr and cmd.parent_id:
+        raise CoordinatorError(409, "dcr_application_cannot_be_child")
+
+    record = await q1(conn, """SELECT 1 FROM authority_records WHERE zone_id = %s AND id = %s
+                               AND status = 'active' AND expires_at > now()""", (cmd.zone_id, cmd.authority_record_id))
+    if record is None:
+        raise CoordinatorError(404, "session_not_found",
+                               detail="subject authority record is not active in this zone")
+
+    counts = await q1(conn, f"""SELECT count(*) AS zone_n, count(*) FILTER (WHERE s.application_id = %s) AS app_n
+                                FROM sessions s WHERE s.zone_id = %s AND {CAPACITY_LIVE_SQL}""",
+                      (cmd.application_id, cmd.zone_id))
+    if counts["zone_n"] >= settings.MAX_AGENTS_PER_ZONE:
+        raise CoordinatorError(429, "session_zone_limit_exceeded")
+    if dcr and counts["app_n"] > 0:
+        raise CoordinatorError(409, "dcr_application_already_bound")
+    if counts["app_n"] >= settings.MAX_AGENTS_PER_APP:
+        raise CoordinatorError(429, "session_limit_exceeded")
+
+    depth, root_id, parent = 0, cmd.session_id, None
+    if cmd.parent_id:
+        parent = await q1(conn, """SELECT s.id, s.application_id, s.lifecycle, s.child_count, s.max_children, s.depth,
+                                          s.root_id, a.registration_method
+                                   FROM sessions s JOIN applications a
+                                     ON a.zone_id = s.zone_id AND a.id = s.application_id
+                                   WHERE s.zone_id = %s AND s.id = %s AND s.status = 'active'
+                                   FOR UPDATE OF s""", (cmd.zone_id, cmd.parent_id))
+        if parent is None:
+            raise CoordinatorError(404, "parent_not_found")
+        if parent["registration_method"] == "dcr":
+            raise CoordinatorError(409, "dcr_application_cannot_start_child")
+        if parent["lifecycle"] == "task" and cmd.lifecycle == "service":
+            raise CoordinatorError(409, "task_session_cannot_start_service")
+        if parent["application_id"] != cmd.application_id and not authz.can_spawn_under(
+                _Caller(cmd.caller_client_id, frozenset(cmd.caller_scopes)), parent["application_id"]):
+            raise CoordinatorError(403, "parent_ownership_required")
+        if parent["child_count"] >= min(parent["max_children"], settings.MAX_CHILDREN):
+            raise CoordinatorError(429, "session_children_limit_exceeded")
+        depth = parent["depth"] + 1
+        if depth > settings.MAX_SESSION_DEPTH:
+            raise CoordinatorError(429, "session_depth_limit_exceeded")
+        root_id = parent["root_id"]
+
+    service = cmd.lifecycle == "service"
+    row = await q1(conn, f"""
+        INSERT INTO sessions AS s (id, zone_id, application_id, parent_id, root_id, subject_authority_record_id,
+            status, depth, labels, max_children, ttl_seconds, metadata_json, lifecycle,
+            last_heartbeat_at, heartbeat_deadline_at, lease_generation)
+        VALUES (%(id)s, %(zone)s, %(app)s, %(parent)s, %(root)s, %(ar)s, 'active', %(depth)s, %(labels)s,
+            %(max_children)s, %(ttl)s, %(metadata)s, %(lifecycle)s,
+            CASE WHEN %(service)s THEN now() END,
+            CASE WHEN %(service)s THEN now() + make_interval(secs => %(lease)s) END,
+            CASE WHEN %(service)s THEN 1 ELSE 0 END)
+        RETURNING {SESSION_COLUMNS}""",
+        {"id": cmd.session_id, "zone": cmd.zone_id, "app": cmd.application_id, "parent": cmd.parent_id or None,
+         "root": root_id, "ar": cmd.authority_record_id, "depth": depth, "labels": cmd.labels,
+         "max_children": settings.MAX_CHILDREN, "ttl": cmd.ttl_seconds, "metadata": Jsonb(cmd.metadata),
+         "lifecycle": cmd.lifecycle, "service": service, "lease": settings.SERVICE_AGENT_LEASE_SECONDS})
+
+    events: list[Event] = []
+    edge_id = None
+    if parent is not None:
+        await conn.execute("INSERT INTO agent_topology (parent_id, child_id) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+                           (parent["id"], cmd.session_id))
+        await conn.execute("UPDATE sessions SET child_count = child_count + 1, updated_at = now() WHERE id = %s",
+                           (parent["id"],))
+        if cmd.parent_authority == "inherit":
+            edge_id = await _inherit_parent_edge(conn, cmd, events)
+
+    events.append(Event(AGENTS_LIFECYCLE, f"spawn:{cmd.session_id}", {
+        "event": "spawn", "zone_id": cmd.zone_id, "agent_session_id": cmd.session_id,
+        "parent_id": cmd.parent_id or None, "application_id": cmd.application_id}))
+    await emit(conn, cmd.zone_id, events)
+
+    body = start_projection(row, edge_id)
+    if cmd.idempotency is not None:
+        await store_receipt(conn, settings, cmd.idempotency, resource_type="session", resource_id=cmd.session_id,
+                            status=201, body=body)
+    return StartResult(201, body, False, root_id)
+
+
+@dataclass(frozen=True)
+class _Caller:
+    client_id: str
+    scopes: frozenset[str]
+
+
+async def _inherit_parent_edge(conn: Conn, cmd: StartSession, events: list[Event]) -> str | None:
+    """Mirror the parent's single live same-application inbound edge onto the child (reference §6.5)."""
+    params: list[Any] = [cmd.zone_id, cmd.parent_id, cmd.application_id]
+    only = ""
+    if cmd.inherit_parent_edge_id:
+        only, params = " AND id = %s", params + [cmd.inherit_parent_edge_id]
+    candidates = await q(conn, f"""SELECT id, receiver_application_id, resource_id, scopes, constraints_json, expires_at,
+                                          (status = 'active' AND expires_at > now()) AS live
+                                   FROM delegation_edges
+                                   WHERE zone_id = %s AND target_session_id = %s AND receiver_application_id = %s{only}
+                                   ORDER BY id""", params)
+    live = [c for c in candidates if c["live"]]
+    if not live:
+        if cmd.inherit_parent_edge_id or candidates:
+            raise CoordinatorError(409, "inherit_parent_edge_not_active")
+        return None
+    if len(live) > 1:
+        raise CoordinatorError(409, "inherit_parent_edge_ambiguous")
+    parent_edge = live[0]
+    from rules.ids import new_id  # local: only the rare inheriting start needs an id
+
+    edge_id = new_id()
+    await conn.execute(
+        """INSERT INTO delegation_edges (id, zone_id, source_session_id, target_session_id, issuer_application_id,
+               receiver_application_id, parent_edge_id, resource_id, scopes, constraints_json, expires_at)
+           VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)""",
+        (edge_id, cmd.zone_id, cmd.parent_id, cmd.session_id, parent_edge["receiver_application_id"],
+         cmd.application_id, parent_edge["id"], parent_edge["resource_id"], parent_edge["scopes"],
+         Jsonb(parent_edge["constraints_json"]), parent_edge["expires_at"]))
+    epoch = await bump_epoch(conn, cmd.zone_id)
+    events.append(Event(DELEGATIONS_INVALIDATE, f"edge_create:{edge_id}", {
+        "event": "edge_create", "zone_id": cmd.zone_id, "edge_id": edge_id, "source_session_id": cmd.parent_id,
+        "target_session_id": cmd.session_id, "epoch": epoch}))
+    return edge_id
+
+
+# ----------------------------------------------------------------------------------------------
+# suspend / resume / terminate subtrees
+
+
+async def _revocation_events(conn: Conn, zone_id: str, rows: list[dict[str, Any]], kind: str,
+                             reason: str, versioned: bool) -> list[Event]:
+    """`caracal.sessions.revoke` events for the affected sessions, minus exempt records (§5.3)."""
+    affected = [r["id"] for r in rows]
+    records = sorted({r["subject_authority_record_id"] for r in rows})
+    exempt_rows = await q(conn, """
+        SELECT ar.id FROM authority_records ar
+        WHERE ar.zone_id = %s AND ar.id = ANY(%s) AND (
+            ar.session_type = 'application' OR EXISTS (
+                SELECT 1 FROM sessions o WHERE o.zone_id = ar.zone_id AND o.subject_authority_record_id = ar.id
+                  AND o.status IN ('active', 'suspended') AND NOT (o.id = ANY(%s))))""",
+                          (zone_id, records, affected))
+    exempt = {r["id"] for r in exempt_rows}
+    events = []
+    for r in rows:
+        if r["subject_authority_record_id"] in exempt:
+            continue
+        key = f"{kind}:{r['id']}" + (f":{r['state_version']}" if versioned else "")
+        events.append(Event(SESSIONS_REVOKE, key, {
+            "zone_id": zone_id, "session_id": r["subject_authority_record_id"],
+            "agent_session_id": r["id"], "reason": reason}))
+    return events
+
+
+async def suspend_subtree(conn: Conn, zone_id: str, root_ids: list[str], reason: str) -> list[SessionChange]:
+    """Suspend active roots and their active descendants (descent stops at non-active nodes)."""
+    rows = await q(conn, """
+        WITH RECURSIVE tree AS (
+            SELECT id FROM sessions WHERE zone_id = %(zone)s AND id = ANY(%(roots)s) AND status = 'active'
+            UNION
+            SELECT s.id FROM sessions s JOIN tree t ON s.parent_id = t.id WHERE s.status = 'active'
+        )
+        UPDATE sessions s SET status = 'suspended', updated_at = now(), state_version = s.state_version + 1
+        FROM tree WHERE s.id = tree.id AND s.status = 'active'
+        RETURNING s.id, s.parent_id, s.subject_authority_record_id, s.status, s.state_version, s.heartbeat_deadline_at
+        """, {"zone": zone_id, "roots": root_ids})
+    events = [Event(AGENTS_LIFECYCLE, f"suspend:{r['id']}:{r['state_version']}", {
+        "event": "suspend", "zone_id": zone_id, "agent_session_id": r["id"], "parent_id": r["parent_id"],
+        "reason": reason}) for r in rows]
+    events += await _revocation_events(conn, zone_id, rows, "agent_suspend", reason, versioned=True) if rows else []
+    await emit(conn, zone_id, events)
+    return [_change(r, reason) for r in rows]
+
+
+async def resume_subtree(conn: Conn, settings: Settings, zone_id: str, root_id: str) -> list[SessionChange]:
+    """Resume a suspended root and its suspended descendants; services get a fresh lease deadline."""
+    rows = await q(conn, """
+        WITH RECURSIVE tree AS (
+            SELECT id FROM sessions WHERE zone_id = %(zone)s AND id = %(root)s AND status = 'suspended'
+            UNION
+            SELECT s.id FROM sessions s JOIN tree t ON s.parent_id = t.id WHERE s.status = 'suspended'
+        )
+        UPDATE sessions s SET status = 'active', updated_at = now(), state_version = s.state_version + 1,
+            heartbeat_deadline_at = CASE WHEN s.lifecycle = 'service'
+                THEN now() + make_interval(secs => %(lease)s) ELSE s.heartbeat_deadline_at END
+        FROM tree WHERE s.id = tree.id AND s.status = 'suspended'
+        RETURNING s.id, s.parent_id, s.status, s.state_version, s.heartbeat_deadline_at
+        """, {"zone": zone_id, "root": root_id, "lease": settings.SERVICE_AGENT_LEASE_SECONDS})
+    await emit(conn, zone_id, [Event(AGENTS_LIFECYCLE, f"resume:{r['id']}:{r['state_version']}", {
+        "event": "resume", "zone_id": zone_id, "agent_session_id": r["id"], "parent_id": r["parent_id"]})
+        for r in rows])
+    return [_change(r, None) for r in rows]
+
+
+async def terminate_subtree(conn: Conn, zone_id: str, root_ids: list[str], reason: str,
+                            root_status: str = "terminated") -> list[SessionChange]:
+    """Reference §5.2: end the roots (status `root_status`) and their live descendants."""
+    rows = await q(conn, """
+        WITH RECURSIVE tree AS (
+            SELECT id, true AS is_root FROM sessions
+            WHERE zone_id = %(zone)s AND id = ANY(%(roots)s) AND status IN ('active', 'suspended')
+            UNION
+            SELECT s.id, false FROM sessions s JOIN tree t ON s.parent_id = t.id
+            WHERE s.status IN ('active', 'suspended')
+        ), collected AS (
+            SELECT id, bool_or(is_root) AS is_root FROM tree GROUP BY id
+        )
+        UPDATE sessions s SET
+            status = CASE WHEN c.is_root THEN %(root_status)s ELSE 'terminated' END,
+            termination_reason = CASE WHEN c.is_root THEN %(reason)s ELSE 'parent_terminated' END,
+            terminated_at = now(), updated_at = now(), state_version = s.state_version + 1
+        FROM collected c WHERE s.id = c.id AND s.status IN ('active', 'suspended')
+        RETURNING s.id, s.parent_id, s.subject_authority_record_id, s.status, s.state_version,
+                  s.heartbeat_deadline_at, s.termination_reason
+        """, {"zone": zone_id, "roots": root_ids, "reason": reason, "root_status": root_status})
+    if not rows:
+        return []
+    ids = [r["id"] for r in rows]
+    # Live-children counters of parents outside the collected set (floored at 0).
+    await conn.execute("""
+        UPDATE sessions p SET child_count = GREATEST(p.child_count - x.n, 0), updated_at = now()
+        FROM (SELECT parent_id, count(*) AS n FROM sessions WHERE id = ANY(%(ids)s) AND parent_id IS NOT NULL
+              GROUP BY parent_id) x
+        WHERE p.id = x.parent_id AND NOT (p.id = ANY(%(ids)s))""", {"ids": ids})
+    events = await revoke_edges_touching(conn, zone_id, ids, reason)
+    events += [Event(AGENTS_LIFECYCLE, f"terminate:{r['id']}", {
+        "event": "terminate", "zone_id": zone_id, "agent_session_id": r["id"], "parent_id": r["parent_id"],
+        "reason": reason}) for r in rows]
+    events += await _revocation_events(conn, zone_id, rows, "agent_terminate", reason, versioned=False)
+    await emit(conn, zone_id, events)
+    return [_change(r, r["termination_reason"]) for r in rows]
+
+
+async def revoke_edges_touching(conn: Conn, zone_id: str, session_ids: list[str], reason: str) -> list[Event]:
+    """§5.2 step 4: revoke every active edge with an endpoint among the sessions; one epoch bump."""
+    edges = await q(conn, """
+        UPDATE delegation_edges SET status = 'revoked', revoked_at = now(), updated_at = now(),
+            edge_version = edge_version + 1
+        WHERE zone_id = %(zone)s AND status = 'active'
+          AND (source_session_id = ANY(%(ids)s) OR target_session_id = ANY(%(ids)s))
+        RETURNING id""", {"zone": zone_id, "ids": session_ids})
+    if not edges:
+        return []
+    epoch = await bump_epoch(conn, zone_id)
+    return [Event(DELEGATIONS_INVALIDATE, f"edge_revoke:{e['id']}", {
+        "event": "edge_revoke", "zone_id": zone_id, "edge_id": e["id"], "reason": reason, "epoch": epoch})
+        for e in sorted(edges, key=lambda e: e["id"])]
+
+
+def task_expires_at(row: dict[str, Any]) -> datetime | None:
+    if row["lifecycle"] != "task":
+        return None
+    from datetime import timedelta
+
+    return row["started_at"] + timedelta(seconds=row["ttl_seconds"] or 3600)

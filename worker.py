@@ -1,0 +1,83 @@
+"""The Temporal worker: hosts the workflows and the activities (which own the Postgres pool).
+
+Run: `python worker.py` (settings from the environment, see settings.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from settings import Settings, get_settings
+
+log = logging.getLogger("coordinator.worker")
+
+
+def build_activities(db, settings: Settings, client: Client) -> list:
+    from activities.sessions import SessionActivities
+
+    sessions = SessionActivities(db, settings, client)
+    return [sessions.start_session, sessions.suspend_session, sessions.resume_session, sessions.terminate_session,
+            sessions.take_session_lease, sessions.settle_session_deadline, sessions.notify_sessions]
+
+
+def build_workflows() -> list:
+    from workflows.session import SessionWorkflow
+
+    return [SessionWorkflow]
+
+
+def build_worker(client: Client, db, settings: Settings, task_queue: str | None = None) -> Worker:
+    return Worker(
+        client,
+        task_queue=task_queue or settings.TEMPORAL_TASK_QUEUE,
+        workflows=build_workflows(),
+        activities=build_activities(db, settings, client),
+        max_concurrent_activities=100,
+        max_concurrent_local_activities=100,
+    )
+
+
+async def connect_temporal(settings: Settings, attempts: int = 60) -> Client:
+    for attempt in range(attempts):
+        try:
+            return await Client.connect(settings.TEMPORAL_ADDRESS, namespace=settings.TEMPORAL_NAMESPACE)
+        except Exception as exc:  # the server may still be starting
+            if attempt == attempts - 1:
+                raise
+            log.warning("temporal not reachable yet (%s); retrying", exc)
+            await asyncio.sleep(1)
+    raise RuntimeError("unreachable")
+
+
+async def main() -> None:
+    from storage.db import Database
+    from storage.migrate import require_migrated
+
+    settings = get_settings()
+    require_migrated(settings.DATABASE_URL, "worker")
+    db = Database(settings.DATABASE_URL, max_size=settings.DB_POOL_MAX,
+                  statement_timeout_ms=settings.DB_STATEMENT_TIMEOUT_MS)
+    await db.open()
+    client = await connect_temporal(settings)
+    worker = build_worker(client, db, settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("worker polling task queue %s on %s", settings.TEMPORAL_TASK_QUEUE, settings.TEMPORAL_ADDRESS)
+    async with worker:
+        await stop.wait()
+    await db.close()
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    asyncio.run(main())
+    os._exit(0)  # temporalio#300: avoid the rare abort at interpreter exit

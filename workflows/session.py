@@ -1,0 +1,256 @@
+"""One workflow per session: `session/<zone>/<id>`.
+
+The workflow decides; activities do the I/O. It owns the session's lifecycle commands (create,
+suspend, resume, terminate, lease takeover: Workflow Updates whose validators give the reference's
+409s), its durable timers (task TTL, service lease deadline) and its history. Postgres stays the
+source of truth: every transition is one transaction in an activity, and other sessions changed by
+a cascade are told by signal (`apply_change`) through a fan-out activity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta
+from typing import Any
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy, SearchAttributeKey
+from temporalio.exceptions import ActivityError, ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from workflows.models import (
+        NOTIFY_SESSIONS,
+        RESUME_SESSION,
+        SETTLE_SESSION_DEADLINE,
+        START_SESSION,
+        SUSPEND_SESSION,
+        TAKE_SESSION_LEASE,
+        TERMINATE_SESSION,
+        NotifyCommand,
+        Outcome,
+        SessionChange,
+        SessionCommand,
+        SessionState,
+        StartSessionCommand,
+    )
+
+SA_ZONE = SearchAttributeKey.for_keyword("ZoneId")
+SA_APPLICATION = SearchAttributeKey.for_keyword("ApplicationId")
+SA_SESSION = SearchAttributeKey.for_keyword("SessionId")
+SA_STATUS = SearchAttributeKey.for_keyword("SessionStatus")
+SA_LIFECYCLE = SearchAttributeKey.for_keyword("Lifecycle")
+SA_PARENT = SearchAttributeKey.for_keyword("ParentSessionId")
+SA_ROOT = SearchAttributeKey.for_keyword("RootSessionId")
+
+TERMINAL = ("terminated", "expired", "rejected")
+
+# A command's transaction answers the HTTP request: retry briefly, then give the client a 503.
+COMMAND_RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=200), backoff_coefficient=2.0,
+                            maximum_interval=timedelta(seconds=1), maximum_attempts=4)
+# Timers and fan-out must happen eventually, whatever the outage.
+DURABLE_RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=500), backoff_coefficient=2.0,
+                            maximum_interval=timedelta(seconds=5))
+
+
+def rejection(status: int, body: dict[str, Any]) -> ApplicationError:
+    """A command refused: becomes the HTTP answer `status`/`body` (see api/temporal_gateway.py)."""
+    return ApplicationError(body.get("error", "rejected"), status, body, type="CoordinatorError", non_retryable=True)
+
+
+def _parse(ts: str | None) -> datetime | None:
+    return datetime.fromisoformat(ts.replace("Z", "+00:00")) if ts else None
+
+
+@workflow.defn(name="Session")
+class SessionWorkflow:
+    @workflow.init
+    def __init__(self, state: SessionState) -> None:
+        self.state = state
+        self._lock = asyncio.Lock()
+        self._wake = False
+
+    # ------------------------------------------------------------------ run loop
+
+    @workflow.run
+    async def run(self, state: SessionState) -> str:
+        if self.state.status == "creating":
+            # The create update arrives with the start (update-with-start); if it never does, end.
+            try:
+                await workflow.wait_condition(lambda: self.state.status != "creating",
+                                              timeout=timedelta(minutes=5), timeout_summary="awaiting create")
+            except asyncio.TimeoutError:
+                self.state.status = "rejected"
+        while True:
+            await self._drain_changes()
+            if self.state.status in TERMINAL:
+                break
+            if workflow.info().is_continue_as_new_suggested() and not self._lock.locked():
+                await workflow.wait_condition(workflow.all_handlers_finished)
+                await self._drain_changes()
+                if self.state.status not in TERMINAL:
+                    self.state.runs += 1
+                    workflow.continue_as_new(self.state)
+            deadline, what = self._next_deadline()
+            self._wake = False
+            wake = lambda: (self._wake or bool(self.state.pending_changes)  # noqa: E731
+                            or workflow.info().is_continue_as_new_suggested())
+            if deadline is None:
+                await workflow.wait_condition(wake)
+                continue
+            remaining = (deadline - workflow.now()).total_seconds()
+            if remaining > 0:
+                try:
+                    await workflow.wait_condition(wake, timeout=timedelta(seconds=remaining), timeout_summary=what)
+                    continue
+                except asyncio.TimeoutError:
+                    pass
+            await self._settle_deadline(what)
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        await self._drain_changes()
+        return self.state.status
+
+    def _next_deadline(self) -> tuple[datetime | None, str]:
+        s = self.state
+        if s.lifecycle == "task" and s.status in ("active", "suspended") and s.expires_at:
+            return _parse(s.expires_at), "ttl expiry"
+        if s.lifecycle == "service" and s.status == "active" and s.heartbeat_deadline_at:
+            return _parse(s.heartbeat_deadline_at), "lease deadline"
+        return None, ""
+
+    async def _settle_deadline(self, what: str) -> None:
+        async with self._lock:
+            outcome: Outcome = await workflow.execute_activity(
+                SETTLE_SESSION_DEADLINE, SessionCommand(self.state.zone_id, self.state.session_id,
+                                                        op_id=str(workflow.uuid4())),
+                result_type=Outcome, start_to_close_timeout=timedelta(seconds=30), retry_policy=DURABLE_RETRY,
+                summary=what)
+            self._apply_outcome(outcome)
+
+    async def _drain_changes(self) -> None:
+        while self.state.pending_changes:
+            batch = list(self.state.pending_changes)
+            await workflow.execute_activity(
+                NOTIFY_SESSIONS, NotifyCommand(self.state.zone_id, batch),
+                start_to_close_timeout=timedelta(minutes=5), retry_policy=DURABLE_RETRY,
+                summary=f"tell {len(batch)} session(s)")
+            del self.state.pending_changes[:len(batch)]
+
+    # ------------------------------------------------------------------ state
+
+    def _apply_own(self, session: dict[str, Any] | None) -> None:
+        if not session:
+            return
+        s = self.state
+        if int(session.get("state_version", 0)) < s.state_version:
+            return
+        previous = s.status
+        for key in ("application_id", "lifecycle", "status", "parent_id", "root_id", "expires_at",
+                    "heartbeat_deadline_at"):
+            if key in session:
+                setattr(s, key, session[key])
+        s.state_version = int(session.get("state_version", s.state_version))
+        self._wake = True
+        if s.status != previous:
+            workflow.upsert_search_attributes([SA_STATUS.value_set(s.status)])
+
+    def _apply_outcome(self, outcome: Outcome) -> None:
+        self._apply_own(outcome.session)
+        self.state.pending_changes.extend(outcome.changes)
+
+    async def _command(self, activity: str, cmd: SessionCommand) -> dict[str, Any]:
+        """Run one transition's transaction and answer its HTTP request."""
+        async with self._lock:
+            cmd.op_id = str(workflow.uuid4())
+            try:
+                outcome: Outcome = await workflow.execute_local_activity(
+                    activity, cmd, result_type=Outcome, start_to_close_timeout=timedelta(seconds=15),
+                    retry_policy=COMMAND_RETRY)
+            except ActivityError as exc:
+                raise rejection(503, {"error": "postgres_unavailable", "dependency": "postgres"}) from exc
+            if outcome.error:
+                # The row may have moved on without this workflow knowing (e.g. a cascade signal
+                # still in flight): adopt what the database says.
+                self._apply_own(outcome.session)
+                raise rejection(*outcome.error)
+            self._apply_outcome(outcome)
+            return {"status": outcome.status, "body": outcome.body}
+
+    # ------------------------------------------------------------------ create
+
+    @workflow.update
+    async def create(self, cmd: StartSessionCommand) -> dict[str, Any]:
+        try:
+            outcome: Outcome = await workflow.execute_local_activity(
+                START_SESSION, cmd, result_type=Outcome, start_to_close_timeout=timedelta(seconds=15),
+                retry_policy=COMMAND_RETRY)
+        except ActivityError as exc:
+            self.state.status = "rejected"
+            workflow.upsert_search_attributes([SA_STATUS.value_set("rejected")])
+            raise rejection(503, {"error": "postgres_unavailable", "dependency": "postgres"}) from exc
+        if outcome.error or outcome.replayed:
+            # Nothing was created under this id: the workflow ends at once.
+            self.state.status = "rejected"
+            workflow.upsert_search_attributes([SA_STATUS.value_set("rejected")])
+            if outcome.error:
+                raise rejection(*outcome.error)
+            return {"status": outcome.status, "body": outcome.body, "replayed": True}
+        self._apply_own(outcome.session)
+        workflow.upsert_search_attributes([SA_ROOT.value_set(self.state.root_id or self.state.session_id)])
+        workflow.set_current_details(f"{self.state.lifecycle} session of {self.state.application_id}")
+        return {"status": outcome.status, "body": outcome.body, "replayed": False}
+
+    @create.validator
+    def _validate_create(self, cmd: StartSessionCommand) -> None:
+        if self.state.status != "creating":
+            raise rejection(409, {"error": "session_already_started"})
+
+    # ------------------------------------------------------------------ lifecycle commands
+
+    @workflow.update
+    async def suspend(self, cmd: SessionCommand) -> dict[str, Any]:
+        return await self._command(SUSPEND_SESSION, cmd)
+
+    @suspend.validator
+    def _validate_suspend(self, cmd: SessionCommand) -> None:
+        if self.state.status != "active":
+            raise rejection(409, {"error": "session_not_found_or_not_active"})
+
+    @workflow.update
+    async def resume(self, cmd: SessionCommand) -> dict[str, Any]:
+        return await self._command(RESUME_SESSION, cmd)
+
+    @resume.validator
+    def _validate_resume(self, cmd: SessionCommand) -> None:
+        if self.state.status != "suspended":
+            raise rejection(409, {"error": "session_not_found_or_not_suspended"})
+
+    @workflow.update
+    async def terminate(self, cmd: SessionCommand) -> dict[str, Any]:
+        return await self._command(TERMINATE_SESSION, cmd)
+
+    @terminate.validator
+    def _validate_terminate(self, cmd: SessionCommand) -> None:
+        if self.state.status not in ("active", "suspended"):
+            raise rejection(404, {"error": "session_not_found"})
+
+    @workflow.update
+    async def take_lease(self, cmd: SessionCommand) -> dict[str, Any]:
+        return await self._command(TAKE_SESSION_LEASE, cmd)
+
+    @take_lease.validator
+    def _validate_take_lease(self, cmd: SessionCommand) -> None:
+        if self.state.status not in ("active", "suspended"):
+            raise rejection(409, {"error": "session_not_live"})
+        if self.state.lifecycle != "service":
+            raise rejection(409, {"error": "session_not_service"})
+
+    # ------------------------------------------------------------------ cascades from other sessions
+
+    @workflow.signal
+    def apply_change(self, change: SessionChange) -> None:
+        self._apply_own({"status": change.status, "state_version": change.state_version,
+                         "heartbeat_deadline_at": change.heartbeat_deadline_at})
+
+    @workflow.query
+    def current_state(self) -> SessionState:
+        return self.state
