@@ -69,6 +69,8 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
                   description="Runtime state of AI-agent authority: sessions, services, invocations and "
                               "delegation edges, on durable Temporal workflows.")
     app.state.settings = settings
+    if services is not None:  # tests drive the app without running its lifespan
+        app.state.services = services
 
     @app.middleware("http")
     async def conventions(request: Request, call_next):
