@@ -19,17 +19,22 @@ log = logging.getLogger("coordinator.worker")
 
 
 def build_activities(db, settings: Settings, client: Client) -> list:
+    from activities.invocations import InvocationActivities
     from activities.sessions import SessionActivities
 
     sessions = SessionActivities(db, settings, client)
+    invocations = InvocationActivities(db, settings)
     return [sessions.start_session, sessions.suspend_session, sessions.resume_session, sessions.terminate_session,
-            sessions.take_session_lease, sessions.settle_session_deadline, sessions.notify_sessions]
+            sessions.take_session_lease, sessions.settle_session_deadline, sessions.notify_sessions,
+            invocations.create_invocation, invocations.transition_invocation,
+            invocations.settle_invocation_deadline]
 
 
 def build_workflows() -> list:
+    from workflows.invocation import InvocationWorkflow
     from workflows.session import SessionWorkflow
 
-    return [SessionWorkflow]
+    return [SessionWorkflow, InvocationWorkflow]
 
 
 def build_worker(client: Client, db, settings: Settings, task_queue: str | None = None) -> Worker:

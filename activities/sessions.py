@@ -8,12 +8,10 @@ transaction, and returned again on retry.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from psycopg.types.json import Jsonb
 from temporalio import activity
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
@@ -22,6 +20,7 @@ from rules.errors import CoordinatorError
 from rules.timefmt import iso_ms
 from settings import Settings
 from storage import sessions as store
+from activities.common import run_once
 from storage.db import Conn, Database, q1
 from storage.idempotency import SESSION_START, IdempotencyRequest
 from workflows import models as m
@@ -42,19 +41,6 @@ def own_state(row: dict[str, Any]) -> dict[str, Any]:
 def to_changes(changes: list[store.SessionChange], exclude: str | None) -> list[m.SessionChange]:
     return [m.SessionChange(c.session_id, c.status, c.state_version, c.reason, c.heartbeat_deadline_at)
             for c in changes if c.session_id != exclude]
-
-
-async def run_once(conn: Conn, op_id: str, fn: Callable[[], Awaitable[m.Outcome]]) -> m.Outcome:
-    """Apply `fn` at most once per op id (inside the caller's transaction)."""
-    if op_id:
-        done = await q1(conn, "SELECT result_json FROM operation_results WHERE op_id = %s", (op_id,))
-        if done is not None:
-            return _outcome_from_json(done["result_json"])
-    outcome = await fn()
-    if op_id:
-        await conn.execute("INSERT INTO operation_results (op_id, result_json) VALUES (%s, %s)",
-                           (op_id, Jsonb(dataclasses.asdict(outcome))))
-    return outcome
 
 
 def _outcome_from_json(data: dict[str, Any]) -> m.Outcome:
@@ -114,7 +100,7 @@ class SessionActivities:
                     own = await store.get_session(conn, cmd.zone_id, cmd.session_id)
                     return m.Outcome(status=200, body=answer, session=own_state(own),
                                      changes=to_changes(changes, exclude=cmd.session_id))
-                return await run_once(conn, cmd.op_id, body)
+                return await run_once(conn, cmd.op_id, body, _outcome_from_json)
         except CoordinatorError as exc:
             return await self._rejected(exc, cmd.zone_id, cmd.session_id)
 
@@ -187,7 +173,7 @@ class SessionActivities:
                     changes = await store.suspend_subtree(conn, cmd.zone_id, [cmd.session_id], "service_heartbeat_lost")
                 own = await store.get_session(conn, cmd.zone_id, cmd.session_id)
                 return m.Outcome(session=own_state(own), changes=to_changes(changes, exclude=cmd.session_id))
-            return await run_once(conn, cmd.op_id, body)
+            return await run_once(conn, cmd.op_id, body, _outcome_from_json)
 
     @activity.defn(name=m.NOTIFY_SESSIONS)
     async def notify_sessions(self, cmd: m.NotifyCommand) -> None:

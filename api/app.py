@@ -77,8 +77,13 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
         request.state.request_id = adopt_request_id(request.headers.get("x-request-id"))
         started = time.perf_counter()
         length = request.headers.get("content-length")
+        raw_path = (request.scope.get("raw_path") or b"").split(b"?", 1)[0].lower()
         if length and length.isdigit() and int(length) > settings.COORDINATOR_BODY_LIMIT_BYTES:
             response = internal_error(request, 413, "Request body is too large")
+        elif raw_path.startswith(b"/zones/") and b"%2f" in raw_path:
+            # An encoded slash sits inside an id segment (ids never contain "/"): reject it as the
+            # path-param check would, instead of letting the decoded path pick another route.
+            response = error_response(request, CoordinatorError(400, "invalid_params"))
         else:
             response = await call_next(request)
         response.headers["x-request-id"] = request.state.request_id
@@ -116,9 +121,11 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return internal_error(request, 500, "internal error")
 
-    from api.routes import directory, health, sessions
+    from api.routes import directory, health, invocations, services as service_routes, sessions
 
     app.include_router(health.router)
     app.include_router(sessions.router)
+    app.include_router(service_routes.router)
+    app.include_router(invocations.router)
     app.include_router(directory.router)
     return app

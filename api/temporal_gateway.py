@@ -13,16 +13,20 @@ from temporalio.client import (
     WorkflowUpdateFailedError,
     WorkflowUpdateRPCTimeoutOrCancelledError,
 )
-from temporalio.common import TypedSearchAttributes, SearchAttributePair, WorkflowIDConflictPolicy
+from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSearchAttributes, WorkflowIDConflictPolicy
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
 from rules.errors import CoordinatorError
 from settings import Settings
 from workflows import models as m
+from workflows.invocation import SA_INVOCATION_STATUS, InvocationWorkflow
 from workflows.session import (
     SA_APPLICATION, SA_LIFECYCLE, SA_PARENT, SA_SESSION, SA_STATUS, SA_ZONE, SessionWorkflow,
 )
+
+SA_INVOCATION = SearchAttributeKey.for_keyword("InvocationId")
+SA_SERVICE = SearchAttributeKey.for_keyword("ServiceId")
 
 
 def temporal_unavailable() -> CoordinatorError:
@@ -65,8 +69,23 @@ class TemporalGateway:
             raise temporal_unavailable()
         return self.client
 
+    async def _start_with_update(self, run, state: Any, workflow_id: str, update, cmd: Any,
+                                 attrs: list[SearchAttributePair], summary: str, details: str) -> dict[str, Any]:
+        """Update-with-start: the workflow's first update runs the create transaction."""
+        op = WithStartWorkflowOperation(
+            run, state, id=workflow_id, task_queue=self.settings.TEMPORAL_TASK_QUEUE,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING, search_attributes=TypedSearchAttributes(attrs),
+            static_summary=summary, static_details=details)
+        try:
+            return await self._client().execute_update_with_start_workflow(
+                update, cmd, start_workflow_operation=op, rpc_timeout=self.rpc_timeout)
+        except Exception as exc:
+            mapped = map_failure(exc)
+            if isinstance(mapped, WorkflowClosed):
+                raise temporal_unavailable() from exc
+            raise mapped from exc
+
     async def start_session(self, cmd: m.StartSessionCommand) -> dict[str, Any]:
-        client = self._client()
         state = m.SessionState(zone_id=cmd.zone_id, session_id=cmd.session_id, application_id=cmd.application_id,
                                lifecycle=cmd.lifecycle, parent_id=cmd.parent_id)
         attrs = [SearchAttributePair(SA_ZONE, cmd.zone_id), SearchAttributePair(SA_SESSION, cmd.session_id),
@@ -74,25 +93,29 @@ class TemporalGateway:
                  SearchAttributePair(SA_LIFECYCLE, cmd.lifecycle), SearchAttributePair(SA_STATUS, "creating")]
         if cmd.parent_id:
             attrs.append(SearchAttributePair(SA_PARENT, cmd.parent_id))
-        op = WithStartWorkflowOperation(
-            SessionWorkflow.run, state, id=m.session_workflow_id(cmd.zone_id, cmd.session_id),
-            task_queue=self.settings.TEMPORAL_TASK_QUEUE, id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-            search_attributes=TypedSearchAttributes(attrs),
-            static_summary=f"{cmd.lifecycle} session {cmd.session_id}",
-            static_details=(f"zone {cmd.zone_id} · application {cmd.application_id} · "
-                            f"parent {cmd.parent_id or '-'}"))
-        try:
-            return await client.execute_update_with_start_workflow(
-                SessionWorkflow.create, cmd, start_workflow_operation=op, rpc_timeout=self.rpc_timeout)
-        except Exception as exc:
-            mapped = map_failure(exc)
-            if isinstance(mapped, WorkflowClosed):
-                raise temporal_unavailable() from exc
-            raise mapped from exc
+        return await self._start_with_update(
+            SessionWorkflow.run, state, m.session_workflow_id(cmd.zone_id, cmd.session_id), SessionWorkflow.create,
+            cmd, attrs, f"{cmd.lifecycle} session {cmd.session_id}",
+            f"zone {cmd.zone_id} · application {cmd.application_id} · parent {cmd.parent_id or '-'}")
 
-    async def session_update(self, zone_id: str, session_id: str, update: str, cmd: m.SessionCommand) -> dict[str, Any]:
-        handle = self._client().get_workflow_handle(m.session_workflow_id(zone_id, session_id))
+    async def start_invocation(self, cmd: m.CreateInvocationCommand) -> dict[str, Any]:
+        state = m.InvocationState(zone_id=cmd.zone_id, invocation_id=cmd.invocation_id, service_id=cmd.service_id)
+        attrs = [SearchAttributePair(SA_ZONE, cmd.zone_id), SearchAttributePair(SA_INVOCATION, cmd.invocation_id),
+                 SearchAttributePair(SA_SERVICE, cmd.service_id), SearchAttributePair(SA_APPLICATION, cmd.scope_id),
+                 SearchAttributePair(SA_INVOCATION_STATUS, "creating")]
+        if cmd.source_session_id:
+            attrs.append(SearchAttributePair(SA_SESSION, cmd.source_session_id))
+        return await self._start_with_update(
+            InvocationWorkflow.run, state, m.invocation_workflow_id(cmd.zone_id, cmd.invocation_id),
+            InvocationWorkflow.create, cmd, attrs, f"invocation {cmd.method} {cmd.invocation_id}",
+            f"zone {cmd.zone_id} · service {cmd.service_id} · source {cmd.source_session_id or '-'}")
+
+    async def update(self, workflow_id: str, update: str, cmd: Any) -> dict[str, Any]:
+        handle = self._client().get_workflow_handle(workflow_id)
         try:
             return await handle.execute_update(update, cmd, result_type=dict, rpc_timeout=self.rpc_timeout)
         except Exception as exc:
             raise map_failure(exc) from exc
+
+    async def session_update(self, zone_id: str, session_id: str, update: str, cmd: m.SessionCommand) -> dict[str, Any]:
+        return await self.update(m.session_workflow_id(zone_id, session_id), update, cmd)

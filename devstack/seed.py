@@ -37,7 +37,7 @@ class SeedError(RuntimeError):
 
 
 def _iso(dt: datetime) -> str:
-    return dt.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+    return dt.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def demo_directory(now: datetime | None = None) -> list[tuple[str, str, dict[str, Any]]]:

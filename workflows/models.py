@@ -123,3 +123,56 @@ class SessionState:
     heartbeat_deadline_at: str | None = None  # service lease deadline
     runs: int = 1
     pending_changes: list[SessionChange] = field(default_factory=list)
+
+
+@dataclass
+class CreateInvocationCommand:
+    zone_id: str
+    invocation_id: str
+    service_id: str
+    source_session_id: str | None
+    target_session_id: str | None
+    method: str
+    params: Any
+    metadata: dict[str, Any]
+    timeout_ms: int
+    retry_policy: dict[str, int]
+    scope_id: str
+    idempotency_key: str
+    idempotency_digest_hex: str
+
+
+@dataclass
+class InvocationCommand:
+    """start / cancel / complete / settle on one invocation."""
+
+    zone_id: str
+    invocation_id: str
+    action: str = ""
+    op_id: str = ""
+    reason: str | None = None
+    status: str | None = None
+    error: dict[str, Any] | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class InvocationOutcome:
+    status: int = 200
+    body: dict[str, Any] | None = None
+    error: list[Any] | None = None
+    replayed: bool = False
+    invocation: dict[str, Any] | None = None
+
+
+@dataclass
+class InvocationState:
+    zone_id: str
+    invocation_id: str
+    service_id: str = ""
+    status: str = "creating"
+    attempts: int = 0
+    max_attempts: int = 1
+    deadline_at: str | None = None
+    state_version: int = 0
+    runs: int = 1

@@ -14,10 +14,13 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy, SearchAttributeKey
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.common import SearchAttributeKey
+from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
+    from workflows.common import (
+        COMMAND_RETRY, COMMAND_TIMEOUT, DURABLE_RETRY, POSTGRES_UNAVAILABLE, parse_time, rejection,
+    )
     from workflows.models import (
         NOTIFY_SESSIONS,
         RESUME_SESSION,
@@ -43,22 +46,6 @@ SA_PARENT = SearchAttributeKey.for_keyword("ParentSessionId")
 SA_ROOT = SearchAttributeKey.for_keyword("RootSessionId")
 
 TERMINAL = ("terminated", "expired", "rejected")
-
-# A command's transaction answers the HTTP request: retry briefly, then give the client a 503.
-COMMAND_RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=200), backoff_coefficient=2.0,
-                            maximum_interval=timedelta(seconds=1), maximum_attempts=4)
-# Timers and fan-out must happen eventually, whatever the outage.
-DURABLE_RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=500), backoff_coefficient=2.0,
-                            maximum_interval=timedelta(seconds=5))
-
-
-def rejection(status: int, body: dict[str, Any]) -> ApplicationError:
-    """A command refused: becomes the HTTP answer `status`/`body` (see api/temporal_gateway.py)."""
-    return ApplicationError(body.get("error", "rejected"), status, body, type="CoordinatorError", non_retryable=True)
-
-
-def _parse(ts: str | None) -> datetime | None:
-    return datetime.fromisoformat(ts.replace("Z", "+00:00")) if ts else None
 
 
 @workflow.defn(name="Session")
@@ -112,9 +99,9 @@ class SessionWorkflow:
     def _next_deadline(self) -> tuple[datetime | None, str]:
         s = self.state
         if s.lifecycle == "task" and s.status in ("active", "suspended") and s.expires_at:
-            return _parse(s.expires_at), "ttl expiry"
+            return parse_time(s.expires_at), "ttl expiry"
         if s.lifecycle == "service" and s.status == "active" and s.heartbeat_deadline_at:
-            return _parse(s.heartbeat_deadline_at), "lease deadline"
+            return parse_time(s.heartbeat_deadline_at), "lease deadline"
         return None, ""
 
     async def _settle_deadline(self, what: str) -> None:
@@ -163,10 +150,10 @@ class SessionWorkflow:
             cmd.op_id = str(workflow.uuid4())
             try:
                 outcome: Outcome = await workflow.execute_local_activity(
-                    activity, cmd, result_type=Outcome, start_to_close_timeout=timedelta(seconds=15),
+                    activity, cmd, result_type=Outcome, start_to_close_timeout=COMMAND_TIMEOUT,
                     retry_policy=COMMAND_RETRY)
             except ActivityError as exc:
-                raise rejection(503, {"error": "postgres_unavailable", "dependency": "postgres"}) from exc
+                raise rejection(*POSTGRES_UNAVAILABLE) from exc
             if outcome.error:
                 # The row may have moved on without this workflow knowing (e.g. a cascade signal
                 # still in flight): adopt what the database says.
@@ -181,12 +168,12 @@ class SessionWorkflow:
     async def create(self, cmd: StartSessionCommand) -> dict[str, Any]:
         try:
             outcome: Outcome = await workflow.execute_local_activity(
-                START_SESSION, cmd, result_type=Outcome, start_to_close_timeout=timedelta(seconds=15),
+                START_SESSION, cmd, result_type=Outcome, start_to_close_timeout=COMMAND_TIMEOUT,
                 retry_policy=COMMAND_RETRY)
         except ActivityError as exc:
             self.state.status = "rejected"
             workflow.upsert_search_attributes([SA_STATUS.value_set("rejected")])
-            raise rejection(503, {"error": "postgres_unavailable", "dependency": "postgres"}) from exc
+            raise rejection(*POSTGRES_UNAVAILABLE) from exc
         if outcome.error or outcome.replayed:
             # Nothing was created under this id: the workflow ends at once.
             self.state.status = "rejected"
@@ -243,6 +230,12 @@ class SessionWorkflow:
             raise rejection(409, {"error": "session_not_live"})
         if self.state.lifecycle != "service":
             raise rejection(409, {"error": "session_not_service"})
+
+    @workflow.update
+    async def settle_now(self, cmd: SessionCommand) -> dict[str, Any]:
+        """A heartbeat found the lease lapsed before the timer fired: settle it now."""
+        await self._settle_deadline("lease deadline (late heartbeat)")
+        return {"status": self.state.status}
 
     # ------------------------------------------------------------------ cascades from other sessions
 

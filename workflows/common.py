@@ -1,0 +1,28 @@
+"""Pieces every workflow shares: how a refused command travels, retry policies, time parsing."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ApplicationError
+
+# A command's transaction answers an HTTP request: retry briefly, then give the client a 503.
+COMMAND_RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=200), backoff_coefficient=2.0,
+                            maximum_interval=timedelta(seconds=1), maximum_attempts=4)
+# Timers and fan-out must happen eventually, whatever the outage.
+DURABLE_RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=500), backoff_coefficient=2.0,
+                            maximum_interval=timedelta(seconds=5))
+COMMAND_TIMEOUT = timedelta(seconds=15)
+
+POSTGRES_UNAVAILABLE = (503, {"error": "postgres_unavailable", "dependency": "postgres"})
+
+
+def rejection(status: int, body: dict[str, Any]) -> ApplicationError:
+    """A command refused: becomes the HTTP answer `status`/`body` (see api/temporal_gateway.py)."""
+    return ApplicationError(body.get("error", "rejected"), status, body, type="CoordinatorError", non_retryable=True)
+
+
+def parse_time(ts: str | None) -> datetime | None:
+    return datetime.fromisoformat(ts.replace("Z", "+00:00")) if ts else None
