@@ -19,15 +19,18 @@ log = logging.getLogger("coordinator.worker")
 
 
 def build_activities(db, settings: Settings, client: Client) -> list:
+    from activities.delegations import DelegationActivities
     from activities.invocations import InvocationActivities
     from activities.sessions import SessionActivities
 
     sessions = SessionActivities(db, settings, client)
     invocations = InvocationActivities(db, settings)
+    delegations = DelegationActivities(db, settings)
     return [sessions.start_session, sessions.suspend_session, sessions.resume_session, sessions.terminate_session,
             sessions.take_session_lease, sessions.settle_session_deadline, sessions.notify_sessions,
             invocations.create_invocation, invocations.transition_invocation,
-            invocations.settle_invocation_deadline]
+            invocations.settle_invocation_deadline, delegations.create_delegation,
+            delegations.revoke_delegation]
 
 
 def build_workflows() -> list:

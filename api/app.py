@@ -121,11 +121,12 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return internal_error(request, 500, "internal error")
 
-    from api.routes import directory, health, invocations, services as service_routes, sessions
+    from api.routes import delegations, directory, health, invocations, services as service_routes, sessions
 
     app.include_router(health.router)
     app.include_router(sessions.router)
     app.include_router(service_routes.router)
     app.include_router(invocations.router)
+    app.include_router(delegations.router)
     app.include_router(directory.router)
     return app

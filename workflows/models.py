@@ -176,3 +176,35 @@ class InvocationState:
     deadline_at: str | None = None
     state_version: int = 0
     runs: int = 1
+
+
+@dataclass
+class DelegateCommand:
+    """A delegation create after the API's request checks; runs on the source session's workflow."""
+
+    zone_id: str
+    edge_id: str
+    source_session_id: str
+    target_session_id: str
+    issuer_application_id: str
+    receiver_application_id: str
+    parent_edge_id: str | None
+    resource_id: str | None
+    scopes: list[str]
+    constraints: dict[str, Any]
+    requested_expires_at: str | None
+    ttl_seconds: int | None
+    body_ttl_seconds: int | None
+    broad: bool
+    idempotency_key: str | None = None
+    idempotency_digest_hex: str | None = None
+    op_id: str = ""
+
+
+@dataclass
+class RevokeCommand:
+    zone_id: str
+    session_id: str  # the edge's source session, whose workflow runs the revoke
+    edge_id: str
+    expected_epoch: int | None = None
+    op_id: str = ""

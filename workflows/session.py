@@ -29,7 +29,11 @@ with workflow.unsafe.imports_passed_through():
         SUSPEND_SESSION,
         TAKE_SESSION_LEASE,
         TERMINATE_SESSION,
+        CREATE_DELEGATION,
+        REVOKE_DELEGATION,
+        DelegateCommand,
         NotifyCommand,
+        RevokeCommand,
         Outcome,
         SessionChange,
         SessionCommand,
@@ -144,7 +148,7 @@ class SessionWorkflow:
         self._apply_own(outcome.session)
         self.state.pending_changes.extend(outcome.changes)
 
-    async def _command(self, activity: str, cmd: SessionCommand) -> dict[str, Any]:
+    async def _command(self, activity: str, cmd: SessionCommand | DelegateCommand | RevokeCommand) -> dict[str, Any]:
         """Run one transition's transaction and answer its HTTP request."""
         async with self._lock:
             cmd.op_id = str(workflow.uuid4())
@@ -230,6 +234,21 @@ class SessionWorkflow:
             raise rejection(409, {"error": "session_not_live"})
         if self.state.lifecycle != "service":
             raise rejection(409, {"error": "session_not_service"})
+
+    @workflow.update
+    async def delegate(self, cmd: DelegateCommand) -> dict[str, Any]:
+        """Create a delegation edge whose source is this session."""
+        return await self._command(CREATE_DELEGATION, cmd)
+
+    @delegate.validator
+    def _validate_delegate(self, cmd: DelegateCommand) -> None:
+        if self.state.status != "active":
+            raise rejection(404, {"error": "delegation_endpoint_not_found"})
+
+    @workflow.update
+    async def revoke(self, cmd: RevokeCommand) -> dict[str, Any]:
+        """Revoke an edge leaving this session, with its cascade."""
+        return await self._command(REVOKE_DELEGATION, cmd)
 
     @workflow.update
     async def settle_now(self, cmd: SessionCommand) -> dict[str, Any]:
