@@ -9,6 +9,7 @@ import asyncio
 import logging
 import os
 import signal
+from datetime import timedelta
 
 from temporalio.client import Client
 from temporalio.worker import Worker
@@ -21,23 +22,26 @@ log = logging.getLogger("coordinator.worker")
 def build_activities(db, settings: Settings, client: Client) -> list:
     from activities.delegations import DelegationActivities
     from activities.invocations import InvocationActivities
+    from activities.maintenance import MaintenanceActivities
     from activities.sessions import SessionActivities
 
     sessions = SessionActivities(db, settings, client)
     invocations = InvocationActivities(db, settings)
     delegations = DelegationActivities(db, settings)
+    maintenance = MaintenanceActivities(db, settings)
     return [sessions.start_session, sessions.suspend_session, sessions.resume_session, sessions.terminate_session,
             sessions.take_session_lease, sessions.settle_session_deadline, sessions.notify_sessions,
             invocations.create_invocation, invocations.transition_invocation,
             invocations.settle_invocation_deadline, delegations.create_delegation,
-            delegations.revoke_delegation]
+            delegations.revoke_delegation, maintenance.run_maintenance]
 
 
 def build_workflows() -> list:
     from workflows.invocation import InvocationWorkflow
+    from workflows.maintenance import MaintenanceWorkflow
     from workflows.session import SessionWorkflow
 
-    return [SessionWorkflow, InvocationWorkflow]
+    return [SessionWorkflow, InvocationWorkflow, MaintenanceWorkflow]
 
 
 def build_worker(client: Client, db, settings: Settings, task_queue: str | None = None) -> Worker:
@@ -49,6 +53,31 @@ def build_worker(client: Client, db, settings: Settings, task_queue: str | None 
         max_concurrent_activities=100,
         max_concurrent_local_activities=100,
     )
+
+
+def maintenance_schedule_id(settings: Settings) -> str:
+    return f"maintenance/{settings.TEMPORAL_TASK_QUEUE}"
+
+
+async def ensure_maintenance_schedule(client: Client, settings: Settings) -> None:
+    """Create (or update) the Schedule that starts the maintenance workflow every few seconds."""
+    from temporalio.client import (
+        Schedule, ScheduleActionStartWorkflow, ScheduleAlreadyRunningError, ScheduleIntervalSpec,
+        ScheduleOverlapPolicy, SchedulePolicy, ScheduleSpec, ScheduleUpdate,
+    )
+
+    from workflows.maintenance import MaintenanceWorkflow
+
+    schedule = Schedule(
+        action=ScheduleActionStartWorkflow(MaintenanceWorkflow.run, id=f"maintenance/{settings.TEMPORAL_TASK_QUEUE}",
+                                           task_queue=settings.TEMPORAL_TASK_QUEUE),
+        spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=timedelta(seconds=settings.MAINTENANCE_INTERVAL_SECONDS))]),
+        policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP))
+    try:
+        await client.create_schedule(maintenance_schedule_id(settings), schedule)
+    except ScheduleAlreadyRunningError:
+        handle = client.get_schedule_handle(maintenance_schedule_id(settings))
+        await handle.update(lambda _: ScheduleUpdate(schedule=schedule))
 
 
 async def connect_temporal(settings: Settings, attempts: int = 60) -> Client:
@@ -74,6 +103,7 @@ async def main() -> None:
     await db.open()
     client = await connect_temporal(settings)
     worker = build_worker(client, db, settings)
+    await ensure_maintenance_schedule(client, settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -32,7 +32,7 @@ from devstack.tokens import mint_token
 from settings import Settings, load_settings
 from storage.db import Database
 from storage.migrate import upgrade
-from worker import build_worker
+from worker import build_worker, ensure_maintenance_schedule, maintenance_schedule_id
 
 ISSUER = "http://issuer.test/sts"
 OPERATOR_TOKEN = "operator-token-for-tests-0123456789"
@@ -128,7 +128,9 @@ async def open_stack(settings: Settings, *, worker: bool = True) -> Stack:
 @pytest.fixture(scope="session")
 async def stack(postgres, temporal_server, tmp_root, signing_key) -> AsyncIterator[Stack]:
     s = await open_stack(make_settings(postgres, temporal_server, tmp_root))
+    await ensure_maintenance_schedule(s.client, s.settings)
     yield s
+    await s.client.get_schedule_handle(maintenance_schedule_id(s.settings)).delete()
     await s.close()
 
 

@@ -479,7 +479,7 @@ async def test_replay_of_an_ended_session_is_inactive(zone: Zone):  # 46
 
 async def test_idempotency_key_format(zone: Zone):  # 47
     body = {"application_id": "app-1", "subject_session_id": "ar-1"}
-    for key in (" key", "key ", "key\tvalue", "key\x7fvalue", "a" * 256, "", "é" * 128):
+    for key in (" key", "key ", "key\tvalue", "key\x7fvalue", "a" * 256, "", "é".encode() * 128):
         r = await post_start(zone, body, {**zone.headers(), "x-request-id": "rid-47", "Idempotency-Key": key})
         assert r.status_code == 400, (key, r.text)
         assert r.json()["error"] == "idempotency_key_invalid" and r.json()["request_id"] == "rid-47", key
@@ -677,7 +677,7 @@ async def test_resume_service_subtree(zone: Zone):  # 55
     r = await zone.http.patch(url(zone, sid(root), "suspend"), headers=zone.headers())
     assert r.json() == {"suspended": 3}
     await zone.stack.db.execute("UPDATE sessions SET heartbeat_deadline_at = now() + interval '5 seconds' "
-                                "WHERE id = ANY(%s)", (ids,))
+                                "WHERE id = ANY(%s) AND lifecycle = 'service'", (ids,))
     r = await zone.http.patch(url(zone, sid(root), "resume"), headers=zone.headers())
     assert r.status_code == 200 and r.json() == {"resumed": 3}, r.text
     for i in ids:

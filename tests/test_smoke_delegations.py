@@ -27,3 +27,25 @@ async def test_delegate_and_revoke_cascade_smoke(zone: Zone):
     assert r.status_code == 200, r.text
     assert r.json() == {"revoked_edges": 2, "affected_sessions": 1, "terminated_sessions": 2}
     assert (await zone.session_row(c))["status"] == "terminated"
+
+
+async def test_edge_expiry_settles_by_maintenance_schedule(zone: Zone):
+    import asyncio
+    import time
+
+    a = (await zone.start())["agent_session_id"]
+    b = (await zone.start())["agent_session_id"]
+    r = await zone.http.post(f"/zones/{zone.id}/delegations", headers=zone.headers(), json={
+        "source_session_id": a, "target_session_id": b, "issuer_application_id": "app-1",
+        "receiver_application_id": "app-1", "resource_id": "res-1", "scopes": ["read"], "ttl_seconds": 1})
+    assert r.status_code == 201, r.text
+    edge = r.json()["delegation_edge_id"]
+    deadline = time.monotonic() + 1 + 10
+    while time.monotonic() < deadline:
+        row = await zone.stack.db.fetchrow("SELECT status FROM delegation_edges WHERE id = %s", (edge,))
+        if row["status"] == "expired":
+            break
+        await asyncio.sleep(0.2)
+    assert row["status"] == "expired"
+    events = [e for e in await zone.events("caracal.delegations.invalidate") if e["payload_json"]["event"] == "edge_expire"]
+    assert len(events) == 1 and events[0]["payload_json"]["edge_ids"] == [edge]
