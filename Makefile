@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install dev test test-faults bench clean-data
+.PHONY: help install dev test test-faults bench record-histories clean-data
 
 help:
 	@echo "make install      create $(VENV) and install the project with its dev extras"
@@ -15,6 +15,7 @@ help:
 	@echo "make test         run the test suite (real Postgres and Temporal, started per session)"
 	@echo "make test-faults  run the fault-injection tests (tests/faults)"
 	@echo "make bench ARGS=  run the benchmarks (python -m bench \$$ARGS)"
+	@echo "make record-histories  re-record the workflow histories the replay tests use"
 	@echo "make clean-data   delete .data/ (local Postgres data, Temporal state, keys, tokens, logs)"
 
 # Reinstalled whenever pyproject.toml changes.
@@ -28,7 +29,7 @@ dev: $(VENV)/.installed
 
 # pytest exits 5 when it collected no tests: that is a failure here too.
 test: $(VENV)/.installed
-	@$(PY) -m pytest -q -x --durations=15; rc=$$?; \
+	@$(PY) -m pytest -q -x -m "not faults" --durations=15; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; \
 	exit $$rc
 
@@ -41,6 +42,9 @@ test-faults: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) -m bench $(ARGS)
+
+record-histories: $(VENV)/.installed
+	RECORD_HISTORIES=1 $(PY) -m pytest -q tests/test_record_histories.py
 
 clean-data:
 	rm -rf .data

@@ -75,12 +75,14 @@ class SessionWorkflow:
             await self._drain_changes()
             if self.state.status in TERMINAL:
                 break
-            if workflow.info().is_continue_as_new_suggested() and not self._lock.locked():
-                await workflow.wait_condition(workflow.all_handlers_finished)
+            if workflow.info().is_continue_as_new_suggested():
+                # Let running commands finish (they hold the lock across their activity) first.
+                await workflow.wait_condition(lambda: not self._lock.locked() and workflow.all_handlers_finished())
                 await self._drain_changes()
                 if self.state.status not in TERMINAL:
                     self.state.runs += 1
                     workflow.continue_as_new(self.state)
+                continue
             deadline, what = self._next_deadline()
             self._wake = False
             wake = lambda: (self._wake or bool(self.state.pending_changes)  # noqa: E731
