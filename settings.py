@@ -49,6 +49,7 @@ class Settings(BaseSettings):
     TEMPORAL_TASK_QUEUE: str = "coordinator"
     # How long an HTTP request waits on a workflow update before answering 503.
     TEMPORAL_RPC_TIMEOUT_SECONDS: float = 10.0
+    STICKY_QUEUE_TIMEOUT_SECONDS: float = Field(2.0, gt=0)
     CARACAL_MODE: str = "dev"
     DB_POOL_MAX: int = Field(20, ge=1)
     DB_STATEMENT_TIMEOUT_MS: int = Field(10000, ge=0)

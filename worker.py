@@ -52,6 +52,9 @@ def build_worker(client: Client, db, settings: Settings, task_queue: str | None 
         activities=build_activities(db, settings, client),
         max_concurrent_activities=100,
         max_concurrent_local_activities=100,
+        # A worker killed with -9 leaves tasks on its sticky queue; hand them to the shared queue
+        # quickly so timers that fell due while it was down settle within seconds of a restart.
+        sticky_queue_schedule_to_start_timeout=timedelta(seconds=settings.STICKY_QUEUE_TIMEOUT_SECONDS),
     )
 
 
