@@ -7,12 +7,13 @@ PY := $(VENV)/bin/python
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install dev test test-faults bench record-histories clean-data
+.PHONY: help install dev test test-deps test-faults bench record-histories clean-data
 
 help:
 	@echo "make install      create $(VENV) and install the project with its dev extras"
 	@echo "make dev          run the whole stack locally (Postgres, Temporal + UI, worker, API on :4000)"
 	@echo "make test         run the test suite (real Postgres and Temporal, started per session)"
+	@echo "make test-deps    system packages some tests need (Debian/Ubuntu: chromium for the Temporal UI test)"
 	@echo "make test-faults  run the fault-injection tests (tests/faults)"
 	@echo "make bench ARGS=  run the benchmarks (python -m bench \$$ARGS)"
 	@echo "make record-histories  re-record the workflow histories the replay tests use"
@@ -32,6 +33,18 @@ test: $(VENV)/.installed
 	@$(PY) -m pytest -q -x -m "not faults" --durations=15; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; \
 	exit $$rc
+
+# System packages (apt) a few tests use; each test skips with a message when its package is missing.
+# Needs root, or sudo.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+test-deps:
+	@if ! command -v apt-get >/dev/null 2>&1; then \
+		echo "make test-deps: no apt-get here: install Chromium yourself (tests/test_temporal_ui.py skips without /usr/bin/chromium)"; \
+	elif command -v chromium >/dev/null 2>&1; then \
+		echo "make test-deps: chromium already installed"; \
+	else \
+		$(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; \
+	fi
 
 test-faults: $(VENV)/.installed
 	@if [ -d tests/faults ]; then \

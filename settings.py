@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     # How long an HTTP request waits on a workflow update before answering 503.
     TEMPORAL_RPC_TIMEOUT_SECONDS: float = 10.0
     STICKY_QUEUE_TIMEOUT_SECONDS: float = Field(2.0, gt=0)
+    # host:port where the worker serves the Temporal SDK's Prometheus metrics ("" = off).
+    WORKER_METRICS_ADDRESS: str = ""
     CARACAL_MODE: str = "dev"
     DB_POOL_MAX: int = Field(20, ge=1)
     DB_STATEMENT_TIMEOUT_MS: int = Field(10000, ge=0)

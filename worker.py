@@ -83,10 +83,21 @@ async def ensure_maintenance_schedule(client: Client, settings: Settings) -> Non
         await handle.update(lambda _: ScheduleUpdate(schedule=schedule))
 
 
+def telemetry_runtime(settings: Settings):
+    """The SDK's own Prometheus metrics (workflow and activity outcomes, latencies, slots)."""
+    if not settings.WORKER_METRICS_ADDRESS:
+        return None
+    from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
+
+    return Runtime(telemetry=TelemetryConfig(metrics=PrometheusConfig(bind_address=settings.WORKER_METRICS_ADDRESS)))
+
+
 async def connect_temporal(settings: Settings, attempts: int = 60) -> Client:
+    runtime = telemetry_runtime(settings)
     for attempt in range(attempts):
         try:
-            return await Client.connect(settings.TEMPORAL_ADDRESS, namespace=settings.TEMPORAL_NAMESPACE)
+            return await Client.connect(settings.TEMPORAL_ADDRESS, namespace=settings.TEMPORAL_NAMESPACE,
+                                        **({"runtime": runtime} if runtime else {}))
         except Exception as exc:  # the server may still be starting
             if attempt == attempts - 1:
                 raise

@@ -108,7 +108,8 @@ class TemporalGateway:
         return await self._start_with_update(
             InvocationWorkflow.run, state, m.invocation_workflow_id(cmd.zone_id, cmd.invocation_id),
             InvocationWorkflow.create, cmd, attrs, f"invocation {cmd.method} {cmd.invocation_id}",
-            f"zone {cmd.zone_id} · service {cmd.service_id} · source {cmd.source_session_id or '-'}")
+            f"zone {cmd.zone_id} · application {cmd.scope_id} · service {cmd.service_id} · "
+            f"source {cmd.source_session_id or '-'}")
 
     async def update(self, workflow_id: str, update: str, cmd: Any) -> dict[str, Any]:
         handle = self._client().get_workflow_handle(workflow_id)

@@ -36,6 +36,31 @@ class InvocationWorkflow:
         self.state = state
         self._lock = asyncio.Lock()
         self._wake = False
+        # For the UI's current details only (set by the create update, rebuilt on replay).
+        self._method = ""
+        self._application = ""
+        self._last = ""
+
+    def _details(self) -> str:
+        """E.g. "running · attempt 1/3 · search on service svc-1 · app app-1 · deadline … ·
+        last: start attempt 1/3 → running"."""
+        s = self.state
+        parts = [s.status]
+        if s.attempts:
+            parts.append(f"attempt {s.attempts}/{s.max_attempts}")
+        what = f"{self._method} on " if self._method else ""
+        parts.append(f"{what}service {s.service_id or '?'}")
+        if self._application:
+            parts.append(f"app {self._application}")
+        if s.status == "running" and s.deadline_at:
+            parts.append(f"deadline {s.deadline_at}")
+        if self._last:
+            parts.append(f"last: {self._last}")
+        return " · ".join(parts)
+
+    def _trace(self, last: str) -> None:
+        self._last = last
+        workflow.set_current_details(self._details())
 
     def _finished(self) -> bool:
         s = self.state
@@ -49,6 +74,9 @@ class InvocationWorkflow:
                                               timeout=timedelta(minutes=5), timeout_summary="awaiting create")
             except asyncio.TimeoutError:
                 self.state.status = "rejected"
+                if workflow.patched("invocation-create-timeout-status"):
+                    workflow.upsert_search_attributes([SA_INVOCATION_STATUS.value_set("rejected")])
+                self._trace("no create update within 5 minutes")
         while not self._finished():
             self._wake = False
             deadline = parse_time(self.state.deadline_at) if self.state.status == "running" else None
@@ -68,8 +96,11 @@ class InvocationWorkflow:
                     SETTLE_INVOCATION_DEADLINE,
                     InvocationCommand(self.state.zone_id, self.state.invocation_id, "settle", str(workflow.uuid4())),
                     result_type=InvocationOutcome, start_to_close_timeout=timedelta(seconds=30),
-                    retry_policy=DURABLE_RETRY, summary="deadline exceeded")
+                    retry_policy=DURABLE_RETRY,
+                    summary=f"deadline exceeded: fail attempt {self.state.attempts}/{self.state.max_attempts}"
+                            " or time out")
                 self._apply(outcome.invocation)
+                self._trace(f"deadline exceeded → {self.state.status}")
         await workflow.wait_condition(workflow.all_handlers_finished)
         return self.state.status
 
@@ -89,17 +120,21 @@ class InvocationWorkflow:
         try:
             outcome: InvocationOutcome = await workflow.execute_local_activity(
                 CREATE_INVOCATION, cmd, result_type=InvocationOutcome, start_to_close_timeout=COMMAND_TIMEOUT,
-                retry_policy=COMMAND_RETRY)
+                retry_policy=COMMAND_RETRY, summary=f"create invocation {cmd.method} on service {cmd.service_id}")
         except ActivityError as exc:
+            self._method, self._application = cmd.method, cmd.scope_id
             self._reject()
+            self._trace("create failed (postgres unavailable)")
             raise rejection(*POSTGRES_UNAVAILABLE) from exc
+        self._method, self._application = cmd.method, cmd.scope_id
         if outcome.error or outcome.replayed:
             self._reject()
+            self._trace(f"create refused ({outcome.error[0]})" if outcome.error else "create: idempotent replay")
             if outcome.error:
                 raise rejection(*outcome.error)
             return {"status": outcome.status, "body": outcome.body, "replayed": True}
         self._apply(outcome.invocation)
-        workflow.set_current_details(f"{cmd.method} on service {cmd.service_id}")
+        self._trace("create")
         return {"status": outcome.status, "body": outcome.body, "replayed": False}
 
     def _reject(self) -> None:
@@ -112,17 +147,27 @@ class InvocationWorkflow:
             raise rejection(409, {"error": "invocation_already_created"})
 
     async def _transition(self, cmd: InvocationCommand) -> dict[str, Any]:
+        if cmd.action == "start":
+            summary = f"start attempt {self.state.attempts + 1}/{self.state.max_attempts}"
+        elif cmd.action == "cancel":
+            summary = "cancel" + (f" ({cmd.reason})" if cmd.reason else "")
+        elif cmd.action == "complete":
+            summary = f"complete ({cmd.status or 'failed'})"
+        else:
+            summary = cmd.action
         async with self._lock:
             cmd.op_id = str(workflow.uuid4())
             try:
                 outcome: InvocationOutcome = await workflow.execute_local_activity(
                     TRANSITION_INVOCATION, cmd, result_type=InvocationOutcome, start_to_close_timeout=COMMAND_TIMEOUT,
-                    retry_policy=COMMAND_RETRY)
+                    retry_policy=COMMAND_RETRY, summary=summary)
             except ActivityError as exc:
                 raise rejection(*POSTGRES_UNAVAILABLE) from exc
             self._apply(outcome.invocation)
             if outcome.error:
+                self._trace(f"{summary} refused ({outcome.error[0]})")
                 raise rejection(*outcome.error)
+            self._trace(f"{summary} → {self.state.status}")
             return {"status": outcome.status, "body": outcome.body}
 
     @workflow.update

@@ -69,3 +69,19 @@ async def metrics_endpoint(request: Request, svc: Services = Depends(services)) 
     for r in rows:
         metrics.OUTBOX.labels(r["status"]).set(r["n"])
     return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+@router.get("/stats", summary="Operational counters (operator token)")
+async def stats(request: Request, svc: Services = Depends(services)) -> dict[str, Any]:
+    await identity(request)
+
+    async def by_status(table: str) -> dict[str, int]:
+        rows = await svc.db.fetch(f"SELECT status, count(*) AS n FROM {table} GROUP BY status ORDER BY status")
+        return {r["status"]: r["n"] for r in rows}
+
+    receipts = await svc.db.fetchrow("""SELECT count(*) AS rows,
+                                               COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)), 0) AS oldest
+                                        FROM coordinator_idempotency_receipts WHERE expires_at > now()""")
+    return {"sessions": await by_status("sessions"), "invocations": await by_status("agent_invocations"),
+            "outbox": await by_status("caracal_outbox"), "delegations": await by_status("delegation_edges"),
+            "idempotency": {"rows": receipts["rows"], "oldestSeconds": int(receipts["oldest"])}}
