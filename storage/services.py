@@ -58,16 +58,16 @@ async def heartbeat(conn: Conn, settings: Settings, zone_id: str, session: dict[
         raise CoordinatorError(409, "session_not_service")
     if lease_generation is not None and lease_generation != session["lease_generation"]:
         raise CoordinatorError(409, "session_lease_fenced")
-    lapsed = await q1(conn, "SELECT heartbeat_deadline_at <= now() AS lapsed FROM sessions WHERE id = %s",
-                      (session["id"],))
-    if session["status"] == "active" and lapsed["lapsed"]:
-        raise LeaseExpired()
+    # One round trip: the row is locked by the caller, so the only way the guarded UPDATE matches
+    # nothing is an active lease whose deadline has passed (same transaction `now()` throughout).
     agent = await q1(conn, """
         UPDATE sessions SET last_active_at = now(), last_heartbeat_at = now(),
             heartbeat_deadline_at = now() + make_interval(secs => %s)
-        WHERE id = %s
+        WHERE id = %s AND NOT (status = 'active' AND COALESCE(heartbeat_deadline_at <= now(), false))
         RETURNING id, zone_id, application_id, status, last_active_at, last_heartbeat_at, heartbeat_deadline_at,
                   lease_generation""", (settings.SERVICE_AGENT_LEASE_SECONDS, session["id"]))
+    if agent is None:
+        raise LeaseExpired()
     service = None
     if service_id is not None:
         service = await q1(conn, f"""
