@@ -112,8 +112,10 @@ async def main() -> None:
 
     settings = get_settings()
     require_migrated(settings.DATABASE_URL, "worker")
+    # Short pool timeout: a command's activity attempt should fail fast while Postgres is down.
     db = Database(settings.DATABASE_URL, max_size=settings.DB_POOL_MAX,
-                  statement_timeout_ms=settings.DB_STATEMENT_TIMEOUT_MS)
+                  statement_timeout_ms=settings.DB_STATEMENT_TIMEOUT_MS,
+                  connect_timeout_s=min(2.0, settings.DB_CONNECTION_TIMEOUT_MS / 1000))
     await db.open()
     client = await connect_temporal(settings)
     worker = build_worker(client, db, settings)

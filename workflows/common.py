@@ -14,7 +14,9 @@ COMMAND_RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=200), backof
 # Timers and fan-out must happen eventually, whatever the outage.
 DURABLE_RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=500), backoff_coefficient=2.0,
                             maximum_interval=timedelta(seconds=5))
-COMMAND_TIMEOUT = timedelta(seconds=15)
+# All attempts of a command's transaction together: shorter than the API's RPC timeout, so an
+# outage answers 503 postgres_unavailable rather than temporal_unavailable.
+COMMAND_TIMEOUT = timedelta(seconds=4)
 
 POSTGRES_UNAVAILABLE = (503, {"error": "postgres_unavailable", "dependency": "postgres"})
 

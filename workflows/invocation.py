@@ -119,7 +119,7 @@ class InvocationWorkflow:
     async def create(self, cmd: CreateInvocationCommand) -> dict[str, Any]:
         try:
             outcome: InvocationOutcome = await workflow.execute_local_activity(
-                CREATE_INVOCATION, cmd, result_type=InvocationOutcome, start_to_close_timeout=COMMAND_TIMEOUT,
+                CREATE_INVOCATION, cmd, result_type=InvocationOutcome, schedule_to_close_timeout=COMMAND_TIMEOUT,
                 retry_policy=COMMAND_RETRY, summary=f"create invocation {cmd.method} on service {cmd.service_id}")
         except ActivityError as exc:
             self._method, self._application = cmd.method, cmd.scope_id
@@ -159,7 +159,7 @@ class InvocationWorkflow:
             cmd.op_id = str(workflow.uuid4())
             try:
                 outcome: InvocationOutcome = await workflow.execute_local_activity(
-                    TRANSITION_INVOCATION, cmd, result_type=InvocationOutcome, start_to_close_timeout=COMMAND_TIMEOUT,
+                    TRANSITION_INVOCATION, cmd, result_type=InvocationOutcome, schedule_to_close_timeout=COMMAND_TIMEOUT,
                     retry_policy=COMMAND_RETRY, summary=summary)
             except ActivityError as exc:
                 raise rejection(*POSTGRES_UNAVAILABLE) from exc

@@ -217,7 +217,7 @@ class SessionWorkflow:
             cmd.op_id = str(workflow.uuid4())
             try:
                 outcome: Outcome = await workflow.execute_local_activity(
-                    activity, cmd, result_type=Outcome, start_to_close_timeout=COMMAND_TIMEOUT,
+                    activity, cmd, result_type=Outcome, schedule_to_close_timeout=COMMAND_TIMEOUT,
                     retry_policy=COMMAND_RETRY, summary=summary)
             except ActivityError as exc:
                 raise rejection(*POSTGRES_UNAVAILABLE) from exc
@@ -242,7 +242,7 @@ class SessionWorkflow:
     async def create(self, cmd: StartSessionCommand) -> dict[str, Any]:
         try:
             outcome: Outcome = await workflow.execute_local_activity(
-                START_SESSION, cmd, result_type=Outcome, start_to_close_timeout=COMMAND_TIMEOUT,
+                START_SESSION, cmd, result_type=Outcome, schedule_to_close_timeout=COMMAND_TIMEOUT,
                 retry_policy=COMMAND_RETRY,
                 summary=f"create {cmd.lifecycle} session of {cmd.application_id}"
                         + (f" under {cmd.parent_id}" if cmd.parent_id else ""))

@@ -96,12 +96,7 @@ async def heartbeat(zone_id: str, session_id: str, request: Request, ident: Iden
                                            status=body.status, metadata=body.metadata,
                                            lease_generation=body.lease_generation)
     except store.LeaseExpired:
-        # Settle through the session's workflow (suspends the subtree, committed), then refuse.
-        try:
-            await svc.temporal.session_update(zone_id, session_id, "settle_now", m.SessionCommand(zone_id, session_id))
-        except WorkflowClosed:
-            pass
-        raise CoordinatorError(409, "session_lease_expired")
+        await _settle_lapsed_lease(svc, zone_id, session_id)
     answer["active_invocations"] = body.active_invocations
     return answer
 
@@ -114,5 +109,19 @@ async def take_lease(zone_id: str, session_id: str, ident: Identity = Depends(id
         raise CoordinatorError(409, "session_not_live")
     if row["lifecycle"] != "service":
         raise CoordinatorError(409, "session_not_service")
+    lapsed = await svc.db.fetchval("SELECT status = 'active' AND heartbeat_deadline_at <= now() FROM sessions "
+                                   "WHERE id = %s", (session_id,))
+    if lapsed:
+        # As for a late heartbeat: a lapsed lease is settled (subtree suspended), never revived.
+        await _settle_lapsed_lease(svc, zone_id, session_id)
     return await _command(svc, zone_id, session_id, "take_lease", m.SessionCommand(zone_id, session_id),
                           CoordinatorError(409, "session_not_live"))
+
+
+async def _settle_lapsed_lease(svc: Services, zone_id: str, session_id: str) -> None:
+    """Have the session's workflow settle its lapsed lease now, then refuse the caller."""
+    try:
+        await svc.temporal.session_update(zone_id, session_id, "settle_now", m.SessionCommand(zone_id, session_id))
+    except WorkflowClosed:
+        pass
+    raise CoordinatorError(409, "session_lease_expired")

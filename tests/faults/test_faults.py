@@ -181,11 +181,16 @@ async def test_temporal_restart_answers_503_and_loses_no_workflow(fault_stack: F
             r = await _request(http, "PATCH", f"{base}/{created[0]['agent_session_id']}/suspend", headers=h)
             if r.status_code == 200:
                 break
+            if r.status_code == 409:  # an earlier attempt answered 503 but was applied after all
+                assert r.json()["error"] == "session_not_found_or_not_active", r.text
+                break
             assert r.status_code == 503, r.text
             assert time.monotonic() < deadline, s.tail()
             await asyncio.sleep(0.5)
         r = await _request(http, "POST", base, json={"application_id": "app-1"}, headers=h)
         assert r.status_code == 201, r.text
+    status = await s.db.fetchval("SELECT status FROM sessions WHERE id = %s", (created[0]["agent_session_id"],))
+    assert status == "suspended"
     client = await Client.connect(s.temporal.address)
     for body in created:
         desc = await client.get_workflow_handle(session_workflow_id(s.zone, body["agent_session_id"])).describe()
