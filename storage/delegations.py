@@ -252,6 +252,10 @@ async def traverse(conn: Conn, zone_id: str, edge_id: str) -> list[dict[str, Any
 
 
 async def impact(conn: Conn, zone_id: str, edge_id: str) -> dict[str, Any] | None:
+    # The epoch is read BEFORE the walk: a graph change committed in between then makes the returned
+    # epoch stale (a revoke with it answers 409 delegation_graph_changed). Read after the walk, a
+    # change in between would pair the new epoch with the old preview and defeat expected_epoch.
+    epoch = await current_epoch(conn, zone_id)
     rows = await traverse(conn, zone_id, edge_id)
     if not rows:
         return None
@@ -260,9 +264,8 @@ async def impact(conn: Conn, zone_id: str, edge_id: str) -> dict[str, Any] | Non
                       (zone_id, targets))
     by_session = {r["id"]: r["subject_authority_record_id"] for r in records}
     subjects = list(dict.fromkeys(by_session[t] for t in targets if by_session.get(t)))
-    epoch = await q1(conn, "SELECT epoch FROM delegation_graph_epochs WHERE zone_id = %s", (zone_id,))
     return {"edge_id": edge_id, "affected_edges": rows, "affected_sessions": targets,
-            "affected_subject_sessions": subjects, "epoch": int(epoch["epoch"]) if epoch else 0}
+            "affected_subject_sessions": subjects, "epoch": epoch}
 
 
 async def effective_authority(conn: Conn, zone_id: str, session_id: str) -> dict[str, Any]:
@@ -301,13 +304,16 @@ async def revoke_cascade(conn: Conn, zone_id: str, edge_id: str, expected_epoch:
             SELECT n.id, n.target_session_id, w.depth + 1, w.path || n.id
             FROM walk w JOIN delegation_edges n ON n.source_session_id = w.target_session_id
             WHERE n.status = 'active' AND n.zone_id = %(zone)s AND NOT n.id = ANY(w.path) AND w.depth < %(max)s
-        ), walked AS (SELECT DISTINCT id FROM walk)
+        ), walked AS (SELECT id, min(depth) AS depth FROM walk GROUP BY id)
         UPDATE delegation_edges x SET status = 'revoked', revoked_at = now(), updated_at = now(),
             edge_version = x.edge_version + 1
         FROM walked WHERE x.id = walked.id AND x.status = 'active'
-        RETURNING x.id, x.target_session_id""", {"zone": zone_id, "edge": edge_id, "max": MAX_WALK_DEPTH})
+        RETURNING x.id, x.target_session_id, walked.depth""", {"zone": zone_id, "edge": edge_id, "max": MAX_WALK_DEPTH})
     if not revoked:
         raise CoordinatorError(404, "delegation_not_found")
+    # UPDATE ... RETURNING has no defined order: targets (and so the "first occurrence" session named
+    # in each authority record's revoke event, §5.5 step 6) follow the walk.
+    revoked.sort(key=lambda r: (r["depth"], r["id"]))
     target_ids = list(dict.fromkeys(r["target_session_id"] for r in revoked))
     targets = await q(conn, """SELECT id, subject_authority_record_id FROM sessions
                                WHERE zone_id = %s AND id = ANY(%s) AND status IN ('active', 'suspended')""",

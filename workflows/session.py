@@ -234,7 +234,7 @@ class SessionWorkflow:
                 # Answer only once every changed session's workflow has been told, so a client's
                 # next command on a descendant meets a workflow that already knows its state.
                 await self._drain_changes()
-            return {"status": outcome.status, "body": outcome.body}
+            return {"status": outcome.status, "body": outcome.body, "replayed": outcome.replayed}
 
     # ------------------------------------------------------------------ create
 
