@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rules.errors import CoordinatorError
 from rules.ids import is_valid_id
@@ -78,7 +79,14 @@ class MalformedJson(Exception):
 
 
 async def read_json(request: Request, *, required: bool) -> Any:
-    raw = await request.body()
+    # The middleware rejects a declared Content-Length over the limit; a chunked body is counted here.
+    limit = request.app.state.settings.COORDINATOR_BODY_LIMIT_BYTES
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > limit:
+            raise StarletteHTTPException(413, "Request body is too large")
+    raw = bytes(raw)
     if not raw.strip():
         if required:
             raise InvalidBody("body is required", [{"path": [], "message": "Required"}])

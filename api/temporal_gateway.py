@@ -4,6 +4,7 @@ client-visible answer (a rejected command → its 4xx; Temporal unreachable → 
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from typing import Any
 
@@ -113,10 +114,19 @@ class TemporalGateway:
 
     async def update(self, workflow_id: str, update: str, cmd: Any) -> dict[str, Any]:
         handle = self._client().get_workflow_handle(workflow_id)
-        try:
-            return await handle.execute_update(update, cmd, result_type=dict, rpc_timeout=self.rpc_timeout)
-        except Exception as exc:
-            raise map_failure(exc) from exc
+        for attempt in range(4):
+            try:
+                return await handle.execute_update(update, cmd, result_type=dict, rpc_timeout=self.rpc_timeout)
+            except RPCError as exc:
+                # The update met a workflow task that failed (e.g. it raced a cascade signal that
+                # ends the workflow): it was never accepted, so sending it again is safe.
+                if exc.status == RPCStatusCode.FAILED_PRECONDITION and attempt < 3:
+                    await asyncio.sleep(0.05 * (attempt + 1))
+                    continue
+                raise map_failure(exc) from exc
+            except Exception as exc:
+                raise map_failure(exc) from exc
+        raise AssertionError("unreachable")
 
     async def session_update(self, zone_id: str, session_id: str, update: str, cmd: m.SessionCommand) -> dict[str, Any]:
         return await self.update(m.session_workflow_id(zone_id, session_id), update, cmd)

@@ -19,6 +19,7 @@ from api.app import create_app
 from api.auth import Authenticator
 from api.deps import Services
 from devstack.tokens import mint_token
+from storage.db import Database
 from tests.conftest import ISSUER, OPERATOR_TOKEN, Zone
 
 
@@ -43,6 +44,10 @@ async def test_missing_or_malformed_bearer_is_missing_token(zone: Zone):
         r = await zone.http.get(url, headers=headers)
         assert r.status_code == 401, (headers, r.text)
         assert r.json() == {"error": "missing_token"}
+    r = await zone.http.get(url, headers={"Authorization": "Bearer " + "a" * 4096})  # at the limit: parsed
+    assert r.status_code == 401 and r.json() == {"error": "invalid_token"}
+    r = await zone.http.get(url, headers={"Authorization": "Bearer  " + zone.token() + "  "})  # trimmed
+    assert r.status_code == 200, r.text
 
 
 # ---------------------------------------------------------------------------------------------- 3
@@ -181,31 +186,35 @@ async def test_operator_token(zone: Zone):
     assert r.status_code == 200 and r.json() == {"suspended": 1}, r.text
     r = await zone.http.get(f"/zones/{zone.id}/agents/{s['agent_session_id']}", headers=op)
     assert r.status_code == 200 and r.json()["status"] == "suspended"
-    # Routes outside the allowlist: the operator token is not a JWT.
-    r = await zone.http.post(f"/zones/{zone.id}/agents", json={"application_id": "app-1"}, headers=op)
-    assert r.status_code == 401 and r.json() == {"error": "invalid_token"}, r.text
-    # The authenticator as the middleware runs it, for allowlisted routes served by other routers
-    # and for non-allowlisted ones.
-    auth = zone.stack.services.auth
-    for method, path in (("GET", f"/zones/{zone.id}/agent-services"), ("GET", f"/zones/{zone.id}/invocations")):
-        ident = await auth.authenticate(method=method, path=path, authorization=f"Bearer {OPERATOR_TOKEN}",
-                                        route_zone_id=zone.id)
-        assert ident.operator and ident.client_id == "caracal-operator" and "coordinator.admin" in ident.scopes
-        assert ident.zone_id == zone.id
-    for method, path in (("GET", f"/zones/{zone.id}/invocations/i1"), ("POST", f"/zones/{zone.id}/invocations"),
-                         ("POST", f"/zones/{zone.id}/agents/a1/heartbeat"), ("POST", "/v1/begin")):
-        try:
-            await auth.authenticate(method=method, path=path, authorization=f"Bearer {OPERATOR_TOKEN}",
-                                    route_zone_id=None)
-        except Exception as exc:  # CoordinatorError
-            assert (exc.status, exc.code) == (401, "invalid_token"), (path, exc)
-        else:
-            raise AssertionError(f"operator token accepted on {method} {path}")
-    # /metrics: operator only.
+    r = await zone.http.get(f"/zones/{zone.id}/agent-services", headers=op)
+    assert r.status_code == 200 and r.json() == {"items": [], "next_cursor": None}, r.text
+    r = await zone.http.get(f"/zones/{zone.id}/invocations", headers=op)
+    assert r.status_code == 200 and r.json() == {"items": [], "next_cursor": None}, r.text
+    r = await zone.http.get("/stats", headers=op)
+    assert r.status_code == 200 and isinstance(r.json(), dict), r.text
     r = await zone.http.get("/metrics", headers=op)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
-    r = await zone.http.get("/metrics", headers=zone.headers())
-    assert r.status_code == 403 and r.json() == {"error": "operator_token_required"}
+    # The identity the operator gets (what the handlers above saw).
+    ident = await zone.stack.services.auth.authenticate(
+        method="GET", path=f"/zones/{zone.id}/agents", authorization=f"Bearer {OPERATOR_TOKEN}", route_zone_id=zone.id)
+    assert ident.operator and ident.client_id == "caracal-operator" and ident.subject == "caracal-operator"
+    assert ident.scopes == {"agent:lifecycle", "coordinator.admin"} and ident.zone_id == zone.id
+    # Routes outside the allowlist: the operator token is not a JWT.
+    for method, path, body in (("POST", f"/zones/{zone.id}/agents", {"application_id": "app-1"}),
+                               ("GET", f"/zones/{zone.id}/invocations/i1", None),
+                               ("POST", f"/zones/{zone.id}/invocations", {"service_id": "x"}),
+                               ("POST", f"/zones/{zone.id}/agents/a1/heartbeat", {}),
+                               ("POST", "/v1/begin", {"zone_id": zone.id, "application_id": "app-1"})):
+        r = await zone.http.request(method, path, json=body, headers=op)
+        assert r.status_code == 401 and r.json() == {"error": "invalid_token"}, (path, r.text)
+
+
+async def test_operator_only_paths_refuse_mandates(zone: Zone):  # 10
+    for path in ("/stats", "/metrics"):
+        r = await zone.http.get(path, headers=zone.headers(scopes=["coordinator.admin"]))
+        assert r.status_code == 403 and r.json() == {"error": "operator_token_required"}, r.text
+        r = await zone.http.get(path)
+        assert r.status_code == 401 and r.json() == {"error": "missing_token"}
 
 
 # ---------------------------------------------------------------------------------------------- 11
@@ -216,14 +225,35 @@ async def test_public_paths_need_no_bearer(zone: Zone):
     assert r.status_code == 200 and r.json() == {"ok": True}
     r = await zone.http.get("/ready")
     assert r.status_code == 200 and r.json() == {"ok": True}, r.text
+    r = await zone.http.post("/v1/verify", json={"zone_id": zone.id})
+    assert r.status_code == 400 and r.json() == {"valid": False, "error": "missing_token"}, r.text
+    r = await zone.http.post("/v1/verify", json={"zone_id": zone.id, "token": zone.token()})
+    assert r.status_code == 200 and r.json()["valid"] is True, r.text
 
 
 # ---------------------------------------------------------------------------------------------- 12-17
 
 
+async def test_invalid_path_params_touch_no_database(zone: Zone):
+    # An app whose database was never opened: any query would fail (5xx); 400 means none ran.
+    settings = zone.stack.settings
+    closed = Database(settings.DATABASE_URL)
+    auth = Authenticator(settings, closed)
+    app = create_app(services=Services(settings, closed, zone.stack.services.temporal, auth))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://c.test") as http:
+        for path in ("/zones/z!1/agents", "/zones/z!1/agent-services", "/zones/z!1/agents/a1/children"):
+            r = await http.get(path, headers=zone.headers())
+            assert r.status_code == 400 and r.json() == {"error": "invalid_params"}, r.text
+        r = await http.patch("/zones/z1/agents/a$1/suspend", headers=zone.headers())
+        assert r.status_code == 400 and r.json() == {"error": "invalid_params"}, r.text
+        r = await http.get(f"/zones/{zone.id}/agents", headers=zone.headers())
+        assert r.status_code >= 500  # the same app does need its database for a valid request
+    await auth.aclose()
+
+
 async def test_invalid_path_params(zone: Zone):
-    for path in ("/zones/z!1/agents", f"/zones/{zone.id}/agents/a%20b", f"/zones/{zone.id}/agents/a%2Fb/children",
-                 "/zones/" + "z" * 129 + "/agents"):
+    for path in ("/zones/z!1/agents", "/zones/z!1/agent-services", f"/zones/{zone.id}/agents/a%20b",
+                 f"/zones/{zone.id}/agents/a%2Fb/children", "/zones/" + "z" * 129 + "/agents"):
         # Path ids are checked before the bearer and before any database access.
         r = await zone.http.get(path, headers={"Authorization": "Bearer junk"})
         assert r.status_code == 400 and r.json() == {"error": "invalid_params"}, (path, r.text)
@@ -318,4 +348,11 @@ async def test_malformed_json_and_invalid_body(zone: Zone):
     r = await zone.http.post(url, json=big, headers={**zone.headers(), "x-request-id": "bad id!"})
     assert r.status_code == 413 and r.json()["error"] == "internal_error"
     assert r.headers["x-request-id"] != "bad id!" and r.json()["requestId"] == r.headers["x-request-id"]
+    raw = json.dumps(big).encode()
+
+    async def chunked():  # no Content-Length: the limit is enforced on the bytes read
+        for i in range(0, len(raw), 65536):
+            yield raw[i:i + 65536]
+    r = await zone.http.post(url, content=chunked(), headers={**zone.headers(), "content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"] == "internal_error", r.text
     assert await zone.stack.db.fetchval("SELECT count(*) FROM sessions WHERE zone_id = %s", (zone.id,)) == 0

@@ -452,9 +452,9 @@ async def test_idempotent_replay(zone: Zone):  # 44, 45
 
     r = await post_start(zone, {**body, "metadata": {"t": 2}}, idem(zone, "k-44"))
     assert r.status_code == 409 and r.json()["error"] == "idempotency_key_conflict" and r.json()["message"]
-    # Another caller identity with the same key is another request too.
+    # The principal is (client_id, sub): other scopes replay, another caller conflicts.
     r = await post_start(zone, body, {**zone.headers(scopes=["x"]), "Idempotency-Key": "k-44"})
-    assert r.status_code == 201  # same principal (client_id, sub): scopes are not part of it
+    assert r.status_code == 201 and r.headers["idempotency-replayed"] == "true"
     r = await post_start(zone, body, {**zone.headers("app-2", scopes=["coordinator.spawn_for:app-1"]),
                                       "Idempotency-Key": "k-44"})
     assert r.status_code == 409 and r.json()["error"] == "idempotency_key_conflict"
@@ -634,7 +634,6 @@ async def test_suspend_subtree(zone: Zone):  # 53
         assert e["payload_json"] == {"zone_id": zone.id, "session_id": "ar-1",
                                      "agent_session_id": e["payload_json"]["agent_session_id"], "reason": "requested"}
     await workflows_reach(zone, ids, "suspended")
-    # A suspended node stops the descent: resuming only the root leaves nothing else to do.
 
 
 async def test_suspend_errors_and_authorization(zone: Zone):  # 54
@@ -855,6 +854,37 @@ async def test_delete_validation_and_repeat(zone: Zone):  # 59
     assert r.status_code == 204, r.text
     assert (await zone.session_row(sid(t)))["status"] == "terminated"
     assert len([k for k in await keys(zone, AGENTS_LIFECYCLE) if k.startswith("terminate:")]) == 2
+
+
+async def test_delete_service_session_is_fenced_by_lease_generation(zone: Zone):  # sdk-wire-contract §4.5
+    s = await zone.start(lifecycle="service")
+    assert s["lease_generation"] == 1
+    r = await zone.http.delete(url(zone, sid(s)), headers=zone.headers())
+    assert r.status_code == 400 and r.json() == {"error": "lease_generation_required"}
+    r = await zone.http.request("DELETE", url(zone, sid(s)), json={"lease_generation": 2}, headers=zone.headers())
+    assert r.status_code == 409 and r.json() == {"error": "session_lease_fenced"}
+    r = await zone.http.request("DELETE", url(zone, sid(s)), json={"lease_generation": "1"}, headers=zone.headers())
+    assert r.status_code == 400 and r.json()["error"] == "invalid_body"
+    assert (await zone.session_row(sid(s)))["status"] == "active"
+    r = await zone.http.request("DELETE", url(zone, sid(s)), json={"lease_generation": 1}, headers=zone.headers())
+    assert r.status_code == 204, r.text
+    other = await zone.start(lifecycle="service")
+    r = await zone.http.delete(url(zone, sid(other)), headers=zone.headers("app-2", "ar-2", ["coordinator.admin"]))
+    assert r.status_code == 204, r.text  # admins need no generation
+
+
+async def test_command_racing_a_cascade_never_answers_503(zone: Zone):
+    answers = []
+    for _ in range(12):
+        root = await zone.start()
+        child = await zone.start(parent_id=sid(root))
+        deleted, suspended = await asyncio.gather(
+            zone.http.delete(url(zone, sid(root)), headers=zone.headers()),
+            zone.http.patch(url(zone, sid(child), "suspend"), headers=zone.headers()))
+        assert deleted.status_code == 204
+        answers.append((suspended.status_code, suspended.json()))
+    for status, body in answers:
+        assert (status, body) in ((200, {"suspended": 1}), (409, {"error": "session_not_found_or_not_active"})), answers
 
 
 async def test_delete_subtree_of_twenty_descendants(zone: Zone):
