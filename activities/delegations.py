@@ -7,7 +7,6 @@ from temporalio import activity
 from activities.common import run_once
 from activities.sessions import _outcome_from_json, own_state, to_changes
 from rules.errors import CoordinatorError
-from rules.timefmt import parse_iso_z
 from settings import Settings
 from storage import delegations as store
 from storage import sessions as session_store
@@ -27,16 +26,9 @@ class DelegationActivities:
         if cmd.idempotency_key:
             idem = IdempotencyRequest(DELEGATION_CREATE, cmd.zone_id, cmd.issuer_application_id, cmd.idempotency_key,
                                       bytes.fromhex(cmd.idempotency_digest_hex or ""))
-        edge = store.CreateEdge(
-            zone_id=cmd.zone_id, edge_id=cmd.edge_id, source_session_id=cmd.source_session_id,
-            target_session_id=cmd.target_session_id, issuer_application_id=cmd.issuer_application_id,
-            receiver_application_id=cmd.receiver_application_id, parent_edge_id=cmd.parent_edge_id,
-            resource_id=cmd.resource_id, scopes=cmd.scopes, constraints=cmd.constraints,
-            requested_expires_at=parse_iso_z(cmd.requested_expires_at) if cmd.requested_expires_at else None,
-            ttl_seconds=cmd.ttl_seconds, body_ttl_seconds=cmd.body_ttl_seconds, broad=cmd.broad, idempotency=idem)
         try:
             async with self.db.transaction() as conn:
-                result = await store.create_edge(conn, self.settings, edge)
+                result = await store.create_edge(conn, self.settings, cmd, idem)
         except CoordinatorError as exc:
             if exc.status >= 500:
                 raise

@@ -28,13 +28,9 @@ class InvocationActivities:
     async def create_invocation(self, cmd: m.CreateInvocationCommand) -> m.InvocationOutcome:
         idem = IdempotencyRequest(INVOCATION_CREATE, cmd.zone_id, cmd.scope_id, cmd.idempotency_key,
                                   bytes.fromhex(cmd.idempotency_digest_hex))
-        create = store.CreateInvocation(
-            zone_id=cmd.zone_id, invocation_id=cmd.invocation_id, service_id=cmd.service_id,
-            source_session_id=cmd.source_session_id, target_session_id=cmd.target_session_id, method=cmd.method,
-            params=cmd.params, metadata=cmd.metadata, timeout_ms=cmd.timeout_ms, retry_policy=cmd.retry_policy)
         try:
             async with self.db.transaction() as conn:
-                result = await store.create(conn, self.settings, create, idem)
+                result = await store.create(conn, self.settings, cmd, idem)
         except CoordinatorError as exc:
             if exc.status >= 500:
                 raise

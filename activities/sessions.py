@@ -70,15 +70,9 @@ class SessionActivities:
         if cmd.idempotency_key:
             idem = IdempotencyRequest(SESSION_START, cmd.zone_id, cmd.application_id, cmd.idempotency_key,
                                       bytes.fromhex(cmd.idempotency_digest_hex or ""), cmd.idempotency_generated)
-        start = store.StartSession(
-            zone_id=cmd.zone_id, session_id=cmd.session_id, application_id=cmd.application_id,
-            authority_record_id=cmd.authority_record_id, parent_id=cmd.parent_id, lifecycle=cmd.lifecycle,
-            labels=cmd.labels, ttl_seconds=cmd.ttl_seconds, parent_authority=cmd.parent_authority,
-            inherit_parent_edge_id=cmd.inherit_parent_edge_id, metadata=cmd.metadata,
-            caller_client_id=cmd.caller_client_id, caller_scopes=cmd.caller_scopes, idempotency=idem)
         try:
             async with self.db.transaction() as conn:
-                result = await store.start_session(conn, self.settings, start)
+                result = await store.start_session(conn, self.settings, cmd, idem)
                 row = None if result.replayed else await store.get_session(conn, cmd.zone_id, cmd.session_id)
         except CoordinatorError as exc:
             if exc.status >= 500:

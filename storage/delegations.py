@@ -16,12 +16,13 @@ from rules.authority import fold_effective_authority
 from rules.errors import CoordinatorError
 from rules.ids import new_id
 from rules.narrowing import check_narrowing
-from rules.timefmt import iso_ms
+from rules.timefmt import iso_ms, parse_iso_z
 from settings import Settings
 from storage.db import Conn, q, q1
 from storage.idempotency import IdempotencyRequest, find_receipt, inactive_result, store_receipt
 from storage.outbox import DELEGATIONS_INVALIDATE, SESSIONS_REVOKE, Event, bump_epoch, emit
 from storage.sessions import SessionChange, terminate_subtree
+from workflows.models import DelegateCommand
 
 MAX_WALK_DEPTH = 10
 
@@ -52,27 +53,6 @@ def active_projection(row: dict[str, Any]) -> dict[str, Any]:
     return body
 
 
-@dataclass(frozen=True)
-class CreateEdge:
-    """A delegation request after the API's request-level checks (§4.18 steps 1-6)."""
-
-    zone_id: str
-    edge_id: str
-    source_session_id: str
-    target_session_id: str
-    issuer_application_id: str
-    receiver_application_id: str
-    parent_edge_id: str | None
-    resource_id: str | None
-    scopes: list[str]
-    constraints: dict[str, Any]
-    requested_expires_at: datetime | None
-    ttl_seconds: int | None
-    body_ttl_seconds: int | None
-    broad: bool
-    idempotency: IdempotencyRequest | None = None
-
-
 async def replay_create(conn: Conn, settings: Settings, req: IdempotencyRequest, issuer: str) -> dict[str, Any] | None:
     """A repeated create answered from its receipt, only while the edge is live with the same issuer."""
     receipt = await find_receipt(conn, settings, req)
@@ -85,7 +65,7 @@ async def replay_create(conn: Conn, settings: Settings, req: IdempotencyRequest,
     return {"status": receipt.response_status, "body": receipt.response_json, "replayed": True}
 
 
-async def _resolve_resources(conn: Conn, cmd: CreateEdge) -> tuple[str | None, list[dict[str, Any]]]:
+async def _resolve_resources(conn: Conn, cmd: DelegateCommand) -> tuple[str | None, list[dict[str, Any]]]:
     """§6.4: canonical resource id and the resolved resource rows (union by row id)."""
     rows: dict[str, dict[str, Any]] = {}
     canonical = None
@@ -110,14 +90,16 @@ async def _resolve_resources(conn: Conn, cmd: CreateEdge) -> tuple[str | None, l
     return canonical, list(rows.values())
 
 
-async def create_edge(conn: Conn, settings: Settings, cmd: CreateEdge) -> dict[str, Any]:
+async def create_edge(conn: Conn, settings: Settings, cmd: DelegateCommand,
+                      idempotency: IdempotencyRequest | None) -> dict[str, Any]:
     """Steps 7-16 of §4.18 in one transaction. Idempotent for one edge id."""
+    requested = parse_iso_z(cmd.requested_expires_at) if cmd.requested_expires_at else None
     existing = await q1(conn, f"SELECT {EDGE_COLUMNS} FROM delegation_edges x WHERE x.id = %s", (cmd.edge_id,))
     if existing is not None:
         stored = await q1(conn, "SELECT result_json FROM operation_results WHERE op_id = %s", (f"edge:{cmd.edge_id}",))
         return {"status": 201, "body": stored["result_json"] if stored else edge_projection(existing), "replayed": False}
-    if cmd.idempotency is not None:
-        replay = await replay_create(conn, settings, cmd.idempotency, cmd.issuer_application_id)
+    if idempotency is not None:
+        replay = await replay_create(conn, settings, idempotency, cmd.issuer_application_id)
         if replay is not None:
             return replay
 
@@ -156,7 +138,7 @@ async def create_edge(conn: Conn, settings: Settings, cmd: CreateEdge) -> dict[s
         narrowed = check_narrowing(
             {"scopes": list(parent["scopes"]), "expires_at": parent["expires_at"],
              "resource_id": parent["resource_id"], "constraints": parent["constraints_json"]},
-            {"scopes": cmd.scopes, "requested_expires_at": cmd.requested_expires_at, "resource_id": resource_id,
+            {"scopes": cmd.scopes, "requested_expires_at": requested, "resource_id": resource_id,
              "resolved_resource_ids": [r["id"] for r in resolved],
              "resolved_identifiers": [r["identifier"] for r in resolved],
              "constraints": cmd.constraints, "ttl_seconds": cmd.body_ttl_seconds})
@@ -178,7 +160,7 @@ async def create_edge(conn: Conn, settings: Settings, cmd: CreateEdge) -> dict[s
                     "target": cmd.target_session_id, "issuer": cmd.issuer_application_id,
                     "receiver": cmd.receiver_application_id, "parent": parent["id"] if parent else None,
                     "resource": resource_id, "scopes": cmd.scopes, "constraints": Jsonb(cmd.constraints),
-                    "requested": cmd.requested_expires_at, "ttl": cmd.ttl_seconds or 0,
+                    "requested": requested, "ttl": cmd.ttl_seconds or 0,
                     "parent_expiry": parent["expires_at"] if parent else None})
     if row is None:
         if parent is not None:
@@ -207,8 +189,8 @@ async def create_edge(conn: Conn, settings: Settings, cmd: CreateEdge) -> dict[s
         "parent_edges_considered": [p["id"] for p in parents]}
     await conn.execute("INSERT INTO operation_results (op_id, result_json) VALUES (%s, %s)",
                        (f"edge:{cmd.edge_id}", Jsonb(body)))
-    if cmd.idempotency is not None:
-        await store_receipt(conn, settings, cmd.idempotency, resource_type="delegation_edge", resource_id=cmd.edge_id,
+    if idempotency is not None:
+        await store_receipt(conn, settings, idempotency, resource_type="delegation_edge", resource_id=cmd.edge_id,
                             status=201, body=body)
     return {"status": 201, "body": body, "replayed": False}
 

@@ -6,7 +6,6 @@ attempt number appended for those a retry repeats (started, failed) — DESIGN.m
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from psycopg.types.json import Jsonb
@@ -17,6 +16,7 @@ from settings import Settings
 from storage.db import Conn, q1
 from storage.idempotency import IdempotencyRequest, find_receipt, store_receipt
 from storage.outbox import INVOCATIONS_LIFECYCLE, Event, emit
+from workflows.models import CreateInvocationCommand
 
 INVOCATION_COLUMNS = """x.id, x.zone_id, x.service_id, x.source_session_id, x.target_session_id, x.method, x.status,
     x.attempts, x.max_attempts, x.timeout_ms, x.retry_policy_json, x.deadline_at, x.cancel_requested_at,
@@ -58,20 +58,6 @@ async def get(conn: Conn, zone_id: str, invocation_id: str, *, lock: bool = Fals
                     (zone_id, invocation_id))
 
 
-@dataclass(frozen=True)
-class CreateInvocation:
-    zone_id: str
-    invocation_id: str
-    service_id: str
-    source_session_id: str | None
-    target_session_id: str | None
-    method: str
-    params: Any
-    metadata: dict[str, Any]
-    timeout_ms: int
-    retry_policy: dict[str, int]
-
-
 async def check_create(conn: Conn, zone_id: str, service_id: str, session_ids: list[str | None]) -> str:
     """Service and endpoint checks of §4.14; returns the source application S (for authz and scope)."""
     service = await q1(conn, "SELECT application_id FROM agent_services WHERE zone_id = %s AND id = %s FOR SHARE",
@@ -96,7 +82,7 @@ async def replay(conn: Conn, settings: Settings, req: IdempotencyRequest) -> dic
     return None if receipt is None else {"status": receipt.response_status, "body": receipt.response_json}
 
 
-async def create(conn: Conn, settings: Settings, cmd: CreateInvocation, idem: IdempotencyRequest) -> dict[str, Any]:
+async def create(conn: Conn, settings: Settings, cmd: CreateInvocationCommand, idem: IdempotencyRequest) -> dict[str, Any]:
     existing = await get(conn, cmd.zone_id, cmd.invocation_id)
     if existing is not None:  # retried after commit
         return {"status": 201, "body": projection(existing), "replayed": False, "row": existing}

@@ -8,18 +8,20 @@ outbox events in that same transaction. Functions that change other sessions ret
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from psycopg.types.json import Jsonb
 
 from rules import authz
 from rules.errors import CoordinatorError
+from rules.ids import new_id
 from rules.timefmt import iso_ms
 from settings import Settings
 from storage.db import Conn, q, q1
 from storage.idempotency import IdempotencyRequest, find_receipt, inactive_result, store_receipt
 from storage.outbox import AGENTS_LIFECYCLE, DELEGATIONS_INVALIDATE, SESSIONS_REVOKE, Event, bump_epoch, emit
+from workflows.models import StartSessionCommand
 
 LIVE_STATUSES = ("active", "suspended")
 TERMINAL_STATUSES = ("terminated", "expired")
@@ -115,24 +117,6 @@ async def get_session(conn: Conn, zone_id: str, session_id: str, *, lock: bool =
 
 
 @dataclass(frozen=True)
-class StartSession:
-    zone_id: str
-    session_id: str
-    application_id: str
-    authority_record_id: str
-    parent_id: str | None
-    lifecycle: str
-    labels: list[str]
-    ttl_seconds: int | None
-    parent_authority: str
-    inherit_parent_edge_id: str | None
-    metadata: dict[str, Any]
-    caller_client_id: str
-    caller_scopes: list[str]
-    idempotency: IdempotencyRequest | None = None
-
-
-@dataclass(frozen=True)
 class StartResult:
     status: int
     body: dict[str, Any]
@@ -153,7 +137,8 @@ async def replay_start(conn: Conn, settings: Settings, req: IdempotencyRequest, 
     return StartResult(receipt.response_status, receipt.response_json, replayed=True)
 
 
-async def start_session(conn: Conn, settings: Settings, cmd: StartSession) -> StartResult:
+async def start_session(conn: Conn, settings: Settings, cmd: StartSessionCommand,
+                        idempotency: IdempotencyRequest | None) -> StartResult:
     """Steps 5-15 of reference §4.4 in one transaction. Idempotent for one `session_id`."""
     existing = await get_session(conn, cmd.zone_id, cmd.session_id)
     if existing is not None:  # an activity retried after its commit: same answer again
@@ -161,8 +146,8 @@ async def start_session(conn: Conn, settings: Settings, cmd: StartSession) -> St
                               "AND source_session_id = %s ORDER BY id LIMIT 1", (cmd.session_id, existing["parent_id"]))
         return StartResult(201, start_projection(existing, edge["id"] if edge else None), False, existing["root_id"])
 
-    if cmd.idempotency is not None:
-        replay = await replay_start(conn, settings, cmd.idempotency, cmd.zone_id, cmd.application_id)
+    if idempotency is not None:
+        replay = await replay_start(conn, settings, idempotency, cmd.zone_id, cmd.application_id)
         if replay is not None:
             return replay
 
@@ -254,8 +239,8 @@ async def start_session(conn: Conn, settings: Settings, cmd: StartSession) -> St
     await emit(conn, cmd.zone_id, events)
 
     body = start_projection(row, edge_id)
-    if cmd.idempotency is not None:
-        await store_receipt(conn, settings, cmd.idempotency, resource_type="session", resource_id=cmd.session_id,
+    if idempotency is not None:
+        await store_receipt(conn, settings, idempotency, resource_type="session", resource_id=cmd.session_id,
                             status=201, body=body)
     return StartResult(201, body, False, root_id)
 
@@ -266,7 +251,7 @@ class _Caller:
     scopes: frozenset[str]
 
 
-async def _inherit_parent_edge(conn: Conn, cmd: StartSession, events: list[Event]) -> str | None:
+async def _inherit_parent_edge(conn: Conn, cmd: StartSessionCommand, events: list[Event]) -> str | None:
     """Mirror the parent's single live same-application inbound edge onto the child (reference §6.5)."""
     params: list[Any] = [cmd.zone_id, cmd.parent_id, cmd.application_id]
     only = ""
@@ -285,8 +270,6 @@ async def _inherit_parent_edge(conn: Conn, cmd: StartSession, events: list[Event
     if len(live) > 1:
         raise CoordinatorError(409, "inherit_parent_edge_ambiguous")
     parent_edge = live[0]
-    from rules.ids import new_id  # local: only the rare inheriting start needs an id
-
     edge_id = new_id()
     await conn.execute(
         """INSERT INTO delegation_edges (id, zone_id, source_session_id, target_session_id, issuer_application_id,
@@ -428,6 +411,4 @@ async def revoke_edges_touching(conn: Conn, zone_id: str, session_ids: list[str]
 def task_expires_at(row: dict[str, Any]) -> datetime | None:
     if row["lifecycle"] != "task":
         return None
-    from datetime import timedelta
-
     return row["started_at"] + timedelta(seconds=row["ttl_seconds"] or 3600)
