@@ -13,7 +13,7 @@ help:
 	@echo "make install      create $(VENV) and install the project with its dev extras"
 	@echo "make dev          run the whole stack locally (Postgres, Temporal + UI, worker, API on :4000)"
 	@echo "make test         run the test suite (real Postgres and Temporal, started per session)"
-	@echo "make test-deps    system packages some tests need (Debian/Ubuntu: chromium for the Temporal UI test)"
+	@echo "make test-deps    system packages some tests need (Debian/Ubuntu: chromium for the Temporal UI test, redis-server for the relay tests)"
 	@echo "make test-faults  run the fault-injection tests (tests/faults)"
 	@echo "make bench ARGS=  run the benchmarks (python -m bench \$$ARGS)"
 	@echo "make record-histories  re-record the workflow histories the replay tests use"
@@ -29,7 +29,7 @@ dev: $(VENV)/.installed
 	$(PY) -m devstack.dev
 
 # pytest exits 5 when it collected no tests: that is a failure here too.
-test: $(VENV)/.installed
+test: $(VENV)/.installed test-deps
 	@$(PY) -m pytest -q -x -m "not faults" --durations=15; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; \
 	exit $$rc
@@ -44,6 +44,13 @@ test-deps:
 		echo "make test-deps: chromium already installed"; \
 	else \
 		$(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; \
+	fi
+	@if ! command -v apt-get >/dev/null 2>&1; then \
+		command -v redis-server >/dev/null 2>&1 || echo "make test-deps: no apt-get here: install redis-server yourself (the Redis relay tests skip without it)"; \
+	elif command -v redis-server >/dev/null 2>&1; then \
+		echo "make test-deps: redis-server already installed"; \
+	else \
+		$(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server; \
 	fi
 
 test-faults: $(VENV)/.installed

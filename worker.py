@@ -125,8 +125,15 @@ async def main() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     log.info("worker polling task queue %s on %s", settings.TEMPORAL_TASK_QUEUE, settings.TEMPORAL_ADDRESS)
+    publisher = None
+    if settings.REDIS_URL:  # outbox → Redis Streams (activities/relay.py)
+        from activities.relay import OutboxPublisher
+
+        publisher = asyncio.create_task(OutboxPublisher(db, settings).run(stop))
     async with worker:
         await stop.wait()
+    if publisher is not None:
+        await asyncio.wait({publisher}, timeout=5)
     await db.close()
 
 

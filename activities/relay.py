@@ -197,12 +197,13 @@ async def main() -> None:
     import signal
 
     from settings import get_settings
-    from storage.db import Database
-    from storage.migrate import require_migrated
 
     settings = get_settings()
     if not settings.REDIS_URL:
         raise SystemExit("relay: REDIS_URL is not set")
+    from storage.db import Database
+    from storage.migrate import require_migrated
+
     require_migrated(settings.DATABASE_URL, "relay")
     db = Database(settings.DATABASE_URL, max_size=2, statement_timeout_ms=settings.DB_STATEMENT_TIMEOUT_MS)
     await db.open()

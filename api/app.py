@@ -72,6 +72,13 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     if services is not None:  # tests drive the app without running its lifespan
         app.state.services = services
 
+    # Added before `conventions`, so they run inside it (request id set): rate limits, then audit.
+    from api.audit import AuditMiddleware
+    from api.ratelimit import RateLimitMiddleware
+
+    app.add_middleware(AuditMiddleware)
+    app.add_middleware(RateLimitMiddleware)
+
     @app.middleware("http")
     async def conventions(request: Request, call_next):
         request.state.request_id = adopt_request_id(request.headers.get("x-request-id"))
@@ -129,4 +136,8 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     app.include_router(invocations.router)
     app.include_router(delegations.router)
     app.include_router(directory.router)
+    from api.routes import events, v1
+
+    app.include_router(events.router)
+    app.include_router(v1.router)
     return app
