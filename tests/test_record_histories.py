@@ -1,7 +1,9 @@
 """Records the workflow histories that tests/test_replay.py replays.
 
-Skipped in a normal run; `make record-histories` sets RECORD_HISTORIES=1 and rewrites
-tests/histories/*.json from live runs of every workflow path against the real servers.
+Skipped in a normal run; `make record-histories` sets RECORD_HISTORIES=1 and writes
+tests/histories/<RECORD_SET>/*.json from live runs of every workflow path against the real servers.
+Older sets stay: they are histories of workflows already running somewhere, which every later
+version of the code must still replay. After a `workflow.patched` change, bump RECORD_SET.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import pytest
 from tests.conftest import Zone, eventually, seed_zone
 from workflows.models import invocation_workflow_id, session_workflow_id
 
-HISTORIES = Path(__file__).parent / "histories"
+RECORD_SET = "v2"
+HISTORIES = Path(__file__).parent / "histories" / RECORD_SET
 
 pytestmark = pytest.mark.skipif(os.environ.get("RECORD_HISTORIES") != "1",
                                 reason="set RECORD_HISTORIES=1 (make record-histories) to re-record histories")
@@ -24,7 +27,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("RECORD_HISTORIES") != "1",
 async def _save(zone_stack, workflow_id: str, name: str, *, run_id: str | None = None) -> None:
     handle = zone_stack.client.get_workflow_handle(workflow_id, run_id=run_id)
     history = await handle.fetch_history()
-    HISTORIES.mkdir(exist_ok=True)
+    HISTORIES.mkdir(parents=True, exist_ok=True)
     (HISTORIES / f"{name}.json").write_text(history.to_json())
 
 

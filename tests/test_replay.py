@@ -16,7 +16,8 @@ from worker import build_workflows
 from workflows.models import SessionState
 from workflows.session import SessionWorkflow
 
-HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
+HISTORY_DIR = Path(__file__).parent / "histories"
+HISTORIES = sorted(HISTORY_DIR.glob("*/*.json"))
 EXPECTED = {"session_task_lifecycle", "session_task_child_cascade", "session_create_rejected", "session_ttl_expired",
             "session_ttl_child_terminated", "session_service_lease_loss_takeover_can",
             "session_service_after_continue_as_new", "invocation_fail_retry_succeed", "invocation_canceled",
@@ -29,10 +30,11 @@ def load(path: Path) -> WorkflowHistory:
 
 
 def test_every_workflow_path_has_a_committed_history():
-    assert EXPECTED <= {p.stem for p in HISTORIES}
+    for recorded_set in HISTORY_DIR.iterdir():
+        assert EXPECTED <= {p.stem for p in recorded_set.glob("*.json")}, recorded_set.name
 
 
-@pytest.mark.parametrize("path", HISTORIES, ids=[p.stem for p in HISTORIES])
+@pytest.mark.parametrize("path", HISTORIES, ids=[f"{p.parent.name}/{p.stem}" for p in HISTORIES])
 async def test_history_replays_on_current_code(path: Path):
     await Replayer(workflows=build_workflows()).replay_workflow(load(path))
 
@@ -48,6 +50,6 @@ class SessionWorkflowWithExtraTimer(SessionWorkflow):
 
 
 async def test_nondeterministic_change_fails_replay():
-    path = Path(__file__).parent / "histories" / "session_task_lifecycle.json"
+    path = HISTORY_DIR / "v1" / "session_task_lifecycle.json"
     with pytest.raises(workflow.NondeterminismError):
         await Replayer(workflows=[SessionWorkflowWithExtraTimer]).replay_workflow(load(path))
