@@ -116,7 +116,8 @@ async def test_session_suspend_and_resume_are_traceable_in_the_temporal_ui(postg
                     # The update shows by name; the local activity that ran it by its summary.
                     await _history_row(page, "Update Accepted", name).first.wait_for(state="visible")
                     await _history_row(page, "Local Activity", summary).first.wait_for(state="visible")
-                for answer in ('{"suspended":1}', '{"resumed":1}'):
+                for answer in ('{"body":{"suspended":1},"replayed":false,"status":200}',
+                               '{"body":{"resumed":1},"replayed":false,"status":200}'):
                     assert await _history_row(page, "Update Completed", answer).count() == 1
                 # The table scrolls inside its own pane: a tall viewport shows all of this short
                 # history; make sure the suspend is on screen whatever the layout.
