@@ -50,6 +50,7 @@ class Settings(BaseSettings):
     # How long an HTTP request waits on a workflow update before answering 503.
     TEMPORAL_RPC_TIMEOUT_SECONDS: float = 10.0
     STICKY_QUEUE_TIMEOUT_SECONDS: float = Field(2.0, gt=0)
+    WORKFLOW_SANDBOX: bool = True
     # host:port where the worker serves the Temporal SDK's Prometheus metrics ("" = off).
     WORKER_METRICS_ADDRESS: str = ""
     CARACAL_MODE: str = "dev"
