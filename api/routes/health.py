@@ -40,12 +40,32 @@ async def _temporal(svc: Services) -> bool:
     return len(resp.pollers) > 0
 
 
+async def _redis(svc: Services) -> None:
+    """Only when the Redis Streams relay is configured (REDIS_URL)."""
+    if not svc.settings.REDIS_URL:
+        return
+    import redis.asyncio as redis
+
+    client = redis.from_url(svc.settings.REDIS_URL, socket_timeout=READY_TIMEOUT_S,
+                            socket_connect_timeout=READY_TIMEOUT_S)
+    try:
+        if await client.ping() is not True:
+            raise ConnectionError("redis did not answer PONG")
+    finally:
+        await client.aclose()
+
+
 @router.get("/ready", summary="Dependency readiness")
-async def ready(svc: Services = Depends(services)) -> Response:
-    pg, tp = await asyncio.gather(asyncio.wait_for(_postgres(svc), READY_TIMEOUT_S),
-                                  asyncio.wait_for(_temporal(svc), READY_TIMEOUT_S), return_exceptions=True)
+async def ready(request: Request, svc: Services = Depends(services)) -> Response:
+    if getattr(request.app.state, "draining", False):
+        return JSONResponse({"ok": False, "draining": True}, status_code=503)
+    pg, tp, rd = await asyncio.gather(asyncio.wait_for(_postgres(svc), READY_TIMEOUT_S),
+                                      asyncio.wait_for(_temporal(svc), READY_TIMEOUT_S),
+                                      asyncio.wait_for(_redis(svc), READY_TIMEOUT_S), return_exceptions=True)
     if isinstance(pg, BaseException):
         return JSONResponse({"ok": False, "error": "postgres_unreachable", "dependency": "postgres"}, status_code=503)
+    if isinstance(rd, BaseException):
+        return JSONResponse({"ok": False, "error": "redis_unreachable", "dependency": "redis"}, status_code=503)
     if isinstance(tp, BaseException):
         return JSONResponse({"ok": False, "error": "temporal_unreachable", "dependency": "temporal"}, status_code=503)
     if not tp:
@@ -58,6 +78,8 @@ async def metrics_endpoint(request: Request, svc: Services = Depends(services)) 
     await identity(request)
     bearer = svc.settings.METRICS_BEARER
     if bearer and request.headers.get("authorization") != f"Bearer {bearer}":
+        raise CoordinatorError(401, "unauthorized")
+    if not bearer and svc.settings.CARACAL_MODE != "dev":  # published modes need an explicit bearer
         raise CoordinatorError(401, "unauthorized")
     rows = await svc.db.fetch("SELECT status, count(*) AS n FROM sessions GROUP BY status")
     for status in ("active", "suspended", "terminated", "expired"):
