@@ -7,14 +7,12 @@ WHERE status = 'active'`, so each step is an index probe.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 from psycopg.types.json import Jsonb
 
 from rules.authority import fold_effective_authority
 from rules.errors import CoordinatorError
-from rules.ids import new_id
 from rules.narrowing import check_narrowing
 from rules.timefmt import iso_ms, parse_iso_z
 from settings import Settings

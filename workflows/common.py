@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
+
+from temporalio import workflow
 
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ApplicationError
@@ -28,3 +32,18 @@ def rejection(status: int, body: dict[str, Any]) -> ApplicationError:
 
 def parse_time(ts: str | None) -> datetime | None:
     return datetime.fromisoformat(ts.replace("Z", "+00:00")) if ts else None
+
+
+async def create_arrived(still_creating: Callable[[], bool]) -> bool:
+    """Wait for the create update that comes with the start (update-with-start).
+
+    False when none arrived within five minutes: the workflow then ends without an entity.
+    """
+    if not still_creating():
+        return True
+    try:
+        await workflow.wait_condition(lambda: not still_creating(), timeout=timedelta(minutes=5),
+                                      timeout_summary="awaiting create")
+        return True
+    except asyncio.TimeoutError:
+        return False

@@ -17,7 +17,7 @@ from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
     from workflows.common import (
-        COMMAND_RETRY, COMMAND_TIMEOUT, DURABLE_RETRY, POSTGRES_UNAVAILABLE, parse_time, rejection,
+        COMMAND_RETRY, COMMAND_TIMEOUT, DURABLE_RETRY, create_arrived, POSTGRES_UNAVAILABLE, parse_time, rejection,
     )
     from workflows.models import (
         CREATE_INVOCATION, SETTLE_INVOCATION_DEADLINE, TRANSITION_INVOCATION, CreateInvocationCommand,
@@ -68,15 +68,11 @@ class InvocationWorkflow:
 
     @workflow.run
     async def run(self, state: InvocationState) -> str:
-        if self.state.status == "creating":
-            try:
-                await workflow.wait_condition(lambda: self.state.status != "creating",
-                                              timeout=timedelta(minutes=5), timeout_summary="awaiting create")
-            except asyncio.TimeoutError:
-                self.state.status = "rejected"
-                if workflow.patched("invocation-create-timeout-status"):
-                    workflow.upsert_search_attributes([SA_INVOCATION_STATUS.value_set("rejected")])
-                self._trace("no create update within 5 minutes")
+        if not await create_arrived(lambda: self.state.status == "creating"):
+            self.state.status = "rejected"
+            if workflow.patched("invocation-create-timeout-status"):
+                workflow.upsert_search_attributes([SA_INVOCATION_STATUS.value_set("rejected")])
+            self._trace("no create update within 5 minutes")
         while not self._finished():
             self._wake = False
             deadline = parse_time(self.state.deadline_at) if self.state.status == "running" else None

@@ -19,7 +19,7 @@ from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
     from workflows.common import (
-        COMMAND_RETRY, COMMAND_TIMEOUT, DURABLE_RETRY, POSTGRES_UNAVAILABLE, parse_time, rejection,
+        COMMAND_RETRY, COMMAND_TIMEOUT, DURABLE_RETRY, create_arrived, POSTGRES_UNAVAILABLE, parse_time, rejection,
     )
     from workflows.models import (
         NOTIFY_SESSIONS,
@@ -99,16 +99,11 @@ class SessionWorkflow:
     @workflow.run
     async def run(self, state: SessionState) -> str:
         workflow.set_current_details(self._details())
-        if self.state.status == "creating":
-            # The create update arrives with the start (update-with-start); if it never does, end.
-            try:
-                await workflow.wait_condition(lambda: self.state.status != "creating",
-                                              timeout=timedelta(minutes=5), timeout_summary="awaiting create")
-            except asyncio.TimeoutError:
-                self.state.status = "rejected"
-                if workflow.patched("session-create-timeout-status"):
-                    workflow.upsert_search_attributes([SA_STATUS.value_set("rejected")])
-                self._trace("no create update within 5 minutes")
+        if not await create_arrived(lambda: self.state.status == "creating"):
+            self.state.status = "rejected"
+            if workflow.patched("session-create-timeout-status"):
+                workflow.upsert_search_attributes([SA_STATUS.value_set("rejected")])
+            self._trace("no create update within 5 minutes")
         while True:
             await self._drain_changes()
             if self.state.status in TERMINAL:
