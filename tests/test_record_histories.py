@@ -8,7 +8,6 @@ version of the code must still replay. After a `workflow.patched` change, bump R
 
 from __future__ import annotations
 
-import asyncio
 import os
 from pathlib import Path
 

@@ -1,5 +1,3 @@
-import asyncio
-
 from tests.conftest import Zone, eventually
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections import Counter
 
@@ -12,7 +11,7 @@ import pytest
 from temporalio.client import Client
 
 from tests.faults.conftest import FaultStack
-from workflows.models import invocation_workflow_id, session_workflow_id
+from workflows.models import session_workflow_id
 
 pytestmark = pytest.mark.faults
 
