@@ -6,7 +6,7 @@ WHERE status = 'active'`, so each step is an index probe.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from psycopg.types.json import Jsonb
@@ -19,8 +19,9 @@ from settings import Settings
 from storage.db import Conn, q, q1
 from storage.idempotency import IdempotencyRequest, find_receipt, inactive_result, store_receipt
 from storage.outbox import DELEGATIONS_INVALIDATE, SESSIONS_REVOKE, Event, bump_epoch, emit
-from storage.sessions import SessionChange, terminate_subtree
-from workflows.models import DelegateCommand
+from rules import workflow_contract as wc
+from storage.sessions import edge_end_notices, terminate_subtree
+from storage.workflow_outbox import SNAPSHOT_COLUMNS, enqueue, session_notice
 
 MAX_WALK_DEPTH = 10
 
@@ -32,6 +33,26 @@ EDGE_COLUMNS = """x.id, x.zone_id, x.source_session_id, x.target_session_id, x.i
 ENDPOINT_LIVE_SQL = """status = 'active' AND (
     (ttl_seconds IS NOT NULL AND started_at + make_interval(secs => ttl_seconds) > now())
     OR (lifecycle = 'service' AND heartbeat_deadline_at IS NOT NULL AND heartbeat_deadline_at > now()))"""
+
+
+@dataclass
+class CreateEdge:
+    """A delegation create after the API's request checks (reference §4.18 steps 1-6)."""
+
+    zone_id: str
+    edge_id: str
+    source_session_id: str
+    target_session_id: str
+    issuer_application_id: str
+    receiver_application_id: str
+    parent_edge_id: str | None
+    resource_id: str | None
+    scopes: list[str]
+    constraints: dict[str, Any]
+    requested_expires_at: str | None
+    ttl_seconds: int | None
+    body_ttl_seconds: int | None
+    broad: bool
 
 
 def edge_projection(row: dict[str, Any]) -> dict[str, Any]:
@@ -63,7 +84,7 @@ async def replay_create(conn: Conn, settings: Settings, req: IdempotencyRequest,
     return {"status": receipt.response_status, "body": receipt.response_json, "replayed": True}
 
 
-async def _resolve_resources(conn: Conn, cmd: DelegateCommand) -> tuple[str | None, list[dict[str, Any]]]:
+async def _resolve_resources(conn: Conn, cmd: CreateEdge) -> tuple[str | None, list[dict[str, Any]]]:
     """§6.4: canonical resource id and the resolved resource rows (union by row id)."""
     rows: dict[str, dict[str, Any]] = {}
     canonical = None
@@ -88,23 +109,20 @@ async def _resolve_resources(conn: Conn, cmd: DelegateCommand) -> tuple[str | No
     return canonical, list(rows.values())
 
 
-async def create_edge(conn: Conn, settings: Settings, cmd: DelegateCommand,
+async def create_edge(conn: Conn, settings: Settings, cmd: CreateEdge,
                       idempotency: IdempotencyRequest | None) -> dict[str, Any]:
     """Steps 7-16 of §4.18 in one transaction. Idempotent for one edge id."""
     requested = parse_iso_z(cmd.requested_expires_at) if cmd.requested_expires_at else None
-    existing = await q1(conn, f"SELECT {EDGE_COLUMNS} FROM delegation_edges x WHERE x.id = %s", (cmd.edge_id,))
-    if existing is not None:
-        stored = await q1(conn, "SELECT result_json FROM operation_results WHERE op_id = %s", (f"edge:{cmd.edge_id}",))
-        return {"status": 201, "body": stored["result_json"] if stored else edge_projection(existing), "replayed": False}
     if idempotency is not None:
         replay = await replay_create(conn, settings, idempotency, cmd.issuer_application_id)
         if replay is not None:
             return replay
 
     await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"delegation:{cmd.zone_id}",))
-    endpoints = await q(conn, f"""SELECT id, application_id FROM sessions WHERE zone_id = %s AND id = ANY(%s)
+    endpoints = await q(conn, f"""SELECT {SNAPSHOT_COLUMNS} FROM sessions s WHERE s.zone_id = %s AND s.id = ANY(%s)
                                   AND {ENDPOINT_LIVE_SQL} FOR SHARE""",
                         (cmd.zone_id, [cmd.source_session_id, cmd.target_session_id]))
+    by_id = {r["id"]: r for r in endpoints}
     apps = {r["id"]: r["application_id"] for r in endpoints}
     if cmd.source_session_id not in apps or cmd.target_session_id not in apps:
         raise CoordinatorError(404, "delegation_endpoint_not_found")
@@ -185,8 +203,14 @@ async def create_edge(conn: Conn, settings: Settings, cmd: DelegateCommand,
         "expires_at": iso_ms(row["expires_at"]), "max_hops": cmd.constraints.get("max_hops", 1),
         "ttl_seconds": cmd.constraints.get("ttl_seconds"), "broad": resource_id is None and not resolved,
         "parent_edges_considered": [p["id"] for p in parents]}
-    await conn.execute("INSERT INTO operation_results (op_id, result_json) VALUES (%s, %s)",
-                       (f"edge:{cmd.edge_id}", Jsonb(body)))
+    scopes = ", ".join(cmd.scopes) or "no scopes"
+    await enqueue(conn, [
+        session_notice(by_id[cmd.source_session_id], wc.DELEGATION_GIVEN,
+                       f"gave edge {cmd.edge_id} to {cmd.target_session_id} ({scopes})",
+                       edge_id=cmd.edge_id, peer_session_id=cmd.target_session_id),
+        session_notice(by_id[cmd.target_session_id], wc.DELEGATION_RECEIVED,
+                       f"received edge {cmd.edge_id} from {cmd.source_session_id} ({scopes})",
+                       edge_id=cmd.edge_id, peer_session_id=cmd.source_session_id)])
     if idempotency is not None:
         await store_receipt(conn, settings, idempotency, resource_type="delegation_edge", resource_id=cmd.edge_id,
                             status=201, body=body)
@@ -257,18 +281,12 @@ async def effective_authority(conn: Conn, zone_id: str, session_id: str) -> dict
     return fold_effective_authority(session_id, [{**p, "scopes": list(p["scopes"])} for p in parents])
 
 
-@dataclass
-class RevokeResult:
-    body: dict[str, Any]
-    changes: list[SessionChange] = field(default_factory=list)
-
-
 async def current_epoch(conn: Conn, zone_id: str) -> int:
     row = await q1(conn, "SELECT epoch FROM delegation_graph_epochs WHERE zone_id = %s", (zone_id,))
     return int(row["epoch"]) if row else 0
 
 
-async def revoke_cascade(conn: Conn, zone_id: str, edge_id: str, expected_epoch: int | None) -> RevokeResult:
+async def revoke_cascade(conn: Conn, zone_id: str, edge_id: str, expected_epoch: int | None) -> dict[str, Any]:
     """§4.23 / §5.5 in one transaction: revoke the reachable edges and end their target sessions."""
     await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"delegation:{zone_id}",))
     edge = await q1(conn, "SELECT id FROM delegation_edges WHERE zone_id = %s AND id = %s FOR UPDATE", (zone_id, edge_id))
@@ -288,7 +306,8 @@ async def revoke_cascade(conn: Conn, zone_id: str, edge_id: str, expected_epoch:
         UPDATE delegation_edges x SET status = 'revoked', revoked_at = now(), updated_at = now(),
             edge_version = x.edge_version + 1
         FROM walked WHERE x.id = walked.id AND x.status = 'active'
-        RETURNING x.id, x.target_session_id, walked.depth""", {"zone": zone_id, "edge": edge_id, "max": MAX_WALK_DEPTH})
+        RETURNING x.id, x.source_session_id, x.target_session_id, walked.depth""",
+                    {"zone": zone_id, "edge": edge_id, "max": MAX_WALK_DEPTH})
     if not revoked:
         raise CoordinatorError(404, "delegation_not_found")
     # UPDATE ... RETURNING has no defined order: targets (and so the "first occurrence" session named
@@ -301,6 +320,8 @@ async def revoke_cascade(conn: Conn, zone_id: str, edge_id: str, expected_epoch:
     order = {sid: i for i, sid in enumerate(target_ids)}
     targets.sort(key=lambda t: order[t["id"]])
     changes = await terminate_subtree(conn, zone_id, [t["id"] for t in targets], "delegation_revoked") if targets else []
+    # The endpoints still live after the cascade (sources, mostly) hear which edges they lost.
+    await enqueue(conn, await edge_end_notices(conn, zone_id, revoked, f"revoked with the cascade of {edge_id}"))
     epoch = await bump_epoch(conn, zone_id)
     events = [Event(DELEGATIONS_INVALIDATE, f"edge_revoke:{edge_id}", {
         "event": "edge_revoke", "zone_id": zone_id, "edge_id": edge_id, "affected_edges": len(revoked),
@@ -312,8 +333,7 @@ async def revoke_cascade(conn: Conn, zone_id: str, edge_id: str, expected_epoch:
         "zone_id": zone_id, "session_id": record, "agent_session_id": session, "delegation_edge_id": edge_id,
         "reason": "delegation_revoked"}) for record, session in subjects.items()]
     await emit(conn, zone_id, events)
-    return RevokeResult({"revoked_edges": len(revoked), "affected_sessions": len(subjects),
-                         "terminated_sessions": len(changes)}, changes)
+    return {"revoked_edges": len(revoked), "affected_sessions": len(subjects), "terminated_sessions": len(changes)}
 
 
 async def expire_edges(conn: Conn, batch: int) -> int:
@@ -322,11 +342,14 @@ async def expire_edges(conn: Conn, batch: int) -> int:
         UPDATE delegation_edges x SET status = 'expired', updated_at = now()
         FROM (SELECT id FROM delegation_edges WHERE status = 'active' AND expires_at <= now()
               ORDER BY expires_at, id LIMIT %s FOR UPDATE SKIP LOCKED) due
-        WHERE x.id = due.id RETURNING x.id, x.zone_id""", (batch,))
-    by_zone: dict[str, list[str]] = {}
+        WHERE x.id = due.id RETURNING x.id, x.zone_id, x.source_session_id, x.target_session_id""", (batch,))
+    by_zone: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
-        by_zone.setdefault(r["zone_id"], []).append(r["id"])
-    for zone_id, ids in sorted(by_zone.items()):
+        by_zone.setdefault(r["zone_id"], []).append(r)
+    for zone_id, edges in sorted(by_zone.items()):
+        edges.sort(key=lambda e: e["id"])
+        ids = [e["id"] for e in edges]
+        await enqueue(conn, await edge_end_notices(conn, zone_id, edges, "expired"))
         epoch = await bump_epoch(conn, zone_id)
         await emit(conn, zone_id, [Event(DELEGATIONS_INVALIDATE, f"edge_expire:{zone_id}:{epoch}", {
             "event": "edge_expire", "zone_id": zone_id, "affected_edges": len(ids), "edge_ids": sorted(ids),

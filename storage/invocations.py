@@ -6,6 +6,7 @@ attempt number appended for those a retry repeats (started, failed) — DESIGN.m
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from psycopg.types.json import Jsonb
@@ -15,14 +16,32 @@ from rules.timefmt import iso_ms
 from settings import Settings
 from storage.db import Conn, q1
 from storage.idempotency import IdempotencyRequest, find_receipt, store_receipt
+from rules import workflow_contract as wc
 from storage.outbox import INVOCATIONS_LIFECYCLE, Event, emit
-from workflows.models import CreateInvocationCommand
+from storage.workflow_outbox import enqueue, invocation_notice
 
 INVOCATION_COLUMNS = """x.id, x.zone_id, x.service_id, x.source_session_id, x.target_session_id, x.method, x.status,
     x.attempts, x.max_attempts, x.timeout_ms, x.retry_policy_json, x.deadline_at, x.cancel_requested_at,
     x.started_at, x.completed_at, x.created_at, x.state_version"""
 
-TERMINAL = ("succeeded", "canceled", "timed_out", "dead")
+TERMINAL = wc.INVOCATION_FINAL
+
+
+@dataclass(frozen=True)
+class CreateInvocation:
+    """An invocation create after the API's request checks (reference §4.14)."""
+
+    zone_id: str
+    invocation_id: str
+    service_id: str
+    source_session_id: str | None
+    target_session_id: str | None
+    method: str
+    params: Any
+    metadata: dict[str, Any]
+    timeout_ms: int
+    retry_policy: dict[str, int]
+    scope_id: str
 
 # "invocation-live" session (reference §4): active with an unexpired TTL; services with a NULL ttl never qualify.
 INVOCATION_LIVE_SQL = """status = 'active' AND ttl_seconds IS NOT NULL
@@ -44,11 +63,6 @@ def list_projection(row: dict[str, Any]) -> dict[str, Any]:
     for key in ("retry_policy_json", "cancel_requested_at"):
         del body[key]
     return body
-
-
-def workflow_state(row: dict[str, Any]) -> dict[str, Any]:
-    return {"status": row["status"], "attempts": row["attempts"], "max_attempts": row["max_attempts"],
-            "deadline_at": iso_ms(row["deadline_at"]), "state_version": int(row["state_version"])}
 
 
 async def get(conn: Conn, zone_id: str, invocation_id: str, *, lock: bool = False) -> dict[str, Any] | None:
@@ -82,14 +96,11 @@ async def replay(conn: Conn, settings: Settings, req: IdempotencyRequest) -> dic
     return None if receipt is None else {"status": receipt.response_status, "body": receipt.response_json}
 
 
-async def create(conn: Conn, settings: Settings, cmd: CreateInvocationCommand, idem: IdempotencyRequest) -> dict[str, Any]:
-    existing = await get(conn, cmd.zone_id, cmd.invocation_id)
-    if existing is not None:  # retried after commit
-        return {"status": 201, "body": projection(existing), "replayed": False, "row": existing}
+async def create(conn: Conn, settings: Settings, cmd: CreateInvocation, idem: IdempotencyRequest) -> dict[str, Any]:
     await check_create(conn, cmd.zone_id, cmd.service_id, [cmd.source_session_id, cmd.target_session_id])
     replayed = await replay(conn, settings, idem)
     if replayed is not None:
-        return {**replayed, "replayed": True, "row": None}
+        return {**replayed, "replayed": True}
     await conn.execute("""
         INSERT INTO agent_invocations (id, zone_id, service_id, source_session_id, target_session_id, idempotency_key,
             method, params_json, metadata_json, max_attempts, timeout_ms, retry_policy_json)
@@ -99,10 +110,13 @@ async def create(conn: Conn, settings: Settings, cmd: CreateInvocationCommand, i
                         cmd.retry_policy["max_attempts"], cmd.timeout_ms, Jsonb(cmd.retry_policy)))
     row = await get(conn, cmd.zone_id, cmd.invocation_id)
     await emit(conn, cmd.zone_id, [_event("invocation.created", row)])
+    await enqueue(conn, [invocation_notice(row, wc.INVOCATION_CREATED,
+                                           f"created: {cmd.method} on service {cmd.service_id}, "
+                                           f"up to {row['max_attempts']} attempt(s) of {cmd.timeout_ms} ms")])
     body = projection(row)
     await store_receipt(conn, settings, idem, resource_type="agent_invocation", resource_id=cmd.invocation_id,
                         status=201, body=body)
-    return {"status": 201, "body": body, "replayed": False, "row": row}
+    return {"status": 201, "body": body, "replayed": False}
 
 
 def _event(name: str, row: dict[str, Any], *, per_attempt: bool = False) -> Event:
@@ -121,6 +135,8 @@ async def start(conn: Conn, zone_id: str, invocation_id: str) -> dict[str, Any]:
     if row is None:
         raise CoordinatorError(409, "invocation_not_startable")
     await emit(conn, zone_id, [_event("invocation.started", row, per_attempt=True)])
+    await enqueue(conn, [invocation_notice(row, wc.INVOCATION_STARTED,
+                                           f"attempt {row['attempts']}/{row['max_attempts']} started")])
     return row
 
 
@@ -138,6 +154,12 @@ async def cancel(conn: Conn, zone_id: str, invocation_id: str, reason: str | Non
     if row is None:
         raise CoordinatorError(409, "invocation_not_cancelable")
     await emit(conn, zone_id, [_event("invocation.cancel_requested", row)])
+    why = f" ({reason})" if reason else ""
+    if row["status"] == "canceled":
+        notice = invocation_notice(row, wc.INVOCATION_COMPLETED, f"canceled before it started{why}")
+    else:
+        notice = invocation_notice(row, wc.INVOCATION_CANCEL_REQUESTED, f"cancel requested{why}")
+    await enqueue(conn, [notice])
     return row
 
 
@@ -152,6 +174,8 @@ async def complete(conn: Conn, zone_id: str, invocation_id: str, status: str, er
     if row is None:
         raise CoordinatorError(409, "invocation_not_completable")
     await emit(conn, zone_id, [_event(f"invocation.{status}", row, per_attempt=status == "failed")])
+    await enqueue(conn, [invocation_notice(row, wc.INVOCATION_COMPLETED,
+                                           f"attempt {row['attempts']}/{row['max_attempts']} {status}")])
     return row
 
 
@@ -166,4 +190,7 @@ async def settle_deadline(conn: Conn, zone_id: str, invocation_id: str) -> dict[
         RETURNING {INVOCATION_COLUMNS}""", (zone_id, invocation_id))
     if row is not None:
         await emit(conn, zone_id, [_event(f"invocation.{row['status']}", row, per_attempt=row["status"] == "failed")])
+        await enqueue(conn, [invocation_notice(row, wc.INVOCATION_COMPLETED,
+                                               f"deadline exceeded: attempt {row['attempts']}/{row['max_attempts']} "
+                                               f"{row['status']}")])
     return row

@@ -1,14 +1,13 @@
 """Session transactions and projections (reference §4.4-4.10, §5.1-5.3).
 
-Every function that changes state takes a connection already inside a transaction and writes its
-outbox events in that same transaction. Functions that change other sessions return the list of
-`SessionChange`s so the calling workflow can tell those sessions' workflows (by signal).
+Every function that changes state takes a connection already inside a transaction and writes, in
+that same transaction, its outbox events and one workflow-outbox notice per session it changed
+(storage/workflow_outbox.py): the command's answer never waits on Temporal.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
 from typing import Any
 
 from psycopg.types.json import Jsonb
@@ -20,17 +19,22 @@ from rules.timefmt import iso_ms
 from settings import Settings
 from storage.db import Conn, q, q1
 from storage.idempotency import IdempotencyRequest, find_receipt, inactive_result, store_receipt
+from rules import workflow_contract as wc
+from rules.sessions import DEFAULT_TASK_TTL_SECONDS
 from storage.outbox import AGENTS_LIFECYCLE, DELEGATIONS_INVALIDATE, SESSIONS_REVOKE, Event, bump_epoch, emit
-from workflows.models import StartSessionCommand
+from storage.workflow_outbox import SNAPSHOT_COLUMNS, enqueue, session_notice, session_notices, task_expires_at
 
-LIVE_STATUSES = ("active", "suspended")
-TERMINAL_STATUSES = ("terminated", "expired")
+__all__ = ["task_expires_at"]
 
-# "capacity-live" (reference §4): counts against zone and application caps.
+LIVE_STATUSES = wc.SESSION_LIVE
+TERMINAL_STATUSES = wc.SESSION_TERMINAL
+
+# "capacity-live" (reference §4): counts against zone and application caps. Takes %(default_ttl)s.
 CAPACITY_LIVE_SQL = """
     s.status IN ('active', 'suspended') AND (
       (s.lifecycle = 'service' AND (s.status = 'suspended' OR s.heartbeat_deadline_at > now()))
-      OR (s.lifecycle = 'task' AND s.started_at + make_interval(secs => COALESCE(s.ttl_seconds, 3600)) > now()))
+      OR (s.lifecycle = 'task'
+          AND s.started_at + make_interval(secs => COALESCE(s.ttl_seconds, %(default_ttl)s)) > now()))
 """
 
 SESSION_COLUMNS = """s.id, s.zone_id, s.application_id, s.parent_id, s.root_id, s.subject_authority_record_id,
@@ -87,29 +91,28 @@ def start_projection(row: dict[str, Any], delegation_edge_id: str | None) -> dic
     }
 
 
-@dataclass(frozen=True)
-class SessionChange:
-    """A status change of one session, as told to that session's workflow."""
-
-    session_id: str
-    status: str
-    state_version: int
-    reason: str | None = None
-    heartbeat_deadline_at: str | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"session_id": self.session_id, "status": self.status, "state_version": self.state_version,
-                "reason": self.reason, "heartbeat_deadline_at": self.heartbeat_deadline_at}
-
-
-def _change(row: dict[str, Any], reason: str | None) -> SessionChange:
-    return SessionChange(row["id"], row["status"], int(row["state_version"]), reason,
-                         iso_ms(row.get("heartbeat_deadline_at")))
-
-
 async def get_session(conn: Conn, zone_id: str, session_id: str, *, lock: bool = False) -> dict[str, Any] | None:
     return await q1(conn, f"SELECT {SESSION_COLUMNS} FROM sessions s WHERE s.zone_id = %s AND s.id = %s"
                           f"{' FOR UPDATE' if lock else ''}", (zone_id, session_id))
+
+
+@dataclass(frozen=True)
+class StartSession:
+    """A session start after the API's request checks (reference §4.4 steps 1-4)."""
+
+    zone_id: str
+    session_id: str
+    application_id: str
+    authority_record_id: str
+    parent_id: str | None
+    lifecycle: str
+    labels: list[str]
+    ttl_seconds: int | None
+    parent_authority: str
+    inherit_parent_edge_id: str | None
+    metadata: dict[str, Any]
+    caller_client_id: str
+    caller_scopes: list[str]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,22 +133,18 @@ async def replay_start(conn: Conn, settings: Settings, req: IdempotencyRequest, 
     receipt = await find_receipt(conn, settings, req)
     if receipt is None:
         return None
-    live = await q1(conn, f"SELECT 1 FROM sessions s WHERE s.zone_id = %s AND s.id = %s AND s.application_id = %s "
-                          f"AND {CAPACITY_LIVE_SQL}", (zone_id, receipt.resource_id, application_id))
+    live = await q1(conn, f"""SELECT 1 FROM sessions s WHERE s.zone_id = %(zone)s AND s.id = %(id)s
+                              AND s.application_id = %(app)s AND {CAPACITY_LIVE_SQL}""",
+                    {"zone": zone_id, "id": receipt.resource_id, "app": application_id,
+                     "default_ttl": DEFAULT_TASK_TTL_SECONDS})
     if live is None:
         raise inactive_result()
     return StartResult(receipt.response_status, receipt.response_json, replayed=True)
 
 
-async def start_session(conn: Conn, settings: Settings, cmd: StartSessionCommand,
+async def start_session(conn: Conn, settings: Settings, cmd: StartSession,
                         idempotency: IdempotencyRequest | None) -> StartResult:
-    """Steps 5-15 of reference §4.4 in one transaction. Idempotent for one `session_id`."""
-    existing = await get_session(conn, cmd.zone_id, cmd.session_id)
-    if existing is not None:  # an activity retried after its commit: same answer again
-        edge = await q1(conn, "SELECT id FROM delegation_edges WHERE target_session_id = %s AND parent_edge_id IS NOT NULL "
-                              "AND source_session_id = %s ORDER BY id LIMIT 1", (cmd.session_id, existing["parent_id"]))
-        return StartResult(201, start_projection(existing, edge["id"] if edge else None), False, existing["root_id"])
-
+    """Steps 5-15 of reference §4.4 in one transaction."""
     if idempotency is not None:
         replay = await replay_start(conn, settings, idempotency, cmd.zone_id, cmd.application_id)
         if replay is not None:
@@ -173,9 +172,9 @@ async def start_session(conn: Conn, settings: Settings, cmd: StartSessionCommand
         raise CoordinatorError(404, "session_not_found",
                                detail="subject authority record is not active in this zone")
 
-    counts = await q1(conn, f"""SELECT count(*) AS zone_n, count(*) FILTER (WHERE s.application_id = %s) AS app_n
-                                FROM sessions s WHERE s.zone_id = %s AND {CAPACITY_LIVE_SQL}""",
-                      (cmd.application_id, cmd.zone_id))
+    counts = await q1(conn, f"""SELECT count(*) AS zone_n, count(*) FILTER (WHERE s.application_id = %(app)s) AS app_n
+                                FROM sessions s WHERE s.zone_id = %(zone)s AND {CAPACITY_LIVE_SQL}""",
+                      {"app": cmd.application_id, "zone": cmd.zone_id, "default_ttl": DEFAULT_TASK_TTL_SECONDS})
     if counts["zone_n"] >= settings.MAX_AGENTS_PER_ZONE:
         raise CoordinatorError(429, "session_zone_limit_exceeded")
     if dcr and counts["app_n"] > 0:
@@ -185,8 +184,8 @@ async def start_session(conn: Conn, settings: Settings, cmd: StartSessionCommand
 
     depth, root_id, parent = 0, cmd.session_id, None
     if cmd.parent_id:
-        parent = await q1(conn, """SELECT s.id, s.application_id, s.lifecycle, s.child_count, s.max_children, s.depth,
-                                          s.root_id, a.registration_method
+        parent = await q1(conn, f"""SELECT {SNAPSHOT_COLUMNS}, s.child_count, s.max_children, s.depth,
+                                          a.registration_method
                                    FROM sessions s JOIN applications a
                                      ON a.zone_id = s.zone_id AND a.id = s.application_id
                                    WHERE s.zone_id = %s AND s.id = %s AND s.status = 'active'
@@ -237,6 +236,13 @@ async def start_session(conn: Conn, settings: Settings, cmd: StartSessionCommand
         "event": "spawn", "zone_id": cmd.zone_id, "agent_session_id": cmd.session_id,
         "parent_id": cmd.parent_id or None, "application_id": cmd.application_id}))
     await emit(conn, cmd.zone_id, events)
+    summary = f"created {cmd.lifecycle} session of {cmd.application_id}" + (
+        f" under {cmd.parent_id}" if cmd.parent_id else "") + (f", inheriting edge {edge_id}" if edge_id else "")
+    notices = [session_notice(row, wc.SESSION_CREATED, summary, edge_id=edge_id, peer_session_id=cmd.parent_id)]
+    if edge_id is not None:
+        notices.append(session_notice(parent, wc.DELEGATION_GIVEN, f"edge {edge_id} inherited by child {cmd.session_id}",
+                                      edge_id=edge_id, peer_session_id=cmd.session_id))
+    await enqueue(conn, notices)
 
     body = start_projection(row, edge_id)
     if idempotency is not None:
@@ -251,7 +257,7 @@ class _Caller:
     scopes: frozenset[str]
 
 
-async def _inherit_parent_edge(conn: Conn, cmd: StartSessionCommand, events: list[Event]) -> str | None:
+async def _inherit_parent_edge(conn: Conn, cmd: StartSession, events: list[Event]) -> str | None:
     """Mirror the parent's single live same-application inbound edge onto the child (reference §6.5)."""
     params: list[Any] = [cmd.zone_id, cmd.parent_id, cmd.application_id]
     only = ""
@@ -313,9 +319,11 @@ async def _revocation_events(conn: Conn, zone_id: str, rows: list[dict[str, Any]
     return events
 
 
-async def suspend_subtree(conn: Conn, zone_id: str, root_ids: list[str], reason: str) -> list[SessionChange]:
-    """Suspend active roots and their active descendants (descent stops at non-active nodes)."""
-    rows = await q(conn, """
+async def suspend_subtree(conn: Conn, zone_id: str, root_ids: list[str], reason: str) -> list[dict[str, Any]]:
+    """Suspend active roots and their active descendants (descent stops at non-active nodes).
+
+    Returns the changed rows (SNAPSHOT_COLUMNS), roots first."""
+    rows = await q(conn, f"""
         WITH RECURSIVE tree AS (
             SELECT id FROM sessions WHERE zone_id = %(zone)s AND id = ANY(%(roots)s) AND status = 'active'
             UNION
@@ -323,19 +331,22 @@ async def suspend_subtree(conn: Conn, zone_id: str, root_ids: list[str], reason:
         )
         UPDATE sessions s SET status = 'suspended', updated_at = now(), state_version = s.state_version + 1
         FROM tree WHERE s.id = tree.id AND s.status = 'active'
-        RETURNING s.id, s.parent_id, s.subject_authority_record_id, s.status, s.state_version, s.heartbeat_deadline_at
+        RETURNING {SNAPSHOT_COLUMNS}, s.subject_authority_record_id
         """, {"zone": zone_id, "roots": root_ids})
+    rows = _roots_first(rows, root_ids)
     events = [Event(AGENTS_LIFECYCLE, f"suspend:{r['id']}:{r['state_version']}", {
         "event": "suspend", "zone_id": zone_id, "agent_session_id": r["id"], "parent_id": r["parent_id"],
         "reason": reason}) for r in rows]
     events += await _revocation_events(conn, zone_id, rows, "agent_suspend", reason, versioned=True) if rows else []
     await emit(conn, zone_id, events)
-    return [_change(r, reason) for r in rows]
+    await enqueue(conn, session_notices(rows, wc.SESSION_SUSPENDED, _subtree_summary("suspended", root_ids, reason),
+                                        reason))
+    return rows
 
 
-async def resume_subtree(conn: Conn, settings: Settings, zone_id: str, root_id: str) -> list[SessionChange]:
+async def resume_subtree(conn: Conn, settings: Settings, zone_id: str, root_id: str) -> list[dict[str, Any]]:
     """Resume a suspended root and its suspended descendants; services get a fresh lease deadline."""
-    rows = await q(conn, """
+    rows = await q(conn, f"""
         WITH RECURSIVE tree AS (
             SELECT id FROM sessions WHERE zone_id = %(zone)s AND id = %(root)s AND status = 'suspended'
             UNION
@@ -345,18 +356,20 @@ async def resume_subtree(conn: Conn, settings: Settings, zone_id: str, root_id: 
             heartbeat_deadline_at = CASE WHEN s.lifecycle = 'service'
                 THEN now() + make_interval(secs => %(lease)s) ELSE s.heartbeat_deadline_at END
         FROM tree WHERE s.id = tree.id AND s.status = 'suspended'
-        RETURNING s.id, s.parent_id, s.status, s.state_version, s.heartbeat_deadline_at
+        RETURNING {SNAPSHOT_COLUMNS}
         """, {"zone": zone_id, "root": root_id, "lease": settings.SERVICE_AGENT_LEASE_SECONDS})
+    rows = _roots_first(rows, [root_id])
     await emit(conn, zone_id, [Event(AGENTS_LIFECYCLE, f"resume:{r['id']}:{r['state_version']}", {
         "event": "resume", "zone_id": zone_id, "agent_session_id": r["id"], "parent_id": r["parent_id"]})
         for r in rows])
-    return [_change(r, None) for r in rows]
+    await enqueue(conn, session_notices(rows, wc.SESSION_RESUMED, _subtree_summary("resumed", [root_id], None)))
+    return rows
 
 
 async def terminate_subtree(conn: Conn, zone_id: str, root_ids: list[str], reason: str,
-                            root_status: str = "terminated") -> list[SessionChange]:
+                            root_status: str = "terminated") -> list[dict[str, Any]]:
     """Reference §5.2: end the roots (status `root_status`) and their live descendants."""
-    rows = await q(conn, """
+    rows = await q(conn, f"""
         WITH RECURSIVE tree AS (
             SELECT id, true AS is_root FROM sessions
             WHERE zone_id = %(zone)s AND id = ANY(%(roots)s) AND status IN ('active', 'suspended')
@@ -371,11 +384,11 @@ async def terminate_subtree(conn: Conn, zone_id: str, root_ids: list[str], reaso
             termination_reason = CASE WHEN c.is_root THEN %(reason)s ELSE 'parent_terminated' END,
             terminated_at = now(), updated_at = now(), state_version = s.state_version + 1
         FROM collected c WHERE s.id = c.id AND s.status IN ('active', 'suspended')
-        RETURNING s.id, s.parent_id, s.subject_authority_record_id, s.status, s.state_version,
-                  s.heartbeat_deadline_at, s.termination_reason
+        RETURNING {SNAPSHOT_COLUMNS}, s.subject_authority_record_id
         """, {"zone": zone_id, "roots": root_ids, "reason": reason, "root_status": root_status})
     if not rows:
         return []
+    rows = _roots_first(rows, root_ids)
     ids = [r["id"] for r in rows]
     # Live-children counters of parents outside the collected set (floored at 0).
     await conn.execute("""
@@ -383,32 +396,103 @@ async def terminate_subtree(conn: Conn, zone_id: str, root_ids: list[str], reaso
         FROM (SELECT parent_id, count(*) AS n FROM sessions WHERE id = ANY(%(ids)s) AND parent_id IS NOT NULL
               GROUP BY parent_id) x
         WHERE p.id = x.parent_id AND NOT (p.id = ANY(%(ids)s))""", {"ids": ids})
+    await enqueue(conn, session_notices(rows, wc.SESSION_TERMINATED,
+                                        _subtree_summary(root_status, root_ids, reason)))
     events = await revoke_edges_touching(conn, zone_id, ids, reason)
     events += [Event(AGENTS_LIFECYCLE, f"terminate:{r['id']}", {
         "event": "terminate", "zone_id": zone_id, "agent_session_id": r["id"], "parent_id": r["parent_id"],
         "reason": reason}) for r in rows]
     events += await _revocation_events(conn, zone_id, rows, "agent_terminate", reason, versioned=False)
     await emit(conn, zone_id, events)
-    return [_change(r, r["termination_reason"]) for r in rows]
+    return rows
+
+
+def _roots_first(rows: list[dict[str, Any]], root_ids: list[str]) -> list[dict[str, Any]]:
+    """UPDATE ... RETURNING has no defined order: the roots' notices go out first."""
+    first = {sid: i for i, sid in enumerate(root_ids)}
+    return sorted(rows, key=lambda r: (first.get(r["id"], len(first)), r["id"]))
+
+
+def _subtree_summary(what: str, root_ids: list[str], reason: str | None) -> str:
+    roots = root_ids[0] if len(root_ids) == 1 else f"{len(root_ids)} roots"
+    return f"{what} with the subtree of {roots}" + (f" ({reason})" if reason else "")
 
 
 async def revoke_edges_touching(conn: Conn, zone_id: str, session_ids: list[str], reason: str) -> list[Event]:
-    """§5.2 step 4: revoke every active edge with an endpoint among the sessions; one epoch bump."""
+    """§5.2 step 4: revoke every active edge with an endpoint among the sessions; one epoch bump.
+
+    The live endpoints outside `session_ids` hear that they lost (or gave up) the edge."""
     edges = await q(conn, """
         UPDATE delegation_edges SET status = 'revoked', revoked_at = now(), updated_at = now(),
             edge_version = edge_version + 1
         WHERE zone_id = %(zone)s AND status = 'active'
           AND (source_session_id = ANY(%(ids)s) OR target_session_id = ANY(%(ids)s))
-        RETURNING id""", {"zone": zone_id, "ids": session_ids})
+        RETURNING id, source_session_id, target_session_id""", {"zone": zone_id, "ids": session_ids})
     if not edges:
         return []
+    edges.sort(key=lambda e: e["id"])
+    await enqueue(conn, await edge_end_notices(conn, zone_id, edges, f"revoked ({reason})"))
     epoch = await bump_epoch(conn, zone_id)
     return [Event(DELEGATIONS_INVALIDATE, f"edge_revoke:{e['id']}", {
         "event": "edge_revoke", "zone_id": zone_id, "edge_id": e["id"], "reason": reason, "epoch": epoch})
-        for e in sorted(edges, key=lambda e: e["id"])]
+        for e in edges]
 
 
-def task_expires_at(row: dict[str, Any]) -> datetime | None:
-    if row["lifecycle"] != "task":
+async def edge_end_notices(conn: Conn, zone_id: str, edges: list[dict[str, Any]], how: str) -> list[Any]:
+    """`delegation_ended` notices to the still-live endpoints of ended edges (id, source and target)."""
+    endpoints = {e[k] for e in edges for k in ("source_session_id", "target_session_id")}
+    live = {r["id"]: r for r in await q(conn, f"""SELECT {SNAPSHOT_COLUMNS} FROM sessions s
+                                                 WHERE s.zone_id = %s AND s.id = ANY(%s)
+                                                   AND s.status IN ('active', 'suspended')""",
+                                        (zone_id, sorted(endpoints)))}
+    notices = []
+    for e in edges:
+        for me, peer, role in (("source_session_id", "target_session_id", "given"),
+                               ("target_session_id", "source_session_id", "received")):
+            row = live.get(e[me])
+            if row is not None:
+                notices.append(session_notice(row, wc.DELEGATION_ENDED, f"edge {e['id']} ({role}) {how}",
+                                              edge_id=e["id"], peer_session_id=e[peer]))
+    return notices
+
+
+# ----------------------------------------------------------------------------------------------
+# leases and deadlines
+
+
+async def take_lease(conn: Conn, settings: Settings, zone_id: str, row: dict[str, Any]) -> dict[str, Any]:
+    """A new lease generation for a live service session (its row locked by the caller)."""
+    if row["status"] not in LIVE_STATUSES:
+        raise CoordinatorError(409, "session_not_live")
+    if row["lifecycle"] != "service":
+        raise CoordinatorError(409, "session_not_service")
+    taken = await q1(conn, f"""
+        UPDATE sessions s SET lease_generation = s.lease_generation + 1, last_heartbeat_at = now(),
+            last_active_at = now(), heartbeat_deadline_at = now() + make_interval(secs => %s), updated_at = now(),
+            state_version = s.state_version + 1
+        WHERE s.zone_id = %s AND s.id = %s RETURNING {SNAPSHOT_COLUMNS}""",
+                        (settings.SERVICE_AGENT_LEASE_SECONDS, zone_id, row["id"]))
+    await enqueue(conn, [session_notice(taken, wc.SESSION_LEASE_TAKEN,
+                                        f"lease taken over: generation {taken['lease_generation']}")])
+    return taken
+
+
+async def settle_deadline(conn: Conn, zone_id: str, session_id: str) -> dict[str, Any] | None:
+    """Expire a task past its TTL or suspend a service past its lease, if still due; the row after.
+
+    Run by the session workflow's timer (and by a heartbeat or takeover that finds the lease lapsed
+    first). Nothing due (a heartbeat moved the lease, the session ended meanwhile): nothing changes.
+    """
+    due = await q1(conn, """
+        SELECT (s.lifecycle = 'task' AND s.status IN ('active', 'suspended')
+                AND s.started_at + make_interval(secs => COALESCE(s.ttl_seconds, %(default_ttl)s)) <= now()) AS ttl_due,
+               (s.lifecycle = 'service' AND s.status = 'active' AND s.heartbeat_deadline_at <= now()) AS lease_due
+        FROM sessions s WHERE s.zone_id = %(zone)s AND s.id = %(id)s FOR UPDATE""",
+                   {"zone": zone_id, "id": session_id, "default_ttl": DEFAULT_TASK_TTL_SECONDS})
+    if due is None:
         return None
-    return row["started_at"] + timedelta(seconds=row["ttl_seconds"] or 3600)
+    if due["ttl_due"]:
+        await terminate_subtree(conn, zone_id, [session_id], "ttl", "expired")
+    elif due["lease_due"]:
+        await suspend_subtree(conn, zone_id, [session_id], "service_heartbeat_lost")
+    return await get_session(conn, zone_id, session_id)

@@ -1,0 +1,69 @@
+"""What Postgres and Temporal agree on: workflow ids, types, signal names, search attributes.
+
+The command transactions (storage/) write workflow-outbox rows in these terms, the dispatcher
+delivers them, the workflows (workflows/) receive them, and devstack registers the search
+attributes from the same list. Constants only: workflow code imports this module.
+"""
+
+from __future__ import annotations
+
+TASK_QUEUE = "coordinator"
+
+# Workflow types. "Session"/"Invocation" were the update-driven types of the first design;
+# these follow Postgres by signal (README: "Upgrading from the update-driven workflows").
+SESSION_WORKFLOW = "AgentSession"
+INVOCATION_WORKFLOW = "AgentInvocation"
+MAINTENANCE_WORKFLOW = "Maintenance"
+LEGACY_WORKFLOW_TYPES = ("Session", "Invocation")
+
+
+def session_workflow_id(zone_id: str, session_id: str) -> str:
+    return f"session/{zone_id}/{session_id}"
+
+
+def invocation_workflow_id(zone_id: str, invocation_id: str) -> str:
+    return f"invocation/{zone_id}/{invocation_id}"
+
+
+# Session notices (signal names). Each carries the session's whole state at its state_version.
+SESSION_CREATED = "created"
+SESSION_SUSPENDED = "suspended"
+SESSION_RESUMED = "resumed"
+SESSION_TERMINATED = "terminated"  # also `expired` status: the snapshot says which
+SESSION_LEASE_TAKEN = "lease_taken"
+DELEGATION_GIVEN = "delegation_given"
+DELEGATION_RECEIVED = "delegation_received"
+DELEGATION_ENDED = "delegation_ended"  # revoked or expired, as seen from either endpoint
+SESSION_SYNC = "sync"  # the reconciler: no transition, just the current state
+SESSION_SIGNALS = (SESSION_CREATED, SESSION_SUSPENDED, SESSION_RESUMED, SESSION_TERMINATED, SESSION_LEASE_TAKEN,
+                   DELEGATION_GIVEN, DELEGATION_RECEIVED, DELEGATION_ENDED, SESSION_SYNC)
+
+# Invocation notices (signal names): the transition that produced the snapshot.
+INVOCATION_CREATED = "created"
+INVOCATION_STARTED = "started"
+INVOCATION_CANCEL_REQUESTED = "cancel_requested"
+INVOCATION_COMPLETED = "completed"  # succeeded, failed, canceled, timed_out: the snapshot says which
+INVOCATION_SYNC = "sync"
+INVOCATION_SIGNALS = (INVOCATION_CREATED, INVOCATION_STARTED, INVOCATION_CANCEL_REQUESTED, INVOCATION_COMPLETED,
+                      INVOCATION_SYNC)
+
+# Status sets.
+SESSION_LIVE = ("active", "suspended")
+SESSION_TERMINAL = ("terminated", "expired")
+INVOCATION_FINAL = ("succeeded", "canceled", "timed_out", "dead")
+
+# Custom search attributes (all Keyword). SQL visibility allows at most 10 Keyword attributes:
+# this list is full.
+SA_ZONE = "ZoneId"
+SA_APPLICATION = "ApplicationId"
+SA_SESSION = "SessionId"
+SA_SESSION_STATUS = "SessionStatus"
+SA_LIFECYCLE = "Lifecycle"
+SA_PARENT = "ParentSessionId"
+SA_ROOT = "RootSessionId"
+SA_INVOCATION = "InvocationId"
+SA_INVOCATION_STATUS = "InvocationStatus"
+SA_SERVICE = "ServiceId"
+SEARCH_ATTRIBUTES: dict[str, str] = {name: "Keyword" for name in (
+    SA_ZONE, SA_APPLICATION, SA_SESSION, SA_SESSION_STATUS, SA_LIFECYCLE, SA_PARENT, SA_ROOT, SA_INVOCATION,
+    SA_INVOCATION_STATUS, SA_SERVICE)}

@@ -1,0 +1,129 @@
+"""The workflow outbox: what a command transaction tells the workflows (DESIGN.md, "Who owns what").
+
+Every storage function that changes a session's or an invocation's state calls `enqueue` in the
+same transaction, with one notice per workflow that must hear of it. A notice carries the entity's
+whole state at its `state_version` (the shapes of workflows/models.py, as JSON), so any one
+delivery brings a workflow up to date and a stale or repeated one is a no-op. The dispatcher
+(dispatcher/) delivers the rows with signal-with-start: `start_args`, `search_attributes` and
+`summary` start the workflow when it is not running.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from psycopg.types.json import Jsonb
+
+from rules import workflow_contract as wc
+from rules.sessions import DEFAULT_TASK_TTL_SECONDS
+from rules.timefmt import iso_ms
+from storage.db import Conn
+
+NOTIFY_CHANNEL = "workflow_outbox"
+
+
+@dataclass(frozen=True)
+class WorkflowNotice:
+    workflow_id: str
+    workflow_type: str
+    signal: str
+    payload: dict[str, Any]
+    start_args: dict[str, Any]
+    search_attributes: dict[str, str]
+    summary: str
+
+
+async def enqueue(conn: Conn, notices: list[WorkflowNotice]) -> None:
+    """Insert the notices in order (one statement, however many) and wake the dispatchers at commit."""
+    if not notices:
+        return
+    await conn.execute(
+        f"""
+        WITH rows AS (
+            INSERT INTO workflow_outbox (workflow_id, workflow_type, signal, payload, start_args,
+                                         search_attributes, summary)
+            SELECT w, t, s, p, a, sa, m
+            FROM unnest(%s::text[], %s::text[], %s::text[], %s::jsonb[], %s::jsonb[], %s::jsonb[], %s::text[])
+                 WITH ORDINALITY AS n(w, t, s, p, a, sa, m, i)
+            ORDER BY i
+            RETURNING 1
+        )
+        SELECT pg_notify('{NOTIFY_CHANNEL}', '') FROM (SELECT count(*) FROM rows) c""",
+        ([n.workflow_id for n in notices], [n.workflow_type for n in notices], [n.signal for n in notices],
+         [Jsonb(n.payload) for n in notices], [Jsonb(n.start_args) for n in notices],
+         [Jsonb(n.search_attributes) for n in notices], [n.summary for n in notices]))
+
+
+# ---------------------------------------------------------------------------------------- sessions
+
+# The columns a session snapshot needs (every RETURNING of a session change lists at least these).
+SNAPSHOT_COLUMNS = """s.id, s.zone_id, s.application_id, s.lifecycle, s.status, s.state_version, s.parent_id,
+    s.root_id, s.started_at, s.ttl_seconds, s.heartbeat_deadline_at, s.lease_generation, s.termination_reason"""
+
+
+def task_expires_at(row: dict[str, Any]) -> datetime | None:
+    if row["lifecycle"] != "task":
+        return None
+    return row["started_at"] + timedelta(seconds=row["ttl_seconds"] or DEFAULT_TASK_TTL_SECONDS)
+
+
+def session_snapshot(row: dict[str, Any], reason: str | None = None) -> dict[str, Any]:
+    """`SessionSnapshot` as JSON. `reason`: why it is suspended (termination_reason covers ends)."""
+    return {
+        "zone_id": row["zone_id"], "session_id": row["id"], "application_id": row["application_id"],
+        "lifecycle": row["lifecycle"], "status": row["status"], "state_version": int(row["state_version"]),
+        "parent_id": row["parent_id"], "root_id": row["root_id"], "expires_at": iso_ms(task_expires_at(row)),
+        "heartbeat_deadline_at": iso_ms(row["heartbeat_deadline_at"]),
+        "lease_generation": int(row["lease_generation"] or 0),
+        "reason": row.get("termination_reason") if row["status"] in wc.SESSION_TERMINAL else reason,
+    }
+
+
+def session_notice(row: dict[str, Any], signal: str, summary: str, *, reason: str | None = None,
+                   edge_id: str | None = None, peer_session_id: str | None = None) -> WorkflowNotice:
+    """`SessionNotice` for the session in `row` (a SNAPSHOT_COLUMNS row)."""
+    attrs = {wc.SA_ZONE: row["zone_id"], wc.SA_SESSION: row["id"], wc.SA_APPLICATION: row["application_id"],
+             wc.SA_LIFECYCLE: row["lifecycle"], wc.SA_SESSION_STATUS: row["status"],
+             wc.SA_ROOT: row["root_id"] or row["id"]}
+    if row["parent_id"]:
+        attrs[wc.SA_PARENT] = row["parent_id"]
+    return WorkflowNotice(
+        workflow_id=wc.session_workflow_id(row["zone_id"], row["id"]), workflow_type=wc.SESSION_WORKFLOW,
+        signal=signal,
+        payload={"session": session_snapshot(row, reason), "summary": summary, "edge_id": edge_id,
+                 "peer_session_id": peer_session_id},
+        start_args={"zone_id": row["zone_id"], "session_id": row["id"]},
+        search_attributes=attrs,
+        summary=f"{row['lifecycle']} session {row['id']} of {row['application_id']}")
+
+
+def session_notices(rows: list[dict[str, Any]], signal: str, summary: str, reason: str | None = None
+                    ) -> list[WorkflowNotice]:
+    return [session_notice(r, signal, summary, reason=reason) for r in rows]
+
+
+# ------------------------------------------------------------------------------------- invocations
+
+SNAPSHOT_INVOCATION_COLUMNS = """x.id, x.zone_id, x.service_id, x.method, x.status, x.attempts, x.max_attempts,
+    x.state_version, x.deadline_at, x.source_session_id"""
+
+
+def invocation_snapshot(row: dict[str, Any]) -> dict[str, Any]:
+    return {"zone_id": row["zone_id"], "invocation_id": row["id"], "service_id": row["service_id"],
+            "method": row["method"], "status": row["status"], "attempts": int(row["attempts"]),
+            "max_attempts": int(row["max_attempts"]), "state_version": int(row["state_version"]),
+            "deadline_at": iso_ms(row["deadline_at"]), "source_session_id": row["source_session_id"]}
+
+
+def invocation_notice(row: dict[str, Any], signal: str, summary: str) -> WorkflowNotice:
+    attrs = {wc.SA_ZONE: row["zone_id"], wc.SA_INVOCATION: row["id"], wc.SA_SERVICE: row["service_id"],
+             wc.SA_INVOCATION_STATUS: row["status"]}
+    if row["source_session_id"]:
+        attrs[wc.SA_SESSION] = row["source_session_id"]
+    return WorkflowNotice(
+        workflow_id=wc.invocation_workflow_id(row["zone_id"], row["id"]), workflow_type=wc.INVOCATION_WORKFLOW,
+        signal=signal, payload={"invocation": invocation_snapshot(row), "summary": summary},
+        start_args={"zone_id": row["zone_id"], "invocation_id": row["id"]},
+        search_attributes=attrs, summary=f"invocation {row['method']} {row['id']} on service {row['service_id']}")
