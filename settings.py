@@ -100,6 +100,10 @@ class Settings(BaseSettings):
     OUTBOX_RETENTION_DAYS: int = Field(7, ge=0)
     RETENTION_CLEANUP_BATCH_SIZE: int = Field(500, ge=1)
     MAINTENANCE_INTERVAL_SECONDS: int = Field(5, ge=1)
+    # The reconciler (in the maintenance run): how often it compares live rows with running
+    # workflows, and how old a row must be before a missing workflow counts as missing.
+    RECONCILE_INTERVAL_SECONDS: float = Field(30, ge=0)
+    RECONCILE_GRACE_SECONDS: float = Field(30, ge=0)
 
     # --- events / audit ---
     REDIS_URL: str = ""
@@ -112,6 +116,16 @@ class Settings(BaseSettings):
 
     # --- fan-out of cascades to workflows ---
     FANOUT_BATCH_SIZE: int = Field(50, ge=1)
+
+    # Workflow outbox dispatcher (dispatcher/): workflows claimed per batch, signal-with-start RPCs
+    # in flight, rows of one workflow per batch, poll fallback to LISTEN/NOTIFY (also how soon a
+    # deferred row is retried), cap of a row's retry backoff, deadline of one RPC.
+    DISPATCH_BATCH_SIZE: int = Field(200, ge=1)
+    DISPATCH_CONCURRENCY: int = Field(64, ge=1)
+    DISPATCH_PER_WORKFLOW: int = Field(20, ge=1)
+    DISPATCH_POLL_INTERVAL_MS: int = Field(1000, ge=10)
+    DISPATCH_MAX_BACKOFF_SECONDS: float = Field(30, gt=0)
+    DISPATCH_RPC_TIMEOUT_SECONDS: float = Field(5, gt=0)
 
     @model_validator(mode="after")
     def _check(self) -> "Settings":

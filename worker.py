@@ -20,20 +20,16 @@ log = logging.getLogger("coordinator.worker")
 
 
 def build_activities(db, settings: Settings, client: Client) -> list:
-    from activities.delegations import DelegationActivities
+    """The deadline settlements of the session and invocation timers, and maintenance (the
+    reconciler in it starts missing workflows through `client`). Commands are API transactions."""
     from activities.invocations import InvocationActivities
     from activities.maintenance import MaintenanceActivities
     from activities.sessions import SessionActivities
 
-    sessions = SessionActivities(db, settings, client)
+    sessions = SessionActivities(db, settings)
     invocations = InvocationActivities(db, settings)
-    delegations = DelegationActivities(db, settings)
-    maintenance = MaintenanceActivities(db, settings)
-    return [sessions.start_session, sessions.suspend_session, sessions.resume_session, sessions.terminate_session,
-            sessions.take_session_lease, sessions.settle_session_deadline, sessions.notify_sessions,
-            invocations.create_invocation, invocations.transition_invocation,
-            invocations.settle_invocation_deadline, delegations.create_delegation,
-            delegations.revoke_delegation, maintenance.run_maintenance]
+    maintenance = MaintenanceActivities(db, settings, client)
+    return [sessions.settle_session_deadline, invocations.settle_invocation_deadline, maintenance.run_maintenance]
 
 
 def build_workflows() -> list:
@@ -135,7 +131,7 @@ async def main() -> None:
     settings = get_settings()
     require_migrated(settings.DATABASE_URL, "worker")
     # Short pool timeout: a command's activity attempt should fail fast while Postgres is down.
-    db = Database(settings.DATABASE_URL, max_size=settings.DB_POOL_MAX,
+    db = Database(settings.DATABASE_URL, max_size=settings.DB_POOL_MAX, task_queue=settings.TEMPORAL_TASK_QUEUE,
                   statement_timeout_ms=settings.DB_STATEMENT_TIMEOUT_MS,
                   connect_timeout_s=min(2.0, settings.DB_CONNECTION_TIMEOUT_MS / 1000))
     await db.open()

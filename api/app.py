@@ -45,7 +45,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
             app.state.services = services
             yield
             return
-        db = Database(settings.DATABASE_URL, max_size=settings.DB_POOL_MAX,
+        db = Database(settings.DATABASE_URL, max_size=settings.DB_POOL_MAX, task_queue=settings.TEMPORAL_TASK_QUEUE,
                       statement_timeout_ms=settings.DB_STATEMENT_TIMEOUT_MS,
                       connect_timeout_s=settings.DB_CONNECTION_TIMEOUT_MS / 1000)
         await db.open(wait=False)

@@ -1,4 +1,5 @@
-"""Prometheus series: requests by route template, workflow/activity outcomes, sessions by status."""
+"""Prometheus series: requests by route template, workflow/activity outcomes, sessions by status,
+the workflow outbox and its dispatchers."""
 
 from __future__ import annotations
 
@@ -20,6 +21,42 @@ INVOCATIONS = Gauge("caracal_invocations_total", "Invocations by status (current
 OUTBOX = Gauge("caracal_outbox_total", "Coordinator outbox rows by status", ["status"], registry=REGISTRY)
 ACTIVITY_ROWS = Gauge("coordinator_workflow_executions", "Workflow executions by type and status (Temporal)",
                       ["workflow_type", "status"], registry=REGISTRY)
+
+# The workflow outbox and its dispatchers (storage/dispatch.py), read from Postgres at each scrape.
+WF_OUTBOX_BACKLOG = Gauge("coordinator_workflow_outbox_backlog", "Workflow-outbox rows waiting for delivery",
+                          registry=REGISTRY)
+WF_OUTBOX_OLDEST = Gauge("coordinator_workflow_outbox_oldest_age_seconds",
+                         "Age of the oldest undelivered workflow-outbox row", registry=REGISTRY)
+WF_OUTBOX_DELIVERED = Gauge("coordinator_workflow_outbox_delivered_total",
+                            "Workflow-outbox rows delivered, summed over all dispatchers", registry=REGISTRY)
+WF_OUTBOX_FAILED = Gauge("coordinator_workflow_outbox_failed_total",
+                         "Failed workflow-outbox deliveries (retried), summed over all dispatchers", registry=REGISTRY)
+WF_OUTBOX_RATE = Gauge("coordinator_workflow_outbox_delivered_per_second",
+                       "Rows delivered per second by the running dispatchers (last 10 s)", registry=REGISTRY)
+WF_OUTBOX_DISPATCHERS = Gauge("coordinator_workflow_outbox_dispatchers", "Running dispatchers (recent heartbeat)",
+                              registry=REGISTRY)
+WF_OUTBOX_TEMPORAL_UP = Gauge("coordinator_workflow_outbox_temporal_up",
+                              "1 when every running dispatcher reaches Temporal", registry=REGISTRY)
+WF_SIGNAL_LAG_P50 = Gauge("coordinator_workflow_signal_lag_p50_ms",
+                          "Commit-to-signal lag, median of the recent deliveries (worst dispatcher)", registry=REGISTRY)
+WF_SIGNAL_LAG_P95 = Gauge("coordinator_workflow_signal_lag_p95_ms",
+                          "Commit-to-signal lag, 95th percentile of the recent deliveries (worst dispatcher)",
+                          registry=REGISTRY)
+RECONCILER_STARTED = Gauge("coordinator_reconciler_started_total",
+                           "Workflows the reconciler found missing and started", registry=REGISTRY)
+
+
+def set_workflow_outbox(backlog: dict, stats: dict, reconciler_started: int) -> None:
+    WF_OUTBOX_BACKLOG.set(backlog["backlog"])
+    WF_OUTBOX_OLDEST.set(backlog["oldest_age_seconds"])
+    WF_OUTBOX_DELIVERED.set(stats["delivered_total"])
+    WF_OUTBOX_FAILED.set(stats["failed_total"])
+    WF_OUTBOX_RATE.set(stats["delivered_per_second"])
+    WF_OUTBOX_DISPATCHERS.set(stats["dispatchers"])
+    WF_OUTBOX_TEMPORAL_UP.set(0 if stats["temporal_ok"] is False else 1)
+    WF_SIGNAL_LAG_P50.set(stats["lag_p50_ms"] or 0)
+    WF_SIGNAL_LAG_P95.set(stats["lag_p95_ms"] or 0)
+    RECONCILER_STARTED.set(reconciler_started)
 
 
 def route_template(request: Request) -> str:

@@ -9,12 +9,13 @@
    on http://127.0.0.1:8233 — unless TEMPORAL_ADDRESS is set (then that server is used);
 4. the local signing key in `.data/keys` (JWKS_FILE points at its jwks.json unless JWKS_URL or
    JWKS_FILE is set) and the operator token (CARACAL_COORDINATOR_TOKEN, else `.data/operator-token`);
-5. the worker (`python worker.py`) and the API (`python -m api`, port $PORT, default 4000), logs
-   in `.data/logs/`;
+5. the worker (`python worker.py`), the workflow-outbox dispatcher (`python -m dispatcher`) and the
+   API (`python -m api`, port $PORT, default 4000), logs in `.data/logs/`;
 6. once `GET /ready` answers 200: the demo zone is seeded and a 24 h bearer token is printed.
 
-Ctrl-C (or SIGTERM) stops everything it started and exits 0. If a child dies, the rest is stopped
-and the exit code is 1, after the tail of the child's log. A second run reuses `.data/`.
+Ctrl-C (or SIGTERM) stops everything it started, in order (API, dispatcher, worker, Temporal,
+Postgres), and exits 0. If a child dies, the rest is stopped and the exit code is 1, after the
+tail of the child's log. A second run reuses `.data/`.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def _env_port(name: str, default: int) -> int:
 
 
 class Child:
-    """A Python child process (API or worker) in its own process group, logging to a file."""
+    """A Python child process (API, dispatcher or worker) in its own process group, logging to a file."""
 
     def __init__(self, name: str, args: list[str], env: dict[str, str], log_file: Path) -> None:
         self.name, self.args, self.env, self.log_file = name, args, env, log_file
@@ -165,9 +166,11 @@ class DevStack:
         self._temporal()
         env = self._child_env()
         worker = Child("worker", [sys.executable, "worker.py"], env, LOG_DIR / "worker.log")
+        dispatcher = Child("dispatcher", [sys.executable, "-m", "dispatcher"], env, LOG_DIR / "dispatcher.log")
         api = Child("api", [sys.executable, "-m", "api"], env, LOG_DIR / "api.log")
-        self.children += [worker, api]
+        self.children += [worker, dispatcher, api]  # stopped in reverse order
         worker.start()
+        dispatcher.start()
         api.start()
         self._wait_ready()
         self._seed_and_print(env)
@@ -313,7 +316,7 @@ class DevStack:
             time.sleep(0.5)
 
     def down(self) -> None:
-        for child in reversed(self.children):  # API first, then the worker
+        for child in reversed(self.children):  # API first, then the dispatcher, then the worker
             try:
                 child.stop()
             except Exception as exc:

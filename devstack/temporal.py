@@ -32,24 +32,10 @@ import weakref
 from pathlib import Path
 
 from devstack.postgres import free_port
+from rules.workflow_contract import SEARCH_ATTRIBUTES
 
 __all__ = ["SEARCH_ATTRIBUTES", "TemporalProcess", "start_temporal", "temporal_executable", "free_port",
            "parent_death_signal"]
-
-# Custom search attributes (name -> type). SQL visibility (SQLite, Postgres) allows at most 10
-# Keyword attributes (temporal-notes §1.1): this list is full.
-SEARCH_ATTRIBUTES: dict[str, str] = {
-    "ZoneId": "Keyword",
-    "ApplicationId": "Keyword",
-    "SessionId": "Keyword",
-    "SessionStatus": "Keyword",
-    "Lifecycle": "Keyword",
-    "ParentSessionId": "Keyword",
-    "RootSessionId": "Keyword",
-    "InvocationId": "Keyword",
-    "InvocationStatus": "Keyword",
-    "ServiceId": "Keyword",
-}
 
 _READY_TIMEOUT_S = 30.0
 _STOP_GRACE_S = 5.0

@@ -7,9 +7,10 @@ it as JSON and the worker's activities retry it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg.rows import dict_row
@@ -21,6 +22,10 @@ from rules.errors import CoordinatorError
 __all__ = ["Database", "Jsonb", "Conn", "postgres_unavailable"]
 
 Conn = psycopg.AsyncConnection
+T = TypeVar("T")
+
+# Two commands whose cascades overlap can deadlock (Postgres aborts one); that one runs again.
+_RETRYABLE = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
 
 
 def postgres_unavailable() -> CoordinatorError:
@@ -36,9 +41,12 @@ def is_outage(exc: BaseException) -> bool:
 
 class Database:
     def __init__(self, url: str, *, max_size: int = 20, min_size: int = 1,
-                 statement_timeout_ms: int = 10000, connect_timeout_s: float = 5.0) -> None:
+                 statement_timeout_ms: int = 10000, connect_timeout_s: float = 5.0,
+                 task_queue: str | None = None) -> None:
         self.url = url
         options = f"-c statement_timeout={statement_timeout_ms}"
+        if task_queue:  # workflow-outbox rows written on these connections name this queue
+            options += f" -c coordinator.task_queue={task_queue}"
         self.pool = AsyncConnectionPool(
             url,
             min_size=min_size,
@@ -74,6 +82,19 @@ class Database:
                     yield conn
             except _OUTAGE_ERRORS as exc:
                 raise postgres_unavailable() from exc
+
+    async def run(self, command: Callable[[Conn], Awaitable[T]], attempts: int = 3) -> T:
+        """Run `command` as one transaction; again (from scratch) after a deadlock or serialization
+        failure, since nothing of the aborted attempt was written."""
+        for attempt in range(attempts):
+            try:
+                async with self.transaction() as conn:
+                    return await command(conn)
+            except _RETRYABLE:
+                if attempt == attempts - 1:
+                    raise
+                await asyncio.sleep(0.01 * (attempt + 1))
+        raise AssertionError("unreachable")
 
     async def fetch(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[dict[str, Any]]:
         async with self.connection() as conn:

@@ -72,6 +72,11 @@ def active_projection(row: dict[str, Any]) -> dict[str, Any]:
     return body
 
 
+async def get_edge(conn: Conn, zone_id: str, edge_id: str) -> dict[str, Any] | None:
+    return await q1(conn, f"SELECT {EDGE_COLUMNS} FROM delegation_edges x WHERE x.zone_id = %s AND x.id = %s",
+                    (zone_id, edge_id))
+
+
 async def replay_create(conn: Conn, settings: Settings, req: IdempotencyRequest, issuer: str) -> dict[str, Any] | None:
     """A repeated create answered from its receipt, only while the edge is live with the same issuer."""
     receipt = await find_receipt(conn, settings, req)

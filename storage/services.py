@@ -46,7 +46,13 @@ async def upsert_service(conn: Conn, zone_id: str, body: dict[str, Any]) -> dict
 
 
 class LeaseExpired(Exception):
-    """The lease lapsed before this heartbeat: the session's workflow must settle it."""
+    """The lease lapsed before this heartbeat: it must be settled (storage.sessions.settle_deadline)."""
+
+
+async def lease_lapsed(conn: Conn, session_id: str) -> bool:
+    row = await q1(conn, "SELECT status = 'active' AND heartbeat_deadline_at <= now() AS lapsed FROM sessions "
+                         "WHERE id = %s", (session_id,))
+    return bool(row and row["lapsed"])
 
 
 async def heartbeat(conn: Conn, settings: Settings, zone_id: str, session: dict[str, Any], *, service_id: str | None,

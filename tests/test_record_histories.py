@@ -16,7 +16,7 @@ import pytest
 from tests.conftest import Zone, eventually, seed_zone
 from workflows.models import invocation_workflow_id, session_workflow_id
 
-RECORD_SET = "v2"
+RECORD_SET = "v3"
 HISTORIES = Path(__file__).parent / "histories" / RECORD_SET
 
 pytestmark = pytest.mark.skipif(os.environ.get("RECORD_HISTORIES") != "1",
@@ -49,11 +49,23 @@ async def test_record_task_session_paths(zone: Zone):
         await _completed(zone.stack, session_workflow_id(zone.id, sid))
         await _save(zone.stack, session_workflow_id(zone.id, sid), name)
 
-    rejected = await zone.http.post(f"/zones/{zone.id}/agents", headers=h,
-                                    json={"application_id": "app-1", "subject_session_id": "ar-1", "parent_id": "nope"})
-    assert rejected.status_code == 404
-    ids = await zone.stack.client.list_workflows(f'ZoneId = "{zone.id}" AND SessionStatus = "rejected"').__anext__()
-    await _save(zone.stack, ids.id, "session_create_rejected")
+
+async def test_record_reconciler_start(zone: Zone):
+    """A live session whose workflow was lost: the reconciler's `sync` notice starts it again."""
+    from storage.workflow_outbox import enqueue, session_notice
+    from rules.workflow_contract import SESSION_SYNC
+
+    sid = (await zone.start())["agent_session_id"]
+    wf = session_workflow_id(zone.id, sid)
+    await zone.stack.workflows_caught_up()
+    await zone.stack.client.get_workflow_handle(wf).terminate(reason="lost (history recording)")
+    async with zone.stack.db.transaction() as conn:
+        row = await conn.execute("SELECT * FROM sessions s WHERE s.id = %s", (sid,))
+        await enqueue(conn, [session_notice(await row.fetchone(), SESSION_SYNC, "reconciler: workflow was missing")])
+    await zone.stack.workflows_caught_up()
+    assert (await zone.http.delete(f"/zones/{zone.id}/agents/{sid}", headers=zone.headers())).status_code == 204
+    await _completed(zone.stack, wf)
+    await _save(zone.stack, wf, "session_reconciler_sync")
 
 
 async def test_record_ttl_expiry_cascade(zone: Zone):
@@ -79,7 +91,7 @@ async def test_record_service_paths(stack_factory, signing_key):
         await eventually(lambda: _status(zone, sid, "suspended"), timeout=6)
         assert (await zone.http.patch(f"/zones/{zone.id}/agents/{sid}/resume", headers=h)).status_code == 200
         # Grow the history past the test server's continue-as-new suggestion.
-        for _ in range(14):
+        for _ in range(20):
             await zone.http.patch(f"/zones/{zone.id}/agents/{sid}/suspend", headers=h)
             await zone.http.patch(f"/zones/{zone.id}/agents/{sid}/resume", headers=h)
         wf = session_workflow_id(zone.id, sid)

@@ -13,12 +13,12 @@ from temporalio.client import WorkflowHistory
 from temporalio.worker import Replayer
 
 from worker import build_workflows
-from workflows.models import SessionState
+from workflows.models import SESSION_WORKFLOW, SessionState
 from workflows.session import SessionWorkflow
 
 HISTORY_DIR = Path(__file__).parent / "histories"
 HISTORIES = sorted(HISTORY_DIR.glob("*/*.json"))
-EXPECTED = {"session_task_lifecycle", "session_task_child_cascade", "session_create_rejected", "session_ttl_expired",
+EXPECTED = {"session_task_lifecycle", "session_task_child_cascade", "session_reconciler_sync", "session_ttl_expired",
             "session_ttl_child_terminated", "session_service_lease_loss_takeover_can",
             "session_service_after_continue_as_new", "invocation_fail_retry_succeed", "invocation_canceled",
             "invocation_deadline_timed_out", "session_delegate_revoke_source", "session_revoked_target",
@@ -39,7 +39,7 @@ async def test_history_replays_on_current_code(path: Path):
     await Replayer(workflows=build_workflows()).replay_workflow(load(path))
 
 
-@workflow.defn(name="Session", sandboxed=False)
+@workflow.defn(name=SESSION_WORKFLOW, sandboxed=False)
 class SessionWorkflowWithExtraTimer(SessionWorkflow):
     """A deliberately non-deterministic change: a new timer before the run loop."""
 
@@ -50,6 +50,6 @@ class SessionWorkflowWithExtraTimer(SessionWorkflow):
 
 
 async def test_nondeterministic_change_fails_replay():
-    path = HISTORY_DIR / "v1" / "session_task_lifecycle.json"
+    path = HISTORY_DIR / "v3" / "session_task_lifecycle.json"
     with pytest.raises(workflow.NondeterminismError):
         await Replayer(workflows=[SessionWorkflowWithExtraTimer]).replay_workflow(load(path))

@@ -1,199 +1,196 @@
-"""One workflow per invocation: `invocation/<zone>/<id>`.
+"""One workflow per invocation: `invocation/<zone>/<id>` (DESIGN.md, "Postgres decides, Temporal follows").
 
-Commands (create, start, cancel, complete) are Workflow Updates whose validators give the
-reference's 409s; the running deadline is a durable timer that fails the attempt (or times the
-invocation out) within about a second of `deadline_at`. The workflow ends at a final state.
+The API's transactions create, start, cancel and complete invocations and write a notice for each
+(rules/workflow_contract.INVOCATION_SIGNALS; argument an `InvocationNotice` with the invocation's
+whole state at its `state_version`), delivered by signal-with-start, at least once: a notice older
+than the known state is ignored. The workflow owns the running deadline: a durable timer on
+`deadline_at` while the invocation runs, which settles the attempt (failed while attempts remain,
+else timed_out) in one transaction within about a second of the deadline. It ends at a final state.
 """
 
 from __future__ import annotations
 
-import asyncio
-from datetime import timedelta
-from typing import Any
+from datetime import datetime, timedelta
 
 from temporalio import workflow
 from temporalio.common import SearchAttributeKey
-from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
-    from workflows.common import (
-        COMMAND_RETRY, COMMAND_TIMEOUT, DURABLE_RETRY, create_arrived, POSTGRES_UNAVAILABLE, parse_time, rejection,
-    )
+    from rules import workflow_contract as wc
+    from workflows.common import DURABLE_RETRY, parse_time, wait_until
     from workflows.models import (
-        CREATE_INVOCATION, SETTLE_INVOCATION_DEADLINE, TRANSITION_INVOCATION, CreateInvocationCommand,
-        InvocationCommand, InvocationOutcome, InvocationState,
+        SETTLE_INVOCATION_DEADLINE, InvocationNotice, InvocationSnapshot, InvocationState, SettleCommand,
     )
 
-SA_INVOCATION_STATUS = SearchAttributeKey.for_keyword("InvocationStatus")
+SA_INVOCATION_STATUS = SearchAttributeKey.for_keyword(wc.SA_INVOCATION_STATUS)
 
-FINAL = ("succeeded", "canceled", "timed_out", "dead", "rejected")
+DEADLINE = "invocation deadline"
 
 
-@workflow.defn(name="Invocation")
+def finished(snap: InvocationSnapshot | None) -> bool:
+    """Final, or failed with no attempt left: nothing can happen to it any more."""
+    return snap is not None and (snap.status in wc.INVOCATION_FINAL
+                                 or (snap.status == "failed" and snap.attempts >= snap.max_attempts))
+
+
+@workflow.defn(name=wc.INVOCATION_WORKFLOW)
 class InvocationWorkflow:
     @workflow.init
     def __init__(self, state: InvocationState) -> None:
         self.state = state
-        self._lock = asyncio.Lock()
-        self._wake = False
-        # For the UI's current details only (set by the create update, rebuilt on replay).
-        self._method = ""
-        self._application = ""
-        self._last = ""
+        self._changes = 0  # bumped whenever the known state changes: wakes the run loop
+        self._not_due = 0  # settlements in a row that found the same deadline not yet due
+        self._row_missing = False  # the settlement found no row: wait for a notice, not the timer
+        # For the UI's current details only (not carried across continue-as-new).
+        self._last = "continued as new" if state.runs > 1 else ""
+
+    # ------------------------------------------------------------------ tracing (Temporal UI)
 
     def _details(self) -> str:
-        """E.g. "running · attempt 1/3 · search on service svc-1 · app app-1 · deadline … ·
-        last: start attempt 1/3 → running"."""
-        s = self.state
-        parts = [s.status]
-        if s.attempts:
-            parts.append(f"attempt {s.attempts}/{s.max_attempts}")
-        what = f"{self._method} on " if self._method else ""
-        parts.append(f"{what}service {s.service_id or '?'}")
-        if self._application:
-            parts.append(f"app {self._application}")
-        if s.status == "running" and s.deadline_at:
-            parts.append(f"deadline {s.deadline_at}")
+        """E.g. "running · attempt 1/3 · search on service svc-1 · from session S · deadline … ·
+        last: attempt 1/3 started"."""
+        s, c = self.state, self.state.current
+        if c is None:
+            parts = [f"awaiting the first notice of invocation {s.invocation_id} in zone {s.zone_id}"]
+        else:
+            parts = [c.status]
+            if c.attempts:
+                parts.append(f"attempt {c.attempts}/{c.max_attempts}")
+            parts.append(f"{c.method} on service {c.service_id}")
+            if c.source_session_id:
+                parts.append(f"from session {c.source_session_id}")
+            if c.status == "running" and c.deadline_at:
+                parts.append(f"deadline {c.deadline_at}")
+            parts.append(f"v{c.state_version}")
         if self._last:
             parts.append(f"last: {self._last}")
+        if s.runs > 1:
+            parts.append(f"run {s.runs}")
         return " · ".join(parts)
 
     def _trace(self, last: str) -> None:
         self._last = last
         workflow.set_current_details(self._details())
 
-    def _finished(self) -> bool:
-        s = self.state
-        return s.status in FINAL or (s.status == "failed" and s.attempts >= s.max_attempts)
+    # ------------------------------------------------------------------ state
 
-    @workflow.run
-    async def run(self, state: InvocationState) -> str:
-        if not await create_arrived(lambda: self.state.status == "creating"):
-            self.state.status = "rejected"
-            if workflow.patched("invocation-create-timeout-status"):
-                workflow.upsert_search_attributes([SA_INVOCATION_STATUS.value_set("rejected")])
-            self._trace("no create update within 5 minutes")
-        while not self._finished():
-            self._wake = False
-            deadline = parse_time(self.state.deadline_at) if self.state.status == "running" else None
-            if deadline is None:
-                await workflow.wait_condition(lambda: self._wake)
-                continue
-            remaining = (deadline - workflow.now()).total_seconds()
-            if remaining > 0:
-                try:
-                    await workflow.wait_condition(lambda: self._wake, timeout=timedelta(seconds=remaining),
-                                                  timeout_summary="invocation deadline")
-                    continue
-                except asyncio.TimeoutError:
-                    pass
-            async with self._lock:
-                outcome: InvocationOutcome = await workflow.execute_activity(
-                    SETTLE_INVOCATION_DEADLINE,
-                    InvocationCommand(self.state.zone_id, self.state.invocation_id, "settle", str(workflow.uuid4())),
-                    result_type=InvocationOutcome, start_to_close_timeout=timedelta(seconds=30),
-                    retry_policy=DURABLE_RETRY,
-                    summary=f"deadline exceeded: fail attempt {self.state.attempts}/{self.state.max_attempts}"
-                            " or time out")
-                self._apply(outcome.invocation)
-                self._trace(f"deadline exceeded → {self.state.status}")
-        await workflow.wait_condition(workflow.all_handlers_finished)
-        return self.state.status
+    def _sync_status_attribute(self) -> None:
+        c = self.state.current
+        if c is not None and workflow.info().typed_search_attributes.get(SA_INVOCATION_STATUS) != c.status:
+            workflow.upsert_search_attributes([SA_INVOCATION_STATUS.value_set(c.status)])
 
-    def _apply(self, inv: dict[str, Any] | None) -> None:
-        if not inv or int(inv.get("state_version", 0)) < self.state.state_version:
+    def _adopt(self, snap: InvocationSnapshot) -> str:
+        """"stale" (older than known: ignored), "same" (nothing new) or "changed"."""
+        known = self.state.current
+        if known is not None and snap.state_version < known.state_version:
+            return "stale"
+        if snap == known:
+            return "same"
+        self.state.current = snap
+        self._changes += 1
+        self._not_due = 0
+        self._row_missing = False
+        self._sync_status_attribute()
+        return "changed"
+
+    def _on_notice(self, kind: str, notice: InvocationNotice) -> None:
+        s, snap = self.state, notice.invocation
+        if (snap.zone_id, snap.invocation_id) != (s.zone_id, s.invocation_id):
+            self._trace(f"ignored {kind} meant for invocation {snap.invocation_id} in zone {snap.zone_id}")
             return
-        previous = self.state.status
-        for key in ("status", "attempts", "max_attempts", "deadline_at", "state_version", "service_id"):
-            if key in inv:
-                setattr(self.state, key, inv[key])
-        self._wake = True
-        if self.state.status != previous:
-            workflow.upsert_search_attributes([SA_INVOCATION_STATUS.value_set(self.state.status)])
-
-    @workflow.update
-    async def create(self, cmd: CreateInvocationCommand) -> dict[str, Any]:
-        try:
-            outcome: InvocationOutcome = await workflow.execute_local_activity(
-                CREATE_INVOCATION, cmd, result_type=InvocationOutcome, schedule_to_close_timeout=COMMAND_TIMEOUT,
-                retry_policy=COMMAND_RETRY, summary=f"create invocation {cmd.method} on service {cmd.service_id}")
-        except ActivityError as exc:
-            self._method, self._application = cmd.method, cmd.scope_id
-            self._reject()
-            self._trace("create failed (postgres unavailable)")
-            raise rejection(*POSTGRES_UNAVAILABLE) from exc
-        self._method, self._application = cmd.method, cmd.scope_id
-        if outcome.error or outcome.replayed:
-            self._reject()
-            self._trace(f"create refused ({outcome.error[0]})" if outcome.error else "create: idempotent replay")
-            if outcome.error:
-                raise rejection(*outcome.error)
-            return {"status": outcome.status, "body": outcome.body, "replayed": True}
-        self._apply(outcome.invocation)
-        self._trace("create")
-        return {"status": outcome.status, "body": outcome.body, "replayed": False}
-
-    def _reject(self) -> None:
-        self.state.status = "rejected"
-        workflow.upsert_search_attributes([SA_INVOCATION_STATUS.value_set("rejected")])
-
-    @create.validator
-    def _validate_create(self, cmd: CreateInvocationCommand) -> None:
-        if self.state.status != "creating":
-            raise rejection(409, {"error": "invocation_already_created"})
-
-    async def _transition(self, cmd: InvocationCommand) -> dict[str, Any]:
-        if cmd.action == "start":
-            summary = f"start attempt {self.state.attempts + 1}/{self.state.max_attempts}"
-        elif cmd.action == "cancel":
-            summary = "cancel" + (f" ({cmd.reason})" if cmd.reason else "")
-        elif cmd.action == "complete":
-            summary = f"complete ({cmd.status or 'failed'})"
+        known = s.current.state_version if s.current is not None else None
+        outcome = self._adopt(snap)
+        if outcome == "stale":
+            self._trace(f"stale {kind} v{snap.state_version} ignored (at v{known}): {notice.summary}")
+        elif outcome == "same":
+            self._trace(f"repeated {kind} v{snap.state_version}: no change")
         else:
-            summary = cmd.action
-        async with self._lock:
-            cmd.op_id = str(workflow.uuid4())
-            try:
-                outcome: InvocationOutcome = await workflow.execute_local_activity(
-                    TRANSITION_INVOCATION, cmd, result_type=InvocationOutcome, schedule_to_close_timeout=COMMAND_TIMEOUT,
-                    retry_policy=COMMAND_RETRY, summary=summary)
-            except ActivityError as exc:
-                raise rejection(*POSTGRES_UNAVAILABLE) from exc
-            self._apply(outcome.invocation)
-            if outcome.error:
-                self._trace(f"{summary} refused ({outcome.error[0]})")
-                raise rejection(*outcome.error)
-            self._trace(f"{summary} → {self.state.status}")
-            return {"status": outcome.status, "body": outcome.body}
+            self._trace(notice.summary)
 
-    @workflow.update
-    async def start(self, cmd: InvocationCommand) -> dict[str, Any]:
-        return await self._transition(cmd)
+    # ------------------------------------------------------------------ notices (signals)
 
-    @start.validator
-    def _validate_start(self, cmd: InvocationCommand) -> None:
-        s = self.state
-        if s.status not in ("pending", "failed") or s.attempts >= s.max_attempts:
-            raise rejection(409, {"error": "invocation_not_startable"})
+    @workflow.signal(name=wc.INVOCATION_CREATED)
+    def created(self, notice: InvocationNotice) -> None:
+        self._on_notice(wc.INVOCATION_CREATED, notice)
 
-    @workflow.update
-    async def cancel(self, cmd: InvocationCommand) -> dict[str, Any]:
-        return await self._transition(cmd)
+    @workflow.signal(name=wc.INVOCATION_STARTED)
+    def started(self, notice: InvocationNotice) -> None:
+        self._on_notice(wc.INVOCATION_STARTED, notice)
 
-    @cancel.validator
-    def _validate_cancel(self, cmd: InvocationCommand) -> None:
-        if self.state.status in ("succeeded", "canceled", "timed_out", "dead", "failed", "creating", "rejected"):
-            raise rejection(409, {"error": "invocation_not_cancelable"})
+    @workflow.signal(name=wc.INVOCATION_CANCEL_REQUESTED)
+    def cancel_requested(self, notice: InvocationNotice) -> None:
+        self._on_notice(wc.INVOCATION_CANCEL_REQUESTED, notice)
 
-    @workflow.update
-    async def complete(self, cmd: InvocationCommand) -> dict[str, Any]:
-        return await self._transition(cmd)
+    @workflow.signal(name=wc.INVOCATION_COMPLETED)
+    def completed(self, notice: InvocationNotice) -> None:
+        self._on_notice(wc.INVOCATION_COMPLETED, notice)
 
-    @complete.validator
-    def _validate_complete(self, cmd: InvocationCommand) -> None:
-        if self.state.status not in ("running", "cancel_requested"):
-            raise rejection(409, {"error": "invocation_not_completable"})
+    @workflow.signal(name=wc.INVOCATION_SYNC)
+    def sync(self, notice: InvocationNotice) -> None:
+        self._on_notice(wc.INVOCATION_SYNC, notice)
 
     @workflow.query
     def current_state(self) -> InvocationState:
         return self.state
+
+    # ------------------------------------------------------------------ run loop
+
+    @workflow.run
+    async def run(self, state: InvocationState) -> str:
+        workflow.set_current_details(self._details())
+        await workflow.wait_condition(lambda: self.state.current is not None)
+        self._sync_status_attribute()
+        while not finished(self.state.current):
+            if workflow.info().is_continue_as_new_suggested():
+                await workflow.wait_condition(workflow.all_handlers_finished)
+                if not finished(self.state.current):
+                    self.state.runs += 1
+                    workflow.continue_as_new(self.state)
+                continue
+            seen = self._changes
+            if await wait_until(self._next_deadline(),
+                                lambda: self._changes != seen or workflow.info().is_continue_as_new_suggested(),
+                                DEADLINE):
+                await self._settle()
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        return self.state.current.status
+
+    def _next_deadline(self) -> datetime | None:
+        c = self.state.current
+        if c is None or c.status != "running" or self._row_missing:
+            return None
+        due = parse_time(c.deadline_at)
+        if due is not None and self._not_due:
+            # Postgres found this very deadline not yet due (clocks apart): try again a little later.
+            due = max(due, workflow.now() + timedelta(seconds=min(60, 2 ** (self._not_due - 1))))
+        return due
+
+    async def _settle(self) -> None:
+        before = self.state.current
+        assert before is not None
+        snap: InvocationSnapshot | None = await workflow.execute_activity(
+            SETTLE_INVOCATION_DEADLINE, SettleCommand(self.state.zone_id, self.state.invocation_id),
+            result_type=InvocationSnapshot | None, start_to_close_timeout=timedelta(seconds=30),
+            retry_policy=DURABLE_RETRY,
+            summary=f"deadline exceeded: fail attempt {before.attempts}/{before.max_attempts} or time out")
+        if snap is None:
+            # No row: keep what is known and wait for a notice (the reconciler's sync, if any).
+            self._row_missing = True
+            self._trace(f"{DEADLINE}: invocation row not found, waiting for a notice")
+            return
+        outcome = self._adopt(snap)
+        now = self.state.current
+        if (now.status, now.deadline_at) == (before.status, before.deadline_at):
+            # Nothing settled and the deadline stands (Postgres's clock behind, or its row behind
+            # what this workflow knows): try again, backing off.
+            self._not_due += 1
+            self._trace(f"{DEADLINE}: not yet due in Postgres, trying again" if outcome != "stale" else
+                        f"{DEADLINE}: Postgres answered v{snap.state_version}, behind the v{now.state_version} "
+                        "known here; trying again")
+        elif outcome == "stale":
+            self._trace(f"{DEADLINE}: settled at v{snap.state_version}, older than the v{now.state_version} "
+                        "already known")
+        elif now.status != before.status:
+            self._trace(f"deadline exceeded: attempt {now.attempts}/{now.max_attempts} {now.status}")
+        else:
+            self._trace(f"{DEADLINE}: moved to {now.deadline_at}")

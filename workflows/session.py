@@ -1,67 +1,88 @@
-"""One workflow per session: `session/<zone>/<id>`.
+"""One workflow per session: `session/<zone>/<id>` (DESIGN.md, "Postgres decides, Temporal follows").
 
-The workflow decides; activities do the I/O. It owns the session's lifecycle commands (create,
-suspend, resume, terminate, lease takeover: Workflow Updates whose validators give the reference's
-409s), its durable timers (task TTL, service lease deadline) and its history. Postgres stays the
-source of truth: every transition is one transaction in an activity, and other sessions changed by
-a cascade are told by signal (`apply_change`) through a fan-out activity.
+Postgres decides every transition; this workflow follows. Each command transaction writes a
+workflow-outbox row and the dispatcher delivers it by signal-with-start: the signal's name is the
+kind of notice (rules/workflow_contract.SESSION_SIGNALS), its argument a `SessionNotice` carrying
+the session's whole state at its `state_version`. Delivery is at least once: a notice older than
+the known state is ignored, delegation notices (which change no state_version) are deduplicated by
+edge id.
+
+The workflow owns time: the task TTL (`expires_at`, while active or suspended) and the service
+lease deadline (`heartbeat_deadline_at`, while active) are durable timers. When one fires, an
+activity settles the deadline in one transaction if it is still due (heartbeats move the lease
+without a notice, so the timer re-arms from the row it reads) and writes the notices of every
+session it changed. The history tells the session's story; the current details line sums it up.
 """
 
 from __future__ import annotations
 
-import asyncio
+import dataclasses
 from datetime import datetime, timedelta
-from typing import Any
 
 from temporalio import workflow
 from temporalio.common import SearchAttributeKey
-from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
-    from workflows.common import (
-        COMMAND_RETRY, COMMAND_TIMEOUT, DURABLE_RETRY, create_arrived, POSTGRES_UNAVAILABLE, parse_time, rejection,
-    )
+    from rules import workflow_contract as wc
+    from workflows.common import DURABLE_RETRY, parse_time, wait_until
     from workflows.models import (
-        NOTIFY_SESSIONS,
-        RESUME_SESSION,
-        SETTLE_SESSION_DEADLINE,
-        START_SESSION,
-        SUSPEND_SESSION,
-        TAKE_SESSION_LEASE,
-        TERMINATE_SESSION,
-        CREATE_DELEGATION,
-        REVOKE_DELEGATION,
-        DelegateCommand,
-        NotifyCommand,
-        RevokeCommand,
-        Outcome,
-        SessionChange,
-        SessionCommand,
-        SessionState,
-        StartSessionCommand,
+        SETTLE_SESSION_DEADLINE, SessionNotice, SessionSnapshot, SessionState, SettleCommand,
     )
 
-SA_ZONE = SearchAttributeKey.for_keyword("ZoneId")
-SA_APPLICATION = SearchAttributeKey.for_keyword("ApplicationId")
-SA_SESSION = SearchAttributeKey.for_keyword("SessionId")
-SA_STATUS = SearchAttributeKey.for_keyword("SessionStatus")
-SA_LIFECYCLE = SearchAttributeKey.for_keyword("Lifecycle")
-SA_PARENT = SearchAttributeKey.for_keyword("ParentSessionId")
-SA_ROOT = SearchAttributeKey.for_keyword("RootSessionId")
+SA_STATUS = SearchAttributeKey.for_keyword(wc.SA_SESSION_STATUS)
 
-TERMINAL = ("terminated", "expired", "rejected")
+TTL_EXPIRY = "ttl expiry"
+LEASE_DEADLINE = "lease deadline"
+SETTLE_SUMMARY = {TTL_EXPIRY: "ttl expiry: expire the subtree if still due",
+                  LEASE_DEADLINE: "lease deadline: suspend the subtree unless renewed"}
+
+# What a delegation notice says about its edge, as kept in SessionState.edges.
+EDGE_ROLES = {wc.DELEGATION_GIVEN: "given", wc.DELEGATION_RECEIVED: "received", wc.DELEGATION_ENDED: "ended"}
+EDGE_MEMORY = 200  # edge ids remembered for deduplication (the oldest forgotten first)
 
 
-@workflow.defn(name="Session")
+def remember_edge(edges: dict[str, str], edge_id: str, role: str, limit: int = EDGE_MEMORY) -> bool:
+    """Record what a notice says of an edge; False when it repeats what is known (a duplicate).
+
+    An ended edge stays ended: a late or repeated "given"/"received" after it changes nothing.
+    At most `limit` edges are kept; beyond, the smallest ids go first. Edge ids are UUIDv7 (time
+    ordered), so those are the oldest edges, and the rule gives the same answer before and after
+    continue-as-new (the JSON converter sorts the keys of the carried state).
+    """
+    known = edges.get(edge_id)
+    if known == role or known == "ended":
+        return False
+    edges[edge_id] = role
+    while len(edges) > limit:
+        del edges[min(edges)]
+    return True
+
+
+def later(a: str | None, b: str | None) -> str | None:
+    """The later of two ISO times (either may be missing)."""
+    ta, tb = parse_time(a), parse_time(b)
+    if ta is None or tb is None:
+        return b if tb is not None else a
+    return b if tb > ta else a
+
+
+def merge_same_version(known: SessionSnapshot, new: SessionSnapshot) -> SessionSnapshot:
+    """A snapshot at the version already known. Heartbeats move the lease without a new version, and
+    only forward: keep the later deadline, so a repeated notice never winds the lease timer back.
+    A snapshot without a reason (a sync, a settlement) keeps the reason the notice gave."""
+    return dataclasses.replace(
+        new, heartbeat_deadline_at=later(known.heartbeat_deadline_at, new.heartbeat_deadline_at),
+        reason=new.reason if new.reason is not None or new.status != known.status else known.reason)
+
+
+@workflow.defn(name=wc.SESSION_WORKFLOW)
 class SessionWorkflow:
     @workflow.init
     def __init__(self, state: SessionState) -> None:
         self.state = state
-        self._lock = asyncio.Lock()
-        self._fanout_lock = asyncio.Lock()
-        self._wake = False
-        # For the UI's current details only (not history, not carried across continue-as-new).
-        self._reason: str | None = None
+        self._changes = 0  # bumped whenever the known state changes: wakes the run loop
+        self._not_due = 0  # settlements in a row that found the same deadline not yet due
+        # For the UI's current details only (not carried across continue-as-new).
         self._last = "continued as new" if state.runs > 1 else ""
 
     # ------------------------------------------------------------------ tracing (Temporal UI)
@@ -69,281 +90,198 @@ class SessionWorkflow:
     def _details(self) -> str:
         """One line telling a reader which session this is and where it stands, e.g.
         "suspended (requested) · task session of app-1 · parent X · expires … ·
-        last: suspend subtree (requested)"."""
-        s = self.state
-        status = f"{s.status} ({self._reason})" if self._reason and s.status not in ("active", "creating") else s.status
-        parts = [status, f"{s.lifecycle} session of {s.application_id or '?'}"]
-        if s.parent_id:
-            parts.append(f"parent {s.parent_id}")
-        if s.root_id and s.root_id not in (s.session_id, s.parent_id):
-            parts.append(f"root {s.root_id}")
-        if s.lifecycle == "task" and s.status in ("active", "suspended") and s.expires_at:
-            parts.append(f"expires {s.expires_at}")
-        if s.lifecycle == "service" and s.status == "active" and s.heartbeat_deadline_at:
-            parts.append(f"lease until {s.heartbeat_deadline_at}")
+        last: suspended with the subtree of X (requested)"."""
+        s, c = self.state, self.state.current
+        if c is None:
+            parts = [f"awaiting the first notice of session {s.session_id} in zone {s.zone_id}"]
+        else:
+            parts = [f"{c.status} ({c.reason})" if c.reason and c.status != "active" else c.status,
+                     f"{c.lifecycle} session of {c.application_id}"]
+            if c.parent_id:
+                parts.append(f"parent {c.parent_id}")
+            if c.root_id and c.root_id not in (c.session_id, c.parent_id):
+                parts.append(f"root {c.root_id}")
+            if c.lifecycle == "task" and c.status in wc.SESSION_LIVE and c.expires_at:
+                parts.append(f"expires {c.expires_at}")
+            if c.lifecycle == "service" and c.status == "active" and c.heartbeat_deadline_at:
+                parts.append(f"lease {c.lease_generation} until {c.heartbeat_deadline_at}")
+            parts.append(f"v{c.state_version}")
         if self._last:
             parts.append(f"last: {self._last}")
         if s.runs > 1:
             parts.append(f"run {s.runs}")
         return " · ".join(parts)
 
-    def _trace(self, last: str, reason: str | None = None) -> None:
-        """Record the transition just applied in the workflow's current details."""
+    def _trace(self, last: str) -> None:
         self._last = last
-        if reason is not None:
-            self._reason = reason
         workflow.set_current_details(self._details())
+
+    # ------------------------------------------------------------------ state
+
+    def _sync_status_attribute(self) -> None:
+        """Keep the `SessionStatus` search attribute equal to the known status."""
+        c = self.state.current
+        if c is not None and workflow.info().typed_search_attributes.get(SA_STATUS) != c.status:
+            workflow.upsert_search_attributes([SA_STATUS.value_set(c.status)])
+
+    def _adopt(self, snap: SessionSnapshot) -> str:
+        """Take a snapshot of this session: "stale" (older than known: ignored), "same" (nothing
+        new) or "changed"."""
+        known = self.state.current
+        if known is not None:
+            if snap.state_version < known.state_version:
+                return "stale"
+            if snap.state_version == known.state_version:
+                snap = merge_same_version(known, snap)
+            if snap == known:
+                return "same"
+        self.state.current = snap
+        self._changes += 1
+        self._not_due = 0
+        self._sync_status_attribute()
+        return "changed"
+
+    def _on_notice(self, kind: str, notice: SessionNotice) -> None:
+        s, snap = self.state, notice.session
+        if (snap.zone_id, snap.session_id) != (s.zone_id, s.session_id):
+            self._trace(f"ignored {kind} meant for session {snap.session_id} in zone {snap.zone_id}")
+            return
+        if notice.edge_id:
+            role = EDGE_ROLES.get(kind) or ("received" if kind == wc.SESSION_CREATED else None)
+            if role is not None and not remember_edge(s.edges, notice.edge_id, role) and kind in EDGE_ROLES:
+                self._trace(f"repeated {kind} of edge {notice.edge_id} ignored")
+                return
+        known = s.current.state_version if s.current is not None else None
+        outcome = self._adopt(snap)
+        if outcome == "stale" and kind in EDGE_ROLES:
+            # The edge news counts; the session state it came with is behind what is known.
+            self._trace(f"{notice.summary} (its v{snap.state_version} is older than v{known}: state kept)")
+        elif outcome == "stale":
+            self._trace(f"stale {kind} v{snap.state_version} ignored (at v{known}): {notice.summary}")
+        elif outcome == "same" and kind not in EDGE_ROLES:
+            self._trace(f"repeated {kind} v{snap.state_version}: no change")
+        else:
+            self._trace(notice.summary)
+
+    # ------------------------------------------------------------------ notices (signals)
+
+    @workflow.signal(name=wc.SESSION_CREATED)
+    def created(self, notice: SessionNotice) -> None:
+        self._on_notice(wc.SESSION_CREATED, notice)
+
+    @workflow.signal(name=wc.SESSION_SUSPENDED)
+    def suspended(self, notice: SessionNotice) -> None:
+        self._on_notice(wc.SESSION_SUSPENDED, notice)
+
+    @workflow.signal(name=wc.SESSION_RESUMED)
+    def resumed(self, notice: SessionNotice) -> None:
+        self._on_notice(wc.SESSION_RESUMED, notice)
+
+    @workflow.signal(name=wc.SESSION_TERMINATED)
+    def terminated(self, notice: SessionNotice) -> None:
+        self._on_notice(wc.SESSION_TERMINATED, notice)
+
+    @workflow.signal(name=wc.SESSION_LEASE_TAKEN)
+    def lease_taken(self, notice: SessionNotice) -> None:
+        self._on_notice(wc.SESSION_LEASE_TAKEN, notice)
+
+    @workflow.signal(name=wc.DELEGATION_GIVEN)
+    def delegation_given(self, notice: SessionNotice) -> None:
+        self._on_notice(wc.DELEGATION_GIVEN, notice)
+
+    @workflow.signal(name=wc.DELEGATION_RECEIVED)
+    def delegation_received(self, notice: SessionNotice) -> None:
+        self._on_notice(wc.DELEGATION_RECEIVED, notice)
+
+    @workflow.signal(name=wc.DELEGATION_ENDED)
+    def delegation_ended(self, notice: SessionNotice) -> None:
+        self._on_notice(wc.DELEGATION_ENDED, notice)
+
+    @workflow.signal(name=wc.SESSION_SYNC)
+    def sync(self, notice: SessionNotice) -> None:
+        self._on_notice(wc.SESSION_SYNC, notice)
+
+    @workflow.query
+    def current_state(self) -> SessionState:
+        return self.state
 
     # ------------------------------------------------------------------ run loop
 
     @workflow.run
     async def run(self, state: SessionState) -> str:
         workflow.set_current_details(self._details())
-        if not await create_arrived(lambda: self.state.status == "creating"):
-            self.state.status = "rejected"
-            if workflow.patched("session-create-timeout-status"):
-                workflow.upsert_search_attributes([SA_STATUS.value_set("rejected")])
-            self._trace("no create update within 5 minutes")
+        # Started by signal-with-start, the first notice comes with the first task.
+        await workflow.wait_condition(lambda: self.state.current is not None)
+        self._sync_status_attribute()  # a run continued as new, or started without attributes
         while True:
-            await self._drain_changes()
-            if self.state.status in TERMINAL:
+            current = self.state.current
+            assert current is not None
+            if current.status in wc.SESSION_TERMINAL:
                 break
             if workflow.info().is_continue_as_new_suggested():
-                # Let running commands finish (they hold the lock across their activity) first.
-                await workflow.wait_condition(lambda: not self._lock.locked() and workflow.all_handlers_finished())
-                await self._drain_changes()
-                if self.state.status not in TERMINAL:
+                await workflow.wait_condition(workflow.all_handlers_finished)
+                if self.state.current.status not in wc.SESSION_TERMINAL:
                     self.state.runs += 1
                     workflow.continue_as_new(self.state)
                 continue
-            deadline, what = self._next_deadline()
-            self._wake = False
-            wake = lambda: (self._wake or bool(self.state.pending_changes)  # noqa: E731
-                            or workflow.info().is_continue_as_new_suggested())
-            if deadline is None:
-                await workflow.wait_condition(wake)
-                continue
-            remaining = (deadline - workflow.now()).total_seconds()
-            if remaining > 0:
-                try:
-                    await workflow.wait_condition(wake, timeout=timedelta(seconds=remaining), timeout_summary=what)
-                    continue
-                except asyncio.TimeoutError:
-                    pass
-            await self._settle_deadline(what)
+            what, due = self._next_deadline()
+            seen = self._changes
+            if await wait_until(due, lambda: self._changes != seen or workflow.info().is_continue_as_new_suggested(),
+                                what):
+                await self._settle(what)
         await workflow.wait_condition(workflow.all_handlers_finished)
-        await self._drain_changes()
-        return self.state.status
+        return self.state.current.status
 
-    def _next_deadline(self) -> tuple[datetime | None, str]:
-        s = self.state
-        if s.lifecycle == "task" and s.status in ("active", "suspended") and s.expires_at:
-            return parse_time(s.expires_at), "ttl expiry"
-        if s.lifecycle == "service" and s.status == "active" and s.heartbeat_deadline_at:
-            return parse_time(s.heartbeat_deadline_at), "lease deadline"
-        return None, ""
+    def _deadline(self) -> tuple[str, str | None]:
+        """Which timer the known state arms, and its deadline (ISO), if any."""
+        c = self.state.current
+        if c is not None and c.lifecycle == "task" and c.status in wc.SESSION_LIVE and c.expires_at:
+            return TTL_EXPIRY, c.expires_at
+        if c is not None and c.lifecycle == "service" and c.status == "active" and c.heartbeat_deadline_at:
+            return LEASE_DEADLINE, c.heartbeat_deadline_at
+        return "", None
 
-    async def _settle_deadline(self, what: str) -> None:
-        late = " (late heartbeat)" if "late heartbeat" in what else ""
-        if what == "ttl expiry":
-            summary = "expire (ttl): terminate subtree"
-        elif what.startswith("lease deadline"):
-            summary = f"lease lost{late}: suspend subtree unless renewed"
+    def _next_deadline(self) -> tuple[str, datetime | None]:
+        what, deadline = self._deadline()
+        due = parse_time(deadline)
+        if due is not None and self._not_due:
+            # Postgres found this very deadline not yet due (clocks apart): try again a little later.
+            due = max(due, workflow.now() + timedelta(seconds=min(60, 2 ** (self._not_due - 1))))
+        return what, due
+
+    async def _settle(self, what: str) -> None:
+        before = self.state.current
+        assert before is not None
+        _, deadline = self._deadline()
+        snap: SessionSnapshot | None = await workflow.execute_activity(
+            SETTLE_SESSION_DEADLINE, SettleCommand(self.state.zone_id, self.state.session_id),
+            result_type=SessionSnapshot | None, start_to_close_timeout=timedelta(seconds=30),
+            retry_policy=DURABLE_RETRY, summary=SETTLE_SUMMARY[what])
+        if snap is None:
+            self.state.current = dataclasses.replace(self.state.current, status="terminated",
+                                                     reason=self.state.current.reason or "session_row_missing")
+            self._changes += 1
+            self._sync_status_attribute()
+            self._trace(f"{what}: the session's row is gone, ending")
+            return
+        outcome = self._adopt(snap)
+        now = self.state.current
+        if now.status == before.status and self._deadline() == (what, deadline):
+            # Nothing settled and the deadline stands (Postgres's clock behind, or its row behind
+            # what this workflow knows): try again, backing off.
+            self._not_due += 1
+            self._trace(f"{what}: not yet due in Postgres, trying again" if outcome != "stale" else
+                        f"{what}: Postgres answered v{snap.state_version}, behind the v{now.state_version} "
+                        "known here; trying again")
+        elif outcome == "stale":
+            self._trace(f"{what}: settled at v{snap.state_version}, older than the v{now.state_version} "
+                        "already known")
+        elif now.status == "expired":
+            self._trace(f"{what}: expired with the subtree")
+        elif what == LEASE_DEADLINE and before.status == "active" and now.status == "suspended":
+            self._trace(f"{what}: lease lost, suspended with the subtree")
+        elif now.status != before.status:
+            self._trace(f"{what}: {now.status}")
         else:
-            summary = what
-        async with self._lock:
-            previous = self.state.status
-            outcome: Outcome = await workflow.execute_activity(
-                SETTLE_SESSION_DEADLINE, SessionCommand(self.state.zone_id, self.state.session_id,
-                                                        op_id=str(workflow.uuid4())),
-                result_type=Outcome, start_to_close_timeout=timedelta(seconds=30), retry_policy=DURABLE_RETRY,
-                summary=summary)
-            self._apply_outcome(outcome)
-            status = self.state.status
-            if status == "expired":
-                self._trace("expire (ttl)", "ttl")
-            elif status == "suspended" and previous != "suspended":
-                self._trace(f"lease lost{late}: suspended subtree", "lease lost")
-            elif status == previous:
-                self._trace(f"{what}: lease renewed, timer re-armed" if self.state.lifecycle == "service"
-                            else f"{what}: not due yet")
-            else:
-                self._trace(f"{what}: {status}")
-
-    async def _drain_changes(self) -> None:
-        """Tell the other sessions changed by a cascade (the run loop and commands both drain)."""
-        async with self._fanout_lock:
-            while self.state.pending_changes:
-                batch = list(self.state.pending_changes)
-                statuses = ", ".join(sorted({c.status for c in batch}))
-                await workflow.execute_activity(
-                    NOTIFY_SESSIONS, NotifyCommand(self.state.zone_id, batch),
-                    start_to_close_timeout=timedelta(minutes=5), retry_policy=DURABLE_RETRY,
-                    summary=f"cascade: signal {len(batch)} session(s) → {statuses}")
-                del self.state.pending_changes[:len(batch)]
-
-    # ------------------------------------------------------------------ state
-
-    def _apply_own(self, session: dict[str, Any] | None) -> None:
-        if not session:
-            return
-        s = self.state
-        if int(session.get("state_version", 0)) < s.state_version:
-            return
-        previous = s.status
-        for key in ("application_id", "lifecycle", "status", "parent_id", "root_id", "expires_at",
-                    "heartbeat_deadline_at"):
-            if key in session:
-                setattr(s, key, session[key])
-        s.state_version = int(session.get("state_version", s.state_version))
-        self._wake = True
-        if s.status != previous:
-            workflow.upsert_search_attributes([SA_STATUS.value_set(s.status)])
-
-    def _apply_outcome(self, outcome: Outcome) -> None:
-        self._apply_own(outcome.session)
-        self.state.pending_changes.extend(outcome.changes)
-
-    async def _command(self, activity: str, cmd: SessionCommand | DelegateCommand | RevokeCommand, summary: str,
-                       reason: str | None = None) -> dict[str, Any]:
-        """Run one transition's transaction and answer its HTTP request. `summary` names the
-        transition on its activity in the history and in the workflow's current details."""
-        async with self._lock:
-            cmd.op_id = str(workflow.uuid4())
-            try:
-                outcome: Outcome = await workflow.execute_local_activity(
-                    activity, cmd, result_type=Outcome, schedule_to_close_timeout=COMMAND_TIMEOUT,
-                    retry_policy=COMMAND_RETRY, summary=summary)
-            except ActivityError as exc:
-                raise rejection(*POSTGRES_UNAVAILABLE) from exc
-            if outcome.error:
-                # The row may have moved on without this workflow knowing (e.g. a cascade signal
-                # still in flight): adopt what the database says.
-                self._apply_own(outcome.session)
-                body = outcome.error[1] if len(outcome.error) > 1 and isinstance(outcome.error[1], dict) else {}
-                self._trace(f"{summary} refused ({body.get('error', outcome.error[0])})")
-                raise rejection(*outcome.error)
-            self._apply_outcome(outcome)
-            self._trace(summary, reason)
-            if outcome.changes and workflow.patched("fanout-before-reply"):
-                # Answer only once every changed session's workflow has been told, so a client's
-                # next command on a descendant meets a workflow that already knows its state.
-                await self._drain_changes()
-            return {"status": outcome.status, "body": outcome.body, "replayed": outcome.replayed}
-
-    # ------------------------------------------------------------------ create
-
-    @workflow.update
-    async def create(self, cmd: StartSessionCommand) -> dict[str, Any]:
-        try:
-            outcome: Outcome = await workflow.execute_local_activity(
-                START_SESSION, cmd, result_type=Outcome, schedule_to_close_timeout=COMMAND_TIMEOUT,
-                retry_policy=COMMAND_RETRY,
-                summary=f"create {cmd.lifecycle} session of {cmd.application_id}"
-                        + (f" under {cmd.parent_id}" if cmd.parent_id else ""))
-        except ActivityError as exc:
-            self.state.status = "rejected"
-            workflow.upsert_search_attributes([SA_STATUS.value_set("rejected")])
-            self._trace("create failed", "postgres unavailable")
-            raise rejection(*POSTGRES_UNAVAILABLE) from exc
-        if outcome.error or outcome.replayed:
-            # Nothing was created under this id: the workflow ends at once.
-            self.state.status = "rejected"
-            workflow.upsert_search_attributes([SA_STATUS.value_set("rejected")])
-            if outcome.error:
-                body = outcome.error[1] if len(outcome.error) > 1 and isinstance(outcome.error[1], dict) else {}
-                self._trace("create refused", str(body.get("error", outcome.error[0])))
-            else:
-                self._trace("create: idempotent replay", "idempotent replay")
-            if outcome.error:
-                raise rejection(*outcome.error)
-            return {"status": outcome.status, "body": outcome.body, "replayed": True}
-        self._apply_own(outcome.session)
-        workflow.upsert_search_attributes([SA_ROOT.value_set(self.state.root_id or self.state.session_id)])
-        self._trace("create")
-        return {"status": outcome.status, "body": outcome.body, "replayed": False}
-
-    @create.validator
-    def _validate_create(self, cmd: StartSessionCommand) -> None:
-        if self.state.status != "creating":
-            raise rejection(409, {"error": "session_already_started"})
-
-    # ------------------------------------------------------------------ lifecycle commands
-
-    @workflow.update
-    async def suspend(self, cmd: SessionCommand) -> dict[str, Any]:
-        reason = cmd.reason or "requested"
-        return await self._command(SUSPEND_SESSION, cmd, f"suspend subtree ({reason})", reason)
-
-    @suspend.validator
-    def _validate_suspend(self, cmd: SessionCommand) -> None:
-        if self.state.status != "active":
-            raise rejection(409, {"error": "session_not_found_or_not_active"})
-
-    @workflow.update
-    async def resume(self, cmd: SessionCommand) -> dict[str, Any]:
-        return await self._command(RESUME_SESSION, cmd, "resume subtree", "")
-
-    @resume.validator
-    def _validate_resume(self, cmd: SessionCommand) -> None:
-        if self.state.status != "suspended":
-            raise rejection(409, {"error": "session_not_found_or_not_suspended"})
-
-    @workflow.update
-    async def terminate(self, cmd: SessionCommand) -> dict[str, Any]:
-        reason = cmd.reason or "requested"
-        return await self._command(TERMINATE_SESSION, cmd, f"terminate subtree ({reason})", reason)
-
-    @terminate.validator
-    def _validate_terminate(self, cmd: SessionCommand) -> None:
-        if self.state.status not in ("active", "suspended"):
-            raise rejection(404, {"error": "session_not_found"})
-
-    @workflow.update
-    async def take_lease(self, cmd: SessionCommand) -> dict[str, Any]:
-        return await self._command(TAKE_SESSION_LEASE, cmd, "lease takeover: new lease generation")
-
-    @take_lease.validator
-    def _validate_take_lease(self, cmd: SessionCommand) -> None:
-        if self.state.status not in ("active", "suspended"):
-            raise rejection(409, {"error": "session_not_live"})
-        if self.state.lifecycle != "service":
-            raise rejection(409, {"error": "session_not_service"})
-
-    @workflow.update
-    async def delegate(self, cmd: DelegateCommand) -> dict[str, Any]:
-        """Create a delegation edge whose source is this session."""
-        return await self._command(
-            CREATE_DELEGATION, cmd,
-            f"delegate edge {cmd.edge_id} to {cmd.target_session_id} ({cmd.receiver_application_id})")
-
-    @delegate.validator
-    def _validate_delegate(self, cmd: DelegateCommand) -> None:
-        if self.state.status != "active":
-            raise rejection(404, {"error": "delegation_endpoint_not_found"})
-
-    @workflow.update
-    async def revoke(self, cmd: RevokeCommand) -> dict[str, Any]:
-        """Revoke an edge leaving this session, with its cascade."""
-        return await self._command(REVOKE_DELEGATION, cmd, f"revoke edge {cmd.edge_id} with cascade")
-
-    @workflow.update
-    async def settle_now(self, cmd: SessionCommand) -> dict[str, Any]:
-        """A heartbeat found the lease lapsed before the timer fired: settle it now."""
-        await self._settle_deadline("lease deadline (late heartbeat)")
-        return {"status": self.state.status}
-
-    # ------------------------------------------------------------------ cascades from other sessions
-
-    @workflow.signal
-    def apply_change(self, change: SessionChange) -> None:
-        previous = (self.state.status, self.state.state_version)
-        self._apply_own({"status": change.status, "state_version": change.state_version,
-                         "heartbeat_deadline_at": change.heartbeat_deadline_at})
-        if (self.state.status, self.state.state_version) != previous:
-            self._trace(f"cascade signal: {change.status}" + (f" ({change.reason})" if change.reason else ""),
-                        change.reason or "")
-
-    @workflow.query
-    def current_state(self) -> SessionState:
-        return self.state
+            self._trace(f"{what}: renewed, timer re-armed for {self._deadline()[1]}"
+                        if what == LEASE_DEADLINE else f"{what}: moved to {self._deadline()[1]}")

@@ -1,5 +1,6 @@
-"""Delegation routes (reference §4.18-4.23, sdk-wire-contract §9): create and revoke go to the
-source session's workflow; every read (lists, traverse, impact, effective authority) is Postgres."""
+"""Delegation routes (reference §4.18-4.23, sdk-wire-contract §9): create and revoke are one
+Postgres transaction each (the endpoints' workflows hear of them through the workflow outbox);
+every read (lists, traverse, impact, effective authority) is Postgres."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from api.auth import Identity
 from api.deps import Services, identity, services
 from api.http import parse_query, read_json, validate_body
 from api.routes.sessions import PageQuery, created
-from api.temporal_gateway import WorkflowClosed
 from rules import authz
 from rules.constraints import MISSING, apply_broad_defaults, normalize_constraints
 from rules.errors import CoordinatorError
@@ -22,8 +22,8 @@ from rules.ids import new_id
 from rules.timefmt import is_iso_z
 from storage import delegations as store
 from storage.idempotency import DELEGATION_CREATE, IdempotencyRequest
+from storage.db import Conn
 from storage.pages import list_page
-from workflows import models as m
 
 router = APIRouter(tags=["delegations"])
 
@@ -94,23 +94,15 @@ async def create_delegation(zone_id: str, request: Request, ident: Identity = De
             "receiver_application_id": body.receiver_application_id, "parent_edge_id": body.parent_edge_id,
             "resource_id": body.resource_id, "scopes": sorted(body.scopes), "constraints": constraints,
             "expires_at": requested, "ttl_seconds": ttl})
-        async with svc.db.transaction() as conn:
-            replay = await store.replay_create(conn, svc.settings, IdempotencyRequest(
-                DELEGATION_CREATE, zone_id, body.issuer_application_id, key, digest), body.issuer_application_id)
-        if replay is not None:
-            return created(replay)
-    cmd = m.DelegateCommand(
+    idem = None if key is None else IdempotencyRequest(DELEGATION_CREATE, zone_id, body.issuer_application_id, key,
+                                                       digest)
+    cmd = store.CreateEdge(
         zone_id=zone_id, edge_id=new_id(), source_session_id=body.source_session_id,
         target_session_id=body.target_session_id, issuer_application_id=body.issuer_application_id,
         receiver_application_id=body.receiver_application_id, parent_edge_id=body.parent_edge_id,
         resource_id=body.resource_id, scopes=body.scopes, constraints=constraints, requested_expires_at=requested,
-        ttl_seconds=ttl, body_ttl_seconds=body.ttl_seconds, broad=not scoped, idempotency_key=key,
-        idempotency_digest_hex=digest.hex() if digest else None)
-    try:
-        result = await svc.temporal.session_update(zone_id, body.source_session_id, "delegate", cmd)
-    except WorkflowClosed:
-        raise CoordinatorError(404, "delegation_endpoint_not_found")
-    return created(result)
+        ttl_seconds=ttl, body_ttl_seconds=body.ttl_seconds, broad=not scoped)
+    return created(await svc.db.run(lambda conn: store.create_edge(conn, svc.settings, cmd, idem)))
 
 
 async def _edge_page(svc: Services, request: Request, zone_id: str, where: str, params: list[Any],
@@ -193,15 +185,12 @@ async def revoke(zone_id: str, edge_id: str, request: Request, ident: Identity =
     data = await read_json(request, required=False)
     body = RevokeBody() if data is None else validate_body(RevokeBody, data)
     expected = query.expected_epoch if query.expected_epoch is not None else body.expected_epoch
-    edge = await svc.db.fetchrow("""SELECT source_session_id, issuer_application_id FROM delegation_edges
-                                    WHERE zone_id = %s AND id = %s""", (zone_id, edge_id))
-    if edge is None:
-        raise CoordinatorError(404, "delegation_not_found")
-    if not authz.can_revoke(ident, edge["issuer_application_id"]):
-        raise CoordinatorError(403, "issuer_ownership_required")
-    cmd = m.RevokeCommand(zone_id, edge["source_session_id"], edge_id, expected)
-    try:
-        result = await svc.temporal.session_update(zone_id, edge["source_session_id"], "revoke", cmd)
-    except WorkflowClosed:
-        raise CoordinatorError(404, "delegation_not_found")
-    return result["body"]
+
+    async def revoke_edge(conn: Conn) -> dict[str, Any]:
+        edge = await store.get_edge(conn, zone_id, edge_id)
+        if edge is None:
+            raise CoordinatorError(404, "delegation_not_found")
+        if not authz.can_revoke(ident, edge["issuer_application_id"]):
+            raise CoordinatorError(403, "issuer_ownership_required")
+        return await store.revoke_cascade(conn, zone_id, edge_id, expected)
+    return await svc.db.run(revoke_edge)

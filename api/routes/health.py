@@ -1,8 +1,17 @@
-"""Liveness, readiness (Postgres, Temporal and a polling worker) and metrics (operator token)."""
+"""Liveness, readiness and metrics (operator token).
+
+`/ready` fails (503) only for what commands need: Postgres (and Redis when the relay is
+configured). Temporal and the worker are reported, not required: commands are Postgres
+transactions and reach the workflows through the workflow outbox, which waits while Temporal is
+away (DESIGN.md, "Postgres decides, Temporal follows"). The body names the outbox backlog and
+Temporal's state as the dispatchers and this API see it.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from datetime import timedelta
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -14,10 +23,14 @@ from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from api import metrics
 from api.deps import Services, identity, services
 from rules.errors import CoordinatorError
+from storage import dispatch
 
 router = APIRouter(tags=["health"])
+log = logging.getLogger("coordinator.api")
 
 READY_TIMEOUT_S = 5.0
+# Temporal is only reported by /ready: do not let a dead server slow the answer down.
+TEMPORAL_PROBE_TIMEOUT_S = 2.0
 
 
 @router.get("/health", summary="Liveness check")
@@ -36,7 +49,7 @@ async def _temporal(svc: Services) -> bool:
         raise ConnectionError("no temporal client")
     resp = await client.workflow_service.describe_task_queue(DescribeTaskQueueRequest(
         namespace=client.namespace, task_queue=TaskQueue(name=svc.settings.TEMPORAL_TASK_QUEUE),
-        task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW), timeout=__import__("datetime").timedelta(seconds=READY_TIMEOUT_S))
+        task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW), timeout=timedelta(seconds=TEMPORAL_PROBE_TIMEOUT_S))
     return len(resp.pollers) > 0
 
 
@@ -55,22 +68,38 @@ async def _redis(svc: Services) -> None:
         await client.aclose()
 
 
+async def _outbox(svc: Services) -> tuple[dict[str, Any], dict[str, Any]]:
+    return await asyncio.gather(dispatch.backlog(svc.db), dispatch.dispatch_stats(svc.db))
+
+
 @router.get("/ready", summary="Dependency readiness")
 async def ready(request: Request, svc: Services = Depends(services)) -> Response:
     if getattr(request.app.state, "draining", False):
         return JSONResponse({"ok": False, "draining": True}, status_code=503)
-    pg, tp, rd = await asyncio.gather(asyncio.wait_for(_postgres(svc), READY_TIMEOUT_S),
-                                      asyncio.wait_for(_temporal(svc), READY_TIMEOUT_S),
-                                      asyncio.wait_for(_redis(svc), READY_TIMEOUT_S), return_exceptions=True)
-    if isinstance(pg, BaseException):
+    pg, tp, rd, ob = await asyncio.gather(asyncio.wait_for(_postgres(svc), READY_TIMEOUT_S),
+                                          asyncio.wait_for(_temporal(svc), TEMPORAL_PROBE_TIMEOUT_S + 0.5),
+                                          asyncio.wait_for(_redis(svc), READY_TIMEOUT_S),
+                                          asyncio.wait_for(_outbox(svc), READY_TIMEOUT_S), return_exceptions=True)
+    if isinstance(pg, BaseException) or isinstance(ob, BaseException):
+        if not isinstance(pg, BaseException):
+            log.warning("/ready: workflow outbox state unreadable: %r", ob)
         return JSONResponse({"ok": False, "error": "postgres_unreachable", "dependency": "postgres"}, status_code=503)
     if isinstance(rd, BaseException):
         return JSONResponse({"ok": False, "error": "redis_unreachable", "dependency": "redis"}, status_code=503)
-    if isinstance(tp, BaseException):
-        return JSONResponse({"ok": False, "error": "temporal_unreachable", "dependency": "temporal"}, status_code=503)
-    if not tp:
-        return JSONResponse({"ok": False, "error": "worker_not_polling", "dependency": "worker"}, status_code=503)
-    return JSONResponse({"ok": True})
+    backlog, stats = ob
+    # Temporal is "ok" when this API reaches it and no running dispatcher reports it unreachable.
+    temporal_ok = not isinstance(tp, BaseException) and stats["temporal_ok"] is not False
+    return JSONResponse({
+        "ok": True,
+        "worker": "unknown" if isinstance(tp, BaseException) else "polling" if tp else "not_polling",
+        "workflow_outbox": {
+            "backlog": backlog["backlog"],
+            "oldest_age_seconds": round(backlog["oldest_age_seconds"], 3),
+            "delivered_per_second": round(stats["delivered_per_second"], 2),
+            "dispatchers": stats["dispatchers"],
+            "temporal": "ok" if temporal_ok else "unreachable",
+        },
+    })
 
 
 @router.get("/metrics", summary="Service metrics (Prometheus text)")
@@ -90,6 +119,8 @@ async def metrics_endpoint(request: Request, svc: Services = Depends(services)) 
     rows = await svc.db.fetch("SELECT status, count(*) AS n FROM caracal_outbox GROUP BY status")
     for r in rows:
         metrics.OUTBOX.labels(r["status"]).set(r["n"])
+    backlog, stats = await _outbox(svc)
+    metrics.set_workflow_outbox(backlog, stats, await dispatch.counter(svc.db, "reconciler_started"))
     return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
 

@@ -1,8 +1,10 @@
-"""Invocation routes (reference §4.14-4.17): create/start/cancel/complete go to the invocation's
-workflow; reads come from Postgres."""
+"""Invocation routes (reference §4.14-4.17): create/start/cancel/complete are one Postgres
+transaction each (the invocation's workflow hears of it through the workflow outbox); reads come
+from Postgres."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
@@ -14,15 +16,14 @@ from api.auth import Identity
 from api.deps import Services, identity, services
 from api.http import parse_body, parse_query
 from api.routes.sessions import PageQuery, created
-from api.temporal_gateway import WorkflowClosed
 from rules import authz
 from rules.errors import CoordinatorError
 from rules.idempotency import request_digest, validate_idempotency_key
 from rules.ids import new_id
 from storage import invocations as store
 from storage.idempotency import INVOCATION_CREATE, IdempotencyRequest
+from storage.db import Conn
 from storage.pages import list_page
-from workflows import models as m
 
 router = APIRouter(tags=["invocations"])
 
@@ -86,22 +87,24 @@ async def create_invocation(zone_id: str, request: Request, ident: Identity = De
         "source_session_id": body.source_session_id, "target_session_id": body.target_session_id,
         "method": body.method, "params": body.params, "metadata": body.metadata, "timeout_ms": body.timeout_ms,
         "retry_policy": retry})
-    async with svc.db.transaction() as conn:
+
+    async def create(conn: Conn) -> dict[str, Any]:
         source_app = await store.check_create(conn, zone_id, body.service_id,
                                               [body.source_session_id, body.target_session_id])
         if not authz.can_invoke(ident, source_app):
             raise CoordinatorError(403, "invoker_ownership_required")
         idem = IdempotencyRequest(INVOCATION_CREATE, zone_id, source_app, key, digest)
         replay = await store.replay(conn, svc.settings, idem)
-    if replay is not None:  # answered from the receipt: not rate limited, Temporal untouched
-        return created({**replay, "replayed": True})
-    ratelimit.check_invocation_rate(request.app.state, zone_id, _client_key(request, ident))
-    cmd = m.CreateInvocationCommand(
-        zone_id=zone_id, invocation_id=new_id(), service_id=body.service_id,
-        source_session_id=body.source_session_id, target_session_id=body.target_session_id, method=body.method,
-        params=body.params, metadata=body.metadata, timeout_ms=body.timeout_ms, retry_policy=retry,
-        scope_id=source_app, idempotency_key=key, idempotency_digest_hex=digest.hex())
-    return created(await svc.temporal.start_invocation(cmd))
+        if replay is not None:  # answered from the receipt: not rate limited
+            return {**replay, "replayed": True}
+        ratelimit.check_invocation_rate(request.app.state, zone_id, _client_key(request, ident))
+        cmd = store.CreateInvocation(
+            zone_id=zone_id, invocation_id=new_id(), service_id=body.service_id,
+            source_session_id=body.source_session_id, target_session_id=body.target_session_id, method=body.method,
+            params=body.params, metadata=body.metadata, timeout_ms=body.timeout_ms, retry_policy=retry,
+            scope_id=source_app)
+        return await store.create(conn, svc.settings, cmd, idem)
+    return created(await svc.db.run(create))
 
 
 @router.get("/zones/{zone_id}/invocations", summary="List invocations")
@@ -131,27 +134,25 @@ async def get_invocation(zone_id: str, invocation_id: str, ident: Identity = Dep
     return store.projection(row)
 
 
-async def _transition(request: Request, svc: Services, ident: Identity, zone_id: str, invocation_id: str,
-                      cmd: m.InvocationCommand, closed_code: str) -> dict[str, Any]:
-    async with svc.db.connection() as conn:
-        row = await store.get(conn, zone_id, invocation_id)
-    if row is None:
-        raise CoordinatorError(404, "invocation_not_found")
-    if not authz.can_invoke(ident, row["service_application_id"]):
-        raise CoordinatorError(403, "invoker_ownership_required")
-    try:
-        result = await svc.temporal.update(m.invocation_workflow_id(zone_id, invocation_id), cmd.action, cmd)
-    except WorkflowClosed:
-        raise CoordinatorError(409, closed_code)
-    return result["body"]
+async def _transition(svc: Services, ident: Identity, zone_id: str, invocation_id: str,
+                      apply: Callable[[Conn], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+    """Lock the invocation, check the caller may drive it, apply the transition: one transaction."""
+    async def transition(conn: Conn) -> dict[str, Any]:
+        row = await store.get(conn, zone_id, invocation_id, lock=True)
+        if row is None:
+            raise CoordinatorError(404, "invocation_not_found")
+        if not authz.can_invoke(ident, row["service_application_id"]):
+            raise CoordinatorError(403, "invoker_ownership_required")
+        return store.projection(await apply(conn))
+    return await svc.db.run(transition)
 
 
 @router.patch("/zones/{zone_id}/invocations/{invocation_id}/start", summary="Mark an invocation running")
 async def start_invocation(zone_id: str, invocation_id: str, request: Request, ident: Identity = Depends(identity),
                            svc: Services = Depends(services)) -> dict[str, Any]:
     ratelimit.check_invocation_rate(request.app.state, zone_id, _client_key(request, ident))
-    return await _transition(request, svc, ident, zone_id, invocation_id,
-                             m.InvocationCommand(zone_id, invocation_id, "start"), "invocation_not_startable")
+    return await _transition(svc, ident, zone_id, invocation_id,
+                             lambda conn: store.start(conn, zone_id, invocation_id))
 
 
 @router.patch("/zones/{zone_id}/invocations/{invocation_id}/cancel", summary="Cancel an invocation")
@@ -159,9 +160,8 @@ async def cancel_invocation(zone_id: str, invocation_id: str, request: Request, 
                             svc: Services = Depends(services)) -> dict[str, Any]:
     ratelimit.check_invocation_rate(request.app.state, zone_id, _client_key(request, ident))
     body = await parse_body(request, CancelBody, required=False)
-    return await _transition(request, svc, ident, zone_id, invocation_id,
-                             m.InvocationCommand(zone_id, invocation_id, "cancel", reason=body.reason),
-                             "invocation_not_cancelable")
+    return await _transition(svc, ident, zone_id, invocation_id,
+                             lambda conn: store.cancel(conn, zone_id, invocation_id, body.reason))
 
 
 @router.patch("/zones/{zone_id}/invocations/{invocation_id}/complete", summary="Complete an invocation")
@@ -169,7 +169,6 @@ async def complete_invocation(zone_id: str, invocation_id: str, request: Request
                               ident: Identity = Depends(identity), svc: Services = Depends(services)) -> dict[str, Any]:
     ratelimit.check_invocation_rate(request.app.state, zone_id, _client_key(request, ident))
     body = await parse_body(request, CompleteBody)
-    return await _transition(request, svc, ident, zone_id, invocation_id,
-                             m.InvocationCommand(zone_id, invocation_id, "complete", status=body.status,
-                                                 error=body.error, metadata=body.metadata),
-                             "invocation_not_completable")
+    return await _transition(svc, ident, zone_id, invocation_id,
+                             lambda conn: store.complete(conn, zone_id, invocation_id, body.status, body.error,
+                                                         body.metadata))

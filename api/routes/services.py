@@ -1,8 +1,9 @@
 """Agent services, service-session heartbeats and lease takeover (reference §4.11-4.13,
 sdk-wire-contract §4.5 and §9).
 
-A heartbeat writes the lease row directly (no workflow event per heartbeat, DESIGN.md); only a
-heartbeat that finds the lease already lapsed asks the session's workflow to settle it first.
+A heartbeat writes the lease row only (no workflow notice per heartbeat, DESIGN.md): the lease
+timer re-reads the row when it fires. A heartbeat or takeover that finds the lease already lapsed
+settles it (subtree suspended) in its own transaction and is refused.
 """
 
 from __future__ import annotations
@@ -16,14 +17,14 @@ from pydantic import AnyUrl, BaseModel, ConfigDict, Field
 from api.auth import Identity
 from api.deps import Services, identity, services
 from api.http import parse_body, parse_query, read_json, validate_body
-from api.routes.sessions import PageQuery, _command, _managed_session
-from api.temporal_gateway import WorkflowClosed
+from api.routes.sessions import PageQuery, locked_managed_session
 from rules import authz
 from rules.errors import CoordinatorError
+from rules.timefmt import iso_ms
 from storage import services as store
 from storage import sessions as session_store
+from storage.db import Conn
 from storage.pages import list_page
-from workflows import models as m
 
 router = APIRouter(tags=["services"])
 
@@ -87,11 +88,7 @@ async def heartbeat(zone_id: str, session_id: str, request: Request, ident: Iden
     body = await parse_body(request, HeartbeatBody)
     try:
         async with svc.db.transaction() as conn:
-            row = await session_store.get_session(conn, zone_id, session_id, lock=True)
-            if row is None:
-                raise CoordinatorError(404, "session_not_found")
-            if not authz.can_manage_session(ident, row["application_id"]):
-                raise CoordinatorError(403, "application_ownership_required")
+            row = await locked_managed_session(conn, ident, zone_id, session_id)
             answer = await store.heartbeat(conn, svc.settings, zone_id, row, service_id=body.service_id,
                                            status=body.status, metadata=body.metadata,
                                            lease_generation=body.lease_generation)
@@ -104,24 +101,21 @@ async def heartbeat(zone_id: str, session_id: str, request: Request, ident: Iden
 @router.post("/zones/{zone_id}/agents/{session_id}/lease", summary="Take over a service session's lease")
 async def take_lease(zone_id: str, session_id: str, ident: Identity = Depends(identity),
                      svc: Services = Depends(services)) -> dict[str, Any]:
-    row = await _managed_session(svc, ident, zone_id, session_id)
-    if row["status"] not in session_store.LIVE_STATUSES:
-        raise CoordinatorError(409, "session_not_live")
-    if row["lifecycle"] != "service":
-        raise CoordinatorError(409, "session_not_service")
-    lapsed = await svc.db.fetchval("SELECT status = 'active' AND heartbeat_deadline_at <= now() FROM sessions "
-                                   "WHERE id = %s", (session_id,))
-    if lapsed:
-        # As for a late heartbeat: a lapsed lease is settled (subtree suspended), never revived.
+    async def take(conn: Conn) -> dict[str, Any] | None:
+        row = await locked_managed_session(conn, ident, zone_id, session_id)
+        if row["status"] == "active" and row["lifecycle"] == "service" and await store.lease_lapsed(conn, session_id):
+            return None  # settled below, in its own transaction: a lapsed lease is never revived
+        taken = await session_store.take_lease(conn, svc.settings, zone_id, row)
+        return {"agent_session_id": session_id, "status": taken["status"],
+                "heartbeat_deadline_at": iso_ms(taken["heartbeat_deadline_at"]),
+                "lease_generation": taken["lease_generation"]}
+    answer = await svc.db.run(take)
+    if answer is None:
         await _settle_lapsed_lease(svc, zone_id, session_id)
-    return await _command(svc, zone_id, session_id, "take_lease", m.SessionCommand(zone_id, session_id),
-                          CoordinatorError(409, "session_not_live"))
+    return answer
 
 
 async def _settle_lapsed_lease(svc: Services, zone_id: str, session_id: str) -> None:
-    """Have the session's workflow settle its lapsed lease now, then refuse the caller."""
-    try:
-        await svc.temporal.session_update(zone_id, session_id, "settle_now", m.SessionCommand(zone_id, session_id))
-    except WorkflowClosed:
-        pass
+    """Settle the lapsed lease now (the workflow's timer may not have fired yet), then refuse."""
+    await svc.db.run(lambda conn: session_store.settle_deadline(conn, zone_id, session_id))
     raise CoordinatorError(409, "session_lease_expired")

@@ -1,4 +1,5 @@
-"""Session routes (reference §4.4-4.10): HTTP → workflow commands, and reads from Postgres."""
+"""Session routes (reference §4.4-4.10). Each command is one Postgres transaction whose answer is
+the HTTP answer; the workflows hear of it through the workflow outbox (storage/)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from api.auth import Identity
 from api.deps import Services, identity, services
 from api.http import no_content, parse_body, parse_query, read_json, validate_body
-from api.temporal_gateway import WorkflowClosed
 from rules import authz
 from rules.errors import CoordinatorError
 from rules.idempotency import parse_idempotency_key, request_digest
@@ -19,8 +19,8 @@ from rules.ids import new_id
 from rules.sessions import normalize_labels, resolve_ttl
 from storage import sessions as store
 from storage.idempotency import SESSION_START, IdempotencyRequest
+from storage.db import Conn
 from storage.pages import list_page
-from workflows import models as m
 
 router = APIRouter(tags=["sessions"])
 
@@ -98,20 +98,15 @@ async def start_session(zone_id: str, request: Request, ident: Identity = Depend
             "parent_id": body.parent_id, "lifecycle": body.lifecycle, "labels": body.labels, "ttl_seconds": ttl,
             "parent_authority": body.parent_authority, "inherit_parent_edge_id": body.inherit_parent_edge_id,
             "metadata": body.metadata})
-        # A replay is answered from the receipt without touching Temporal.
-        async with svc.db.transaction() as conn:
-            replay = await store.replay_start(conn, svc.settings, IdempotencyRequest(
-                SESSION_START, zone_id, body.application_id, key, digest, generated), zone_id, body.application_id)
-        if replay is not None:
-            return created({"status": replay.status, "body": replay.body, "replayed": True})
-    cmd = m.StartSessionCommand(
+    idem = None if key is None else IdempotencyRequest(SESSION_START, zone_id, body.application_id, key, digest,
+                                                       generated)
+    cmd = store.StartSession(
         zone_id=zone_id, session_id=new_id(), application_id=body.application_id, authority_record_id=record_id,
         parent_id=body.parent_id, lifecycle=body.lifecycle, labels=body.labels, ttl_seconds=ttl,
         parent_authority=body.parent_authority, inherit_parent_edge_id=body.inherit_parent_edge_id,
-        metadata=body.metadata, caller_client_id=ident.client_id, caller_scopes=sorted(ident.scopes),
-        idempotency_key=key, idempotency_digest_hex=digest.hex() if digest else None,
-        idempotency_generated=generated)
-    return created(await svc.temporal.start_session(cmd))
+        metadata=body.metadata, caller_client_id=ident.client_id, caller_scopes=sorted(ident.scopes))
+    result = await svc.db.run(lambda conn: store.start_session(conn, svc.settings, cmd, idem))
+    return created({"status": result.status, "body": result.body, "replayed": result.replayed})
 
 
 @router.get("/zones/{zone_id}/agents", summary="List agent sessions")
@@ -156,36 +151,38 @@ async def _session_or_404(svc: Services, zone_id: str, session_id: str) -> dict[
     return row
 
 
-async def _managed_session(svc: Services, ident: Identity, zone_id: str, session_id: str) -> dict[str, Any]:
-    row = await _session_or_404(svc, zone_id, session_id)
+async def locked_managed_session(conn: Conn, ident: Identity, zone_id: str, session_id: str) -> dict[str, Any]:
+    """The session row, locked for the command's transaction: 404 when absent, 403 when not the caller's."""
+    row = await store.get_session(conn, zone_id, session_id, lock=True)
+    if row is None:
+        raise CoordinatorError(404, "session_not_found")
     if not authz.can_manage_session(ident, row["application_id"]):
         raise CoordinatorError(403, "application_ownership_required")
     return row
 
 
-async def _command(svc: Services, zone_id: str, session_id: str, update: str, cmd: m.SessionCommand,
-                   closed: CoordinatorError) -> dict[str, Any]:
-    try:
-        result = await svc.temporal.session_update(zone_id, session_id, update, cmd)
-    except WorkflowClosed:
-        raise closed
-    return result["body"]
-
-
 @router.patch("/zones/{zone_id}/agents/{session_id}/suspend", summary="Suspend a session subtree")
 async def suspend_session(zone_id: str, session_id: str, ident: Identity = Depends(identity),
                           svc: Services = Depends(services)) -> dict[str, Any]:
-    await _managed_session(svc, ident, zone_id, session_id)
-    return await _command(svc, zone_id, session_id, "suspend", m.SessionCommand(zone_id, session_id, reason="requested"),
-                          CoordinatorError(409, "session_not_found_or_not_active"))
+    async def suspend(conn: Conn) -> dict[str, Any]:
+        await locked_managed_session(conn, ident, zone_id, session_id)
+        rows = await store.suspend_subtree(conn, zone_id, [session_id], "requested")
+        if not rows:
+            raise CoordinatorError(409, "session_not_found_or_not_active")
+        return {"suspended": len(rows)}
+    return await svc.db.run(suspend)
 
 
 @router.patch("/zones/{zone_id}/agents/{session_id}/resume", summary="Resume a suspended session subtree")
 async def resume_session(zone_id: str, session_id: str, ident: Identity = Depends(identity),
                          svc: Services = Depends(services)) -> dict[str, Any]:
-    await _managed_session(svc, ident, zone_id, session_id)
-    return await _command(svc, zone_id, session_id, "resume", m.SessionCommand(zone_id, session_id),
-                          CoordinatorError(409, "session_not_found_or_not_suspended"))
+    async def resume(conn: Conn) -> dict[str, Any]:
+        await locked_managed_session(conn, ident, zone_id, session_id)
+        rows = await store.resume_subtree(conn, svc.settings, zone_id, session_id)
+        if not rows:
+            raise CoordinatorError(409, "session_not_found_or_not_suspended")
+        return {"resumed": len(rows)}
+    return await svc.db.run(resume)
 
 
 @router.delete("/zones/{zone_id}/agents/{session_id}", status_code=204, summary="Terminate a session")
@@ -194,11 +191,16 @@ async def terminate_session(zone_id: str, session_id: str, request: Request, ide
     query = parse_query(request, DeleteQuery)
     data = await read_json(request, required=False)
     body = DeleteBody() if data is None else validate_body(DeleteBody, data)
-    row = await _managed_session(svc, ident, zone_id, session_id)
-    if row["status"] in store.TERMINAL_STATUSES:
-        raise CoordinatorError(404, "session_not_found")
-    cmd = m.SessionCommand(zone_id, session_id, reason=query.reason, lease_generation=body.lease_generation,
-                           lease_required=not authz.is_admin(ident))
-    await _command(svc, zone_id, session_id, "terminate", cmd, CoordinatorError(404, "session_not_found"))
-    return no_content()
 
+    async def terminate(conn: Conn) -> None:
+        row = await locked_managed_session(conn, ident, zone_id, session_id)
+        if row["status"] not in store.LIVE_STATUSES:
+            raise CoordinatorError(404, "session_not_found")
+        if row["lifecycle"] == "service":
+            if body.lease_generation is None and not authz.is_admin(ident):
+                raise CoordinatorError(400, "lease_generation_required")
+            if body.lease_generation is not None and body.lease_generation != row["lease_generation"]:
+                raise CoordinatorError(409, "session_lease_fenced")
+        await store.terminate_subtree(conn, zone_id, [session_id], query.reason)
+    await svc.db.run(terminate)
+    return no_content()

@@ -27,6 +27,9 @@ CREATE TABLE workflow_outbox (
     start_args jsonb NOT NULL,
     search_attributes jsonb NOT NULL DEFAULT '{}'::jsonb,
     summary text NOT NULL DEFAULT '',
+    -- The writer's task queue (Database(task_queue=...) sets the GUC on its connections); '' = the
+    -- dispatcher's own. Lets processes on different queues share one database (the tests do).
+    task_queue text NOT NULL DEFAULT COALESCE(current_setting('coordinator.task_queue', true), ''),
     created_at timestamptz NOT NULL DEFAULT clock_timestamp(),
     available_at timestamptz NOT NULL DEFAULT now(),
     attempts integer NOT NULL DEFAULT 0,

@@ -1,0 +1,391 @@
+"""Deliver the workflow outbox to Temporal with signal-with-start (DESIGN.md, "Postgres decides,
+Temporal follows").
+
+One batch: in one Postgres transaction, claim head rows and their followers (storage/dispatch.py),
+deliver them (different workflows concurrently, the rows of one workflow one after the other in
+`seq` order, a workflow's chain stopping at its first failure), delete what was delivered, defer
+what failed, commit. The transaction stays open while delivering, so a crash redelivers the rows:
+delivery is at least once, and the workflows ignore a notice whose state_version they have passed.
+
+Wake-ups come from `LISTEN workflow_outbox` (every `enqueue` notifies at commit), with a poll every
+DISPATCH_POLL_INTERVAL_MS as a fallback and to retry deferred rows. While Temporal is unreachable
+the rows stay where they are (no attempt is counted) and the dispatcher probes with one row a
+second; a row Temporal rejects is retried with exponential backoff (0.2 s doubling, capped at
+DISPATCH_MAX_BACKOFF_SECONDS). A Postgres outage is logged and waited out. Nothing here raises
+out of `run` but cancellation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from temporalio.client import Client
+from temporalio.common import (
+    SearchAttributeKey, SearchAttributePair, TypedSearchAttributes, WorkflowIDReusePolicy,
+)
+from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError, RPCStatusCode
+
+from settings import Settings
+from storage import dispatch
+from storage.db import Database
+
+__all__ = ["Dispatcher", "BatchResult", "Outcome", "backoff_seconds", "new_dispatcher_id"]
+
+log = logging.getLogger("coordinator.dispatcher")
+
+FIRST_BACKOFF_S = 0.2
+RATE_WINDOW_S = 10.0
+LAG_SAMPLES = 2000
+STATS_INTERVAL_S = 1.0
+# A dispatcher silent for this long has crashed: a starting dispatcher retires its row.
+RETIRE_SILENT_S = 3600.0
+# While Temporal is unreachable: one probe row at most this often, with at most this RPC deadline.
+PROBE_INTERVAL_S = 1.0
+PROBE_TIMEOUT_S = 2.0
+# Every RPC status that says "the server did not answer", as opposed to "the server said no".
+_UNREACHABLE = (RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED, RPCStatusCode.CANCELLED)
+
+
+def new_dispatcher_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    delivered: bool  # the workflow got the signal, or had already completed (dropped)
+    dropped: bool = False
+    unreachable: bool = False  # failed because Temporal did not answer
+    error: str = ""
+
+
+DELIVERED = Outcome(delivered=True)
+DROPPED = Outcome(delivered=True, dropped=True)
+
+
+@dataclass
+class BatchResult:
+    claimed: int = 0
+    delivered: int = 0  # rows deleted after a successful signal-with-start
+    dropped: int = 0  # of those, rows for a workflow that had already completed
+    failed: int = 0  # rows whose delivery failed (deferred)
+    skipped: int = 0  # rows left untouched behind a failure or past the batch deadline
+    temporal_ok: bool | None = None  # None: nothing was sent
+    errors: list[str] = field(default_factory=list)
+
+
+def backoff_seconds(attempts: int, cap: float) -> float:
+    """Delay before retrying a row that has failed `attempts` times before this failure."""
+    return min(cap, FIRST_BACKOFF_S * (2 ** min(attempts, 30)))
+
+
+def _percentile(sorted_values: list[float], p: float) -> float | None:
+    if not sorted_values:
+        return None
+    rank = max(0, min(len(sorted_values) - 1, int(round(p / 100 * len(sorted_values) + 0.5)) - 1))
+    return sorted_values[rank]
+
+
+class Dispatcher:
+    """One dispatcher. Several may run at once, in one process or many (rows are claimed with
+    SKIP LOCKED). `client=None` means no Temporal at all: the rows wait.
+
+    `run(stop)` runs until `stop` is set; `drain(timeout)` delivers until nothing is left for this
+    dispatcher's task queue (tests); `deliver_batch()` runs one claim-deliver-commit cycle."""
+
+    def __init__(self, db: Database, client: Client | None, settings: Settings, *,
+                 dispatcher_id: str | None = None) -> None:
+        self.db = db
+        self.client = client
+        self.settings = settings
+        self.id = dispatcher_id or new_dispatcher_id()
+        self.task_queue = settings.TEMPORAL_TASK_QUEUE
+        self.batch_size = settings.DISPATCH_BATCH_SIZE
+        self.per_workflow = settings.DISPATCH_PER_WORKFLOW
+        self.poll_interval = settings.DISPATCH_POLL_INTERVAL_MS / 1000
+        self.max_backoff = settings.DISPATCH_MAX_BACKOFF_SECONDS
+        self.rpc_timeout = settings.DISPATCH_RPC_TIMEOUT_SECONDS
+        self._sem = asyncio.Semaphore(settings.DISPATCH_CONCURRENCY)
+        # Counters since start (written to workflow_dispatchers about once a second).
+        self.delivered = 0
+        self.dropped = 0
+        self.failed = 0
+        self.temporal_ok = client is not None
+        self.listening = False
+        self._started = time.monotonic()
+        self._recent: deque[tuple[float, int]] = deque()  # (monotonic, rows delivered) per batch
+        self._lags_ms: deque[float] = deque(maxlen=LAG_SAMPLES)
+        self._wake = asyncio.Event()
+
+    # --- statistics -------------------------------------------------------------------------------
+
+    def rate_per_s(self) -> float:
+        now = time.monotonic()
+        while self._recent and self._recent[0][0] < now - RATE_WINDOW_S:
+            self._recent.popleft()
+        window = min(RATE_WINDOW_S, max(1.0, now - self._started))
+        return sum(n for _, n in self._recent) / window
+
+    def lag_percentiles_ms(self) -> tuple[float | None, float | None]:
+        values = sorted(self._lags_ms)
+        return _percentile(values, 50), _percentile(values, 95)
+
+    def stats(self) -> dict[str, Any]:
+        p50, p95 = self.lag_percentiles_ms()
+        return {"dispatcher_id": self.id, "delivered": self.delivered, "dropped": self.dropped,
+                "failed": self.failed, "rate_per_s": self.rate_per_s(), "lag_p50_ms": p50, "lag_p95_ms": p95,
+                "temporal_ok": self.temporal_ok, "listening": self.listening}
+
+    async def write_stats(self) -> None:
+        p50, p95 = self.lag_percentiles_ms()
+        async with self.db.connection() as conn:
+            await dispatch.record_stats(conn, self.id, delivered=self.delivered, failed=self.failed,
+                                        rate_per_s=self.rate_per_s(), lag_p50_ms=p50, lag_p95_ms=p95,
+                                        temporal_ok=self.temporal_ok)
+
+    async def retire(self) -> None:
+        """On a clean stop: this dispatcher's totals go to the retired totals, its row away (so
+        /ready counts running dispatchers only)."""
+        p50, p95 = self.lag_percentiles_ms()
+        async with self.db.transaction() as conn:
+            await dispatch.record_stats(conn, self.id, delivered=self.delivered, failed=self.failed,
+                                        rate_per_s=self.rate_per_s(), lag_p50_ms=p50, lag_p95_ms=p95,
+                                        temporal_ok=self.temporal_ok)
+            await dispatch.retire(conn, [self.id])
+
+    # --- one delivery -----------------------------------------------------------------------------
+
+    async def _deliver(self, row: dict[str, Any], timeout: float) -> Outcome:
+        if self.client is None:
+            return Outcome(False, unreachable=True, error="no Temporal client")
+        attrs = [SearchAttributePair(SearchAttributeKey.for_keyword(k), str(v))
+                 for k, v in (row["search_attributes"] or {}).items() if v is not None]
+        try:
+            # Signal-with-start: signals the running workflow, or starts it with `start_args` and
+            # then signals it. The conflict policy is left unset: for signal-with-start the server
+            # treats it as USE_EXISTING (FAIL is rejected as invalid). ALLOW_DUPLICATE_FAILED_ONLY:
+            # a workflow that completed normally (its entity is terminal) is not started again.
+            await asyncio.wait_for(self.client.start_workflow(
+                row["workflow_type"], row["start_args"], id=row["workflow_id"],
+                task_queue=row.get("task_queue") or self.task_queue,
+                start_signal=row["signal"], start_signal_args=[row["payload"]],
+                search_attributes=TypedSearchAttributes(attrs) if attrs else None,
+                static_summary=row["summary"] or None,
+                id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
+                rpc_timeout=timedelta(seconds=timeout)), timeout + 0.5)
+            return DELIVERED
+        except WorkflowAlreadyStartedError:
+            return DROPPED  # completed normally: nothing more to tell it
+        except RPCError as exc:
+            return Outcome(False, unreachable=exc.status in _UNREACHABLE,
+                           error=f"{exc.status.name if exc.status else 'RPCError'}: {exc.message}")
+        except TimeoutError:
+            # The SDK retries UNAVAILABLE internally for up to 10 s; the deadline cut it short.
+            return Outcome(False, unreachable=True, error=f"no answer from Temporal within {timeout:.1f} s")
+        except RuntimeError as exc:  # the SDK's core: "Failed client connect: ..."
+            text = str(exc)
+            return Outcome(False, unreachable="connect" in text.lower(), error=f"RuntimeError: {text}")
+        except Exception as exc:  # noqa: BLE001 — any other failure is this row's, retried with backoff
+            return Outcome(False, error=f"{type(exc).__name__}: {exc}")
+
+    async def _deliver_chain(self, chain: list[dict[str, Any]], deadline: float, timeout: float
+                             ) -> list[tuple[dict[str, Any], Outcome]]:
+        """The rows of one workflow, in seq order, until the first failure or the deadline."""
+        done: list[tuple[dict[str, Any], Outcome]] = []
+        for row in chain:
+            async with self._sem:
+                if time.monotonic() >= deadline:
+                    break
+                outcome = await self._deliver(row, timeout)
+            done.append((row, outcome))
+            if outcome.delivered:
+                if not outcome.dropped:
+                    self._lags_ms.append(max(0.0, (datetime.now(timezone.utc) - row["created_at"]).total_seconds()
+                                             * 1000))
+            else:
+                break
+        return done
+
+    # --- one batch --------------------------------------------------------------------------------
+
+    async def deliver_batch(self) -> BatchResult:
+        """Claim, deliver, settle, commit. Raises on a Postgres failure (nothing is lost: the
+        transaction rolls back and the rows are claimed again)."""
+        probing = not self.temporal_ok
+        limit = 1 if probing else self.batch_size
+        timeout = min(self.rpc_timeout, PROBE_TIMEOUT_S) if probing else self.rpc_timeout
+        result = BatchResult()
+        async with self.db.transaction() as conn:
+            rows = await dispatch.claim(conn, limit, self.per_workflow, self.task_queue)
+            result.claimed = len(rows)
+            if not rows:
+                return result
+            chains: dict[str, list[dict[str, Any]]] = {}
+            for row in rows:  # seq order within each workflow
+                chains.setdefault(row["workflow_id"], []).append(row)
+            # A slow Temporal must not hold the locks for chain length x RPC deadline: past this
+            # deadline no new delivery starts; the rest stays for the next batch.
+            deadline = time.monotonic() + 2 * timeout
+            attempted = [pair for done in await asyncio.gather(
+                *(self._deliver_chain(chain, deadline, timeout) for chain in chains.values())) for pair in done]
+            answered = any(o.delivered or not o.unreachable for _, o in attempted)
+            down = bool(attempted) and not answered
+            delivered = [row["seq"] for row, o in attempted if o.delivered]
+            deferrals = []
+            for row, o in attempted:
+                if o.delivered:
+                    continue
+                if down:  # Temporal did not answer at all: the row keeps its place and its attempts
+                    deferrals.append(dispatch.Deferral(row["seq"], 0.0, o.error, count_attempt=False))
+                else:
+                    deferrals.append(dispatch.Deferral(row["seq"], backoff_seconds(row["attempts"], self.max_backoff),
+                                                       o.error, count_attempt=True))
+            await dispatch.delete_delivered(conn, delivered)
+            await dispatch.defer(conn, deferrals)
+        # Committed.
+        result.delivered = len(delivered)
+        result.dropped = sum(1 for _, o in attempted if o.dropped)
+        result.failed = len(deferrals)
+        result.skipped = result.claimed - len(attempted)
+        result.errors = [d.error for d in deferrals]
+        if attempted:
+            result.temporal_ok = not down
+            if self.temporal_ok != result.temporal_ok:
+                if down:
+                    log.warning("temporal unreachable (%s); rows wait, probing every %.1f s",
+                                deferrals[0].error if deferrals else "?", self._probe_interval())
+                else:
+                    log.info("temporal reachable again; delivering")
+            self.temporal_ok = result.temporal_ok
+        self.delivered += result.delivered
+        self.dropped += result.dropped
+        self.failed += result.failed
+        if result.delivered:
+            self._recent.append((time.monotonic(), result.delivered))
+        if deferrals and not down:
+            log.warning("workflow outbox: %d row(s) deferred, e.g. %s", len(deferrals), deferrals[0].error)
+        return result
+
+    def _probe_interval(self) -> float:
+        return min(PROBE_INTERVAL_S, self.poll_interval)
+
+    # --- running ----------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Deliver until `stop` is set. Never raises for a Postgres or Temporal outage."""
+        log.info("dispatcher %s: delivering the workflow outbox (task queue %s) to Temporal",
+                 self.id, self.task_queue)
+        listener = asyncio.create_task(self._listen(stop), name=f"dispatcher-listen-{self.id}")
+        stats = asyncio.create_task(self._stats_loop(stop), name=f"dispatcher-stats-{self.id}")
+        pg_backoff = 0.5
+        try:
+            while not stop.is_set():
+                self._wake.clear()
+                try:
+                    result = await self.deliver_batch()
+                    pg_backoff = 0.5
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 — Postgres down, statement timeout, ...
+                    log.warning("dispatcher: batch failed (%s: %s); retrying in %.1f s",
+                                type(exc).__name__, exc, pg_backoff)
+                    await self._pause(stop, pg_backoff, wake=False)
+                    pg_backoff = min(pg_backoff * 2, 5.0)
+                    continue
+                if not self.temporal_ok:
+                    await self._pause(stop, self._probe_interval(), wake=False)
+                elif result.delivered == 0:
+                    await self._pause(stop, self.poll_interval, wake=True)
+                # else: progress; claim again at once (the outbox may hold more)
+        finally:
+            for task in (listener, stats):
+                task.cancel()
+            await asyncio.gather(listener, stats, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.retire(), 5)
+            log.info("dispatcher %s stopped: %d delivered (%d dropped), %d failed", self.id, self.delivered,
+                     self.dropped, self.failed)
+
+    async def drain(self, timeout: float = 30.0) -> int:
+        """Deliver until no row is left for this dispatcher's task queue; return how many rows were
+        delivered. Raises TimeoutError if rows are still there after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        total = 0
+        while True:
+            result = await self.deliver_batch()
+            total += result.delivered
+            if result.claimed == 0 and await dispatch.pending(self.db, self.task_queue) == 0:
+                return total
+            if time.monotonic() >= deadline:
+                left = await dispatch.pending(self.db, self.task_queue)
+                raise TimeoutError(f"workflow outbox not drained within {timeout} s: {left} row(s) left"
+                                   + (f", last error {result.errors[-1]!r}" if result.errors else ""))
+            if not self.temporal_ok:
+                await asyncio.sleep(min(0.2, self._probe_interval()))
+            elif result.delivered == 0:
+                await asyncio.sleep(0.05)
+
+    async def _pause(self, stop: asyncio.Event, seconds: float, *, wake: bool) -> None:
+        """Sleep up to `seconds`; return early when stopping or (if `wake`) on a notification."""
+        events = [stop.wait()] + ([self._wake.wait()] if wake else [])
+        tasks = [asyncio.ensure_future(e) for e in events]
+        try:
+            await asyncio.wait(tasks, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    async def _listen(self, stop: asyncio.Event) -> None:
+        """Keep a LISTEN connection; set the wake event on every notification and on (re)connect."""
+        backoff = 0.5
+        while not stop.is_set():
+            conn = None
+            try:
+                conn = await dispatch.listen(self.db.url)
+                self.listening = True
+                backoff = 0.5
+                self._wake.set()  # anything committed while we were not listening
+                while not stop.is_set():
+                    if await dispatch.wait_notify(conn, timeout=30.0):
+                        self._wake.set()
+                    else:  # a quiet half minute: make sure the connection is still there
+                        await asyncio.wait_for(dispatch.ping(conn), 5.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 — Postgres away: poll until it is back
+                if self.listening:
+                    log.warning("dispatcher: LISTEN connection lost (%s: %s); reconnecting",
+                                type(exc).__name__, exc)
+                else:
+                    log.debug("dispatcher: cannot LISTEN yet (%s)", exc)
+                self.listening = False
+                await self._pause(stop, backoff, wake=False)
+                backoff = min(backoff * 2, 5.0)
+            finally:
+                self.listening = False
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await conn.close()
+
+    async def _stats_loop(self, stop: asyncio.Event) -> None:
+        with contextlib.suppress(Exception):  # dispatchers that crashed long ago
+            async with self.db.transaction() as conn:
+                await dispatch.retire(conn, silent_for_seconds=RETIRE_SILENT_S)
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(self.write_stats(), 5)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 — Postgres away: the next write catches up
+                log.debug("dispatcher: stats not written (%s)", exc)
+            await self._pause(stop, STATS_INTERVAL_S, wake=False)
