@@ -36,9 +36,13 @@ from temporalio.common import (
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from rules.workflow_contract import INVOCATION_SYNC, SESSION_SYNC
 from settings import Settings
 from storage import dispatch
 from storage.db import Database
+
+SYNC = SESSION_SYNC
+assert SYNC == INVOCATION_SYNC
 
 __all__ = ["Dispatcher", "BatchResult", "Outcome", "backoff_seconds", "new_dispatcher_id"]
 
@@ -174,14 +178,18 @@ class Dispatcher:
             # Signal-with-start: signals the running workflow, or starts it with `start_args` and
             # then signals it. The conflict policy is left unset: for signal-with-start the server
             # treats it as USE_EXISTING (FAIL is rejected as invalid). ALLOW_DUPLICATE_FAILED_ONLY:
-            # a workflow that completed normally (its entity is terminal) is not started again.
+            # a workflow that completed normally (its entity is terminal) is not started again by a
+            # late notice. The reconciler's `sync` is the exception: it found the row live and no
+            # workflow running (e.g. a restored backup), so it may start a new run; were the row
+            # ended meanwhile, that run settles from the row and ends.
             await asyncio.wait_for(self.client.start_workflow(
                 row["workflow_type"], row["start_args"], id=row["workflow_id"],
                 task_queue=row.get("task_queue") or self.task_queue,
                 start_signal=row["signal"], start_signal_args=[row["payload"]],
                 search_attributes=TypedSearchAttributes(attrs) if attrs else None,
                 static_summary=row["summary"] or None,
-                id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
+                id_reuse_policy=(WorkflowIDReusePolicy.ALLOW_DUPLICATE if row["signal"] == SYNC
+                                 else WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY),
                 rpc_timeout=timedelta(seconds=timeout)), timeout + 0.5)
             return DELIVERED
         except WorkflowAlreadyStartedError:

@@ -28,6 +28,7 @@ from typing import Any
 
 import httpx
 import pytest
+from temporalio.service import RPCError, RPCStatusCode
 from hypothesis import HealthCheck, Phase, event, given, settings, strategies as st
 from temporalio.client import WorkflowExecutionStatus
 
@@ -145,9 +146,15 @@ async def insert_edge(zone: Zone, source: str, target: str, *, issuer: str = "ap
     return edge_id
 
 
-async def describe_status(zone: Zone, session_id: str) -> WorkflowExecutionStatus:
+async def describe_status(zone: Zone, session_id: str) -> WorkflowExecutionStatus | None:
+    """None while the dispatcher has not started the workflow yet."""
     handle = zone.stack.client.get_workflow_handle(session_workflow_id(zone.id, session_id))
-    return (await handle.describe()).status
+    try:
+        return (await handle.describe()).status
+    except RPCError as exc:
+        if exc.status == RPCStatusCode.NOT_FOUND:
+            return None
+        raise
 
 
 async def workflows_complete(zone: Zone, ids: list[str], timeout: float = 10.0) -> None:

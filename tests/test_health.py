@@ -27,8 +27,12 @@ async def call(app, method: str, path: str, **kw) -> httpx.Response:
 
 async def test_health_and_ready(stack: Stack):
     assert (await stack.http.get("/health")).json() == {"ok": True}
+    await stack.workflows_caught_up()
     r = await stack.http.get("/ready")
-    assert r.status_code == 200 and r.json() == {"ok": True}
+    body = r.json()
+    assert r.status_code == 200 and body["ok"] is True and body["worker"] == "polling", body
+    assert body["workflow_outbox"]["backlog"] == 0 and body["workflow_outbox"]["temporal"] == "ok", body
+    assert body["workflow_outbox"]["dispatchers"] >= 1, body
 
 
 async def test_ready_names_the_failing_dependency(stack: Stack):

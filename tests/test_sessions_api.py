@@ -16,6 +16,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
+from temporalio.service import RPCError, RPCStatusCode
 from temporalio.client import WorkflowExecutionStatus
 
 from rules.idempotency import key_digest
@@ -79,9 +80,15 @@ async def keys(zone: Zone, topic: str | None = None) -> list[str]:
     return [e["dedupe_key"] for e in await zone.events(topic)]
 
 
-async def describe_status(zone: Zone, session_id: str) -> WorkflowExecutionStatus:
+async def describe_status(zone: Zone, session_id: str) -> WorkflowExecutionStatus | None:
+    """None while the dispatcher has not started the workflow yet."""
     handle = zone.stack.client.get_workflow_handle(session_workflow_id(zone.id, session_id))
-    return (await handle.describe()).status
+    try:
+        return (await handle.describe()).status
+    except RPCError as exc:
+        if exc.status == RPCStatusCode.NOT_FOUND:
+            return None
+        raise
 
 
 async def workflows_reach(zone: Zone, ids: list[str], status: str, timeout: float = 5.0) -> None:
