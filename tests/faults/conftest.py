@@ -1,8 +1,8 @@
 """Fault-injection harness: every part is a real process we can kill.
 
 Each test gets its own Postgres (ephemeral data dir), a Temporal dev server on a SQLite file (so
-it survives a restart), and the API (`python -m api`) and worker (`python worker.py`) as
-subprocesses, talking over real sockets.
+it survives a restart), and the API (`python -m api`), the worker (`python worker.py`) and the
+workflow-outbox dispatcher (`python -m dispatcher`) as subprocesses, talking over real sockets.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ class FaultStack:
     db: Database | None = None
     api: subprocess.Popen | None = None
     worker: subprocess.Popen | None = None
+    dispatcher: subprocess.Popen | None = None
     zone: str = field(default_factory=lambda: f"fz-{uuid.uuid4().hex[:8]}")
     logs: list[Path] = field(default_factory=list)
 
@@ -66,6 +67,15 @@ class FaultStack:
         os.killpg(self.worker.pid, signal.SIGKILL)
         self.worker.wait()
         self.worker = None
+
+    def start_dispatcher(self) -> None:
+        self.dispatcher = self._spawn("dispatcher", ["-m", "dispatcher"])
+
+    def kill_dispatcher(self) -> None:
+        assert self.dispatcher is not None
+        os.killpg(self.dispatcher.pid, signal.SIGKILL)
+        self.dispatcher.wait()
+        self.dispatcher = None
 
     async def start_api(self) -> None:
         self.api = self._spawn("api", ["-m", "api"])
@@ -103,7 +113,7 @@ class FaultStack:
             assert r.status_code == 200, r.text
 
     def stop(self) -> None:
-        for proc in (self.api, self.worker):
+        for proc in (self.api, self.dispatcher, self.worker):
             if proc is not None and proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
                 try:
@@ -132,6 +142,7 @@ async def fault_stack(tmp_path: Path, request) -> FaultStack:
     stack.db = Database(pg.url("coordinator"), max_size=4)
     await stack.db.open()
     stack.start_worker()
+    stack.start_dispatcher()
     await stack.start_api()
     async with httpx.AsyncClient() as http:
         await stack.seed(http)
