@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import metrics
 from api.auth import Authenticator
@@ -72,30 +73,14 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     if services is not None:  # tests drive the app without running its lifespan
         app.state.services = services
 
-    # Added before `conventions`, so they run inside it (request id set): rate limits, then audit.
+    # Added before `ConventionsMiddleware`, so they run inside it (request id set): rate limits, then audit.
     from api.audit import AuditMiddleware
     from api.ratelimit import RateLimitMiddleware
 
     app.add_middleware(AuditMiddleware)
     app.add_middleware(RateLimitMiddleware)
 
-    @app.middleware("http")
-    async def conventions(request: Request, call_next):
-        request.state.request_id = adopt_request_id(request.headers.get("x-request-id"))
-        started = time.perf_counter()
-        length = request.headers.get("content-length")
-        raw_path = (request.scope.get("raw_path") or b"").split(b"?", 1)[0].lower()
-        if length and length.isdigit() and int(length) > settings.COORDINATOR_BODY_LIMIT_BYTES:
-            response = internal_error(request, 413, "Request body is too large")
-        elif raw_path.startswith(b"/zones/") and b"%2f" in raw_path:
-            # An encoded slash sits inside an id segment (ids never contain "/"): reject it as the
-            # path-param check would, instead of letting the decoded path pick another route.
-            response = error_response(request, CoordinatorError(400, "invalid_params"))
-        else:
-            response = await call_next(request)
-        response.headers["x-request-id"] = request.state.request_id
-        metrics.observe_request(request, response.status_code, time.perf_counter() - started)
-        return response
+    app.add_middleware(ConventionsMiddleware)
 
     @app.exception_handler(CoordinatorError)
     async def coordinator_error(request: Request, exc: CoordinatorError):
@@ -141,3 +126,43 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     app.include_router(events.router)
     app.include_router(v1.router)
     return app
+
+
+class ConventionsMiddleware:
+    """Request id, body-size and encoded-slash checks, and request metrics (plain ASGI: Starlette's
+    BaseHTTPMiddleware would cost every request a task group and a body stream)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        rid = adopt_request_id(request.headers.get("x-request-id"))
+        scope.setdefault("state", {})["request_id"] = rid
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode("latin-1"))]
+            await send(message)
+
+        length = request.headers.get("content-length")
+        raw_path = (scope.get("raw_path") or b"").split(b"?", 1)[0].lower()
+        settings = scope["app"].state.settings
+        try:
+            if length and length.isdigit() and int(length) > settings.COORDINATOR_BODY_LIMIT_BYTES:
+                await internal_error(request, 413, "Request body is too large")(scope, receive, send_with_id)
+            elif raw_path.startswith(b"/zones/") and b"%2f" in raw_path:
+                # An encoded slash sits inside an id segment (ids never contain "/"): reject it as the
+                # path-param check would, instead of letting the decoded path pick another route.
+                await error_response(request, CoordinatorError(400, "invalid_params"))(scope, receive, send_with_id)
+            else:
+                await self.app(scope, receive, send_with_id)
+        finally:
+            metrics.observe_request(Request(scope), status, time.perf_counter() - started)

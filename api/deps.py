@@ -22,7 +22,7 @@ class Services:
     auth: Authenticator
 
 
-def services(request: Request) -> Services:
+async def services(request: Request) -> Services:  # async: a sync dependency costs a thread hop
     return request.app.state.services
 
 
@@ -34,7 +34,7 @@ def _raw_path(request: Request) -> str:
 async def identity(request: Request) -> Identity:
     """Path ids first (400 invalid_params, no database access), then the bearer (reference §3.1)."""
     params = path_ids(request)
-    svc = services(request)
+    svc = request.app.state.services
     ident = await svc.auth.authenticate(method=request.method, path=_raw_path(request),
                                         authorization=request.headers.get("authorization"),
                                         route_zone_id=params.get("zone_id"))

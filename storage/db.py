@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -55,9 +57,23 @@ class Database:
             timeout=connect_timeout_s,
             kwargs={"row_factory": dict_row, "autocommit": True, "options": options,
                     "connect_timeout": max(1, int(connect_timeout_s))},
-            check=AsyncConnectionPool.check_connection,
+            check=self._check_if_idle,
+            reset=self._mark_returned,
             reconnect_timeout=3600 * 24,
         )
+        self._returned_at: weakref.WeakKeyDictionary[Conn, float] = weakref.WeakKeyDictionary()
+
+    # A connection in steady use is known good: pinging it at every checkout would add a round
+    # trip to every transaction. One idle for a while (Postgres may have restarted) is pinged.
+    _CHECK_AFTER_IDLE_S = 2.0
+
+    async def _mark_returned(self, conn: Conn) -> None:
+        self._returned_at[conn] = time.monotonic()
+
+    async def _check_if_idle(self, conn: Conn) -> None:
+        returned = self._returned_at.get(conn)
+        if returned is None or time.monotonic() - returned > self._CHECK_AFTER_IDLE_S or conn.closed:
+            await AsyncConnectionPool.check_connection(conn)
 
     async def open(self, wait: bool = True) -> None:
         await self.pool.open(wait=wait, timeout=30)

@@ -18,10 +18,10 @@ from rules.timefmt import iso_ms, parse_iso_z
 from settings import Settings
 from storage.db import Conn, q, q1
 from storage.idempotency import IdempotencyRequest, find_receipt, inactive_result, store_receipt
-from storage.outbox import DELEGATIONS_INVALIDATE, SESSIONS_REVOKE, Event, bump_epoch, emit
+from storage.outbox import DELEGATIONS_INVALIDATE, SESSIONS_REVOKE, Event, bump_epoch
 from rules import workflow_contract as wc
 from storage.sessions import edge_end_notices, terminate_subtree
-from storage.workflow_outbox import SNAPSHOT_COLUMNS, enqueue, session_notice
+from storage.workflow_outbox import SNAPSHOT_COLUMNS, publish, session_notice
 
 MAX_WALK_DEPTH = 10
 
@@ -189,9 +189,6 @@ async def create_edge(conn: Conn, settings: Settings, cmd: CreateEdge,
         raise CoordinatorError(400, "delegation_expired")
 
     epoch = await bump_epoch(conn, cmd.zone_id)
-    await emit(conn, cmd.zone_id, [Event(DELEGATIONS_INVALIDATE, f"edge_create:{cmd.edge_id}", {
-        "event": "edge_create", "zone_id": cmd.zone_id, "edge_id": cmd.edge_id,
-        "source_session_id": cmd.source_session_id, "target_session_id": cmd.target_session_id, "epoch": epoch})])
 
     body = edge_projection(row)
     body["delegation_edge_id"] = body.pop("id")
@@ -209,7 +206,9 @@ async def create_edge(conn: Conn, settings: Settings, cmd: CreateEdge,
         "ttl_seconds": cmd.constraints.get("ttl_seconds"), "broad": resource_id is None and not resolved,
         "parent_edges_considered": [p["id"] for p in parents]}
     scopes = ", ".join(cmd.scopes) or "no scopes"
-    await enqueue(conn, [
+    await publish(conn, cmd.zone_id, [Event(DELEGATIONS_INVALIDATE, f"edge_create:{cmd.edge_id}", {
+        "event": "edge_create", "zone_id": cmd.zone_id, "edge_id": cmd.edge_id,
+        "source_session_id": cmd.source_session_id, "target_session_id": cmd.target_session_id, "epoch": epoch})], [
         session_notice(by_id[cmd.source_session_id], wc.DELEGATION_GIVEN,
                        f"gave edge {cmd.edge_id} to {cmd.target_session_id} ({scopes})",
                        edge_id=cmd.edge_id, peer_session_id=cmd.target_session_id),
@@ -326,7 +325,7 @@ async def revoke_cascade(conn: Conn, zone_id: str, edge_id: str, expected_epoch:
     targets.sort(key=lambda t: order[t["id"]])
     changes = await terminate_subtree(conn, zone_id, [t["id"] for t in targets], "delegation_revoked") if targets else []
     # The endpoints still live after the cascade (sources, mostly) hear which edges they lost.
-    await enqueue(conn, await edge_end_notices(conn, zone_id, revoked, f"revoked with the cascade of {edge_id}"))
+    notices = await edge_end_notices(conn, zone_id, revoked, f"revoked with the cascade of {edge_id}")
     epoch = await bump_epoch(conn, zone_id)
     events = [Event(DELEGATIONS_INVALIDATE, f"edge_revoke:{edge_id}", {
         "event": "edge_revoke", "zone_id": zone_id, "edge_id": edge_id, "affected_edges": len(revoked),
@@ -337,7 +336,7 @@ async def revoke_cascade(conn: Conn, zone_id: str, edge_id: str, expected_epoch:
     events += [Event(SESSIONS_REVOKE, f"delegation:{edge_id}:subject:{record}", {
         "zone_id": zone_id, "session_id": record, "agent_session_id": session, "delegation_edge_id": edge_id,
         "reason": "delegation_revoked"}) for record, session in subjects.items()]
-    await emit(conn, zone_id, events)
+    await publish(conn, zone_id, events, notices)
     return {"revoked_edges": len(revoked), "affected_sessions": len(subjects), "terminated_sessions": len(changes)}
 
 
@@ -354,11 +353,11 @@ async def expire_edges(conn: Conn, batch: int) -> int:
     for zone_id, edges in sorted(by_zone.items()):
         edges.sort(key=lambda e: e["id"])
         ids = [e["id"] for e in edges]
-        await enqueue(conn, await edge_end_notices(conn, zone_id, edges, "expired"))
+        notices = await edge_end_notices(conn, zone_id, edges, "expired")
         epoch = await bump_epoch(conn, zone_id)
-        await emit(conn, zone_id, [Event(DELEGATIONS_INVALIDATE, f"edge_expire:{zone_id}:{epoch}", {
+        await publish(conn, zone_id, [Event(DELEGATIONS_INVALIDATE, f"edge_expire:{zone_id}:{epoch}", {
             "event": "edge_expire", "zone_id": zone_id, "affected_edges": len(ids), "edge_ids": sorted(ids),
-            "epoch": epoch})])
+            "epoch": epoch})], notices)
     return len(rows)
 
 

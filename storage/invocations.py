@@ -17,8 +17,8 @@ from settings import Settings
 from storage.db import Conn, q1
 from storage.idempotency import IdempotencyRequest, find_receipt, store_receipt
 from rules import workflow_contract as wc
-from storage.outbox import INVOCATIONS_LIFECYCLE, Event, emit
-from storage.workflow_outbox import enqueue, invocation_notice
+from storage.outbox import INVOCATIONS_LIFECYCLE, Event
+from storage.workflow_outbox import invocation_notice, publish
 
 INVOCATION_COLUMNS = """x.id, x.zone_id, x.service_id, x.source_session_id, x.target_session_id, x.method, x.status,
     x.attempts, x.max_attempts, x.timeout_ms, x.retry_policy_json, x.deadline_at, x.cancel_requested_at,
@@ -109,20 +109,23 @@ async def create(conn: Conn, settings: Settings, cmd: CreateInvocation, idem: Id
                         cmd.invocation_id, cmd.method, Jsonb(cmd.params), Jsonb(cmd.metadata),
                         cmd.retry_policy["max_attempts"], cmd.timeout_ms, Jsonb(cmd.retry_policy)))
     row = await get(conn, cmd.zone_id, cmd.invocation_id)
-    await emit(conn, cmd.zone_id, [_event("invocation.created", row)])
-    await enqueue(conn, [invocation_notice(row, wc.INVOCATION_CREATED,
-                                           f"created: {cmd.method} on service {cmd.service_id}, "
-                                           f"up to {row['max_attempts']} attempt(s) of {cmd.timeout_ms} ms")])
+    await _transitioned(conn, row, "invocation.created", wc.INVOCATION_CREATED,
+                        f"created: {cmd.method} on service {cmd.service_id}, "
+                        f"up to {row['max_attempts']} attempt(s) of {cmd.timeout_ms} ms")
     body = projection(row)
     await store_receipt(conn, settings, idem, resource_type="agent_invocation", resource_id=cmd.invocation_id,
                         status=201, body=body)
     return {"status": 201, "body": body, "replayed": False}
 
 
-def _event(name: str, row: dict[str, Any], *, per_attempt: bool = False) -> Event:
-    key = f"{name}:{row['id']}" + (f":{row['attempts']}" if per_attempt else "")
-    return Event(INVOCATIONS_LIFECYCLE, key, {"event": name, "zone_id": row["zone_id"],
-                                              "service_id": row["service_id"], "invocation_id": row["id"]})
+async def _transitioned(conn: Conn, row: dict[str, Any], event: str, signal: str, summary: str) -> None:
+    """The transition's event (attempt number in the key for those a retry repeats) and its
+    workflow notice."""
+    per_attempt = event in ("invocation.started", "invocation.failed")
+    key = f"{event}:{row['id']}" + (f":{row['attempts']}" if per_attempt else "")
+    await publish(conn, row["zone_id"], [Event(INVOCATIONS_LIFECYCLE, key, {
+        "event": event, "zone_id": row["zone_id"], "service_id": row["service_id"], "invocation_id": row["id"]})],
+        [invocation_notice(row, signal, summary)])
 
 
 async def start(conn: Conn, zone_id: str, invocation_id: str) -> dict[str, Any]:
@@ -134,9 +137,8 @@ async def start(conn: Conn, zone_id: str, invocation_id: str) -> dict[str, Any]:
         RETURNING {INVOCATION_COLUMNS}""", (zone_id, invocation_id))
     if row is None:
         raise CoordinatorError(409, "invocation_not_startable")
-    await emit(conn, zone_id, [_event("invocation.started", row, per_attempt=True)])
-    await enqueue(conn, [invocation_notice(row, wc.INVOCATION_STARTED,
-                                           f"attempt {row['attempts']}/{row['max_attempts']} started")])
+    await _transitioned(conn, row, "invocation.started", wc.INVOCATION_STARTED,
+                        f"attempt {row['attempts']}/{row['max_attempts']} started")
     return row
 
 
@@ -153,13 +155,13 @@ async def cancel(conn: Conn, zone_id: str, invocation_id: str, reason: str | Non
         RETURNING {INVOCATION_COLUMNS}""", (reason, reason, zone_id, invocation_id))
     if row is None:
         raise CoordinatorError(409, "invocation_not_cancelable")
-    await emit(conn, zone_id, [_event("invocation.cancel_requested", row)])
     why = f" ({reason})" if reason else ""
     if row["status"] == "canceled":
-        notice = invocation_notice(row, wc.INVOCATION_COMPLETED, f"canceled before it started{why}")
+        await _transitioned(conn, row, "invocation.cancel_requested", wc.INVOCATION_COMPLETED,
+                            f"canceled before it started{why}")
     else:
-        notice = invocation_notice(row, wc.INVOCATION_CANCEL_REQUESTED, f"cancel requested{why}")
-    await enqueue(conn, [notice])
+        await _transitioned(conn, row, "invocation.cancel_requested", wc.INVOCATION_CANCEL_REQUESTED,
+                            f"cancel requested{why}")
     return row
 
 
@@ -173,9 +175,8 @@ async def complete(conn: Conn, zone_id: str, invocation_id: str, status: str, er
                    (status, Jsonb(error) if error is not None else None, Jsonb(metadata), zone_id, invocation_id))
     if row is None:
         raise CoordinatorError(409, "invocation_not_completable")
-    await emit(conn, zone_id, [_event(f"invocation.{status}", row, per_attempt=status == "failed")])
-    await enqueue(conn, [invocation_notice(row, wc.INVOCATION_COMPLETED,
-                                           f"attempt {row['attempts']}/{row['max_attempts']} {status}")])
+    await _transitioned(conn, row, f"invocation.{status}", wc.INVOCATION_COMPLETED,
+                        f"attempt {row['attempts']}/{row['max_attempts']} {status}")
     return row
 
 
@@ -189,8 +190,6 @@ async def settle_deadline(conn: Conn, zone_id: str, invocation_id: str) -> dict[
         WHERE x.zone_id = %s AND x.id = %s AND x.status = 'running' AND x.deadline_at <= now()
         RETURNING {INVOCATION_COLUMNS}""", (zone_id, invocation_id))
     if row is not None:
-        await emit(conn, zone_id, [_event(f"invocation.{row['status']}", row, per_attempt=row["status"] == "failed")])
-        await enqueue(conn, [invocation_notice(row, wc.INVOCATION_COMPLETED,
-                                               f"deadline exceeded: attempt {row['attempts']}/{row['max_attempts']} "
-                                               f"{row['status']}")])
+        await _transitioned(conn, row, f"invocation.{row['status']}", wc.INVOCATION_COMPLETED,
+                            f"deadline exceeded: attempt {row['attempts']}/{row['max_attempts']} {row['status']}")
     return row

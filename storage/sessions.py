@@ -21,8 +21,10 @@ from storage.db import Conn, q, q1
 from storage.idempotency import IdempotencyRequest, find_receipt, inactive_result, store_receipt
 from rules import workflow_contract as wc
 from rules.sessions import DEFAULT_TASK_TTL_SECONDS
-from storage.outbox import AGENTS_LIFECYCLE, DELEGATIONS_INVALIDATE, SESSIONS_REVOKE, Event, bump_epoch, emit
-from storage.workflow_outbox import SNAPSHOT_COLUMNS, enqueue, session_notice, session_notices, task_expires_at
+from storage.outbox import AGENTS_LIFECYCLE, DELEGATIONS_INVALIDATE, SESSIONS_REVOKE, Event, bump_epoch
+from storage.workflow_outbox import (
+    SNAPSHOT_COLUMNS, WorkflowNotice, enqueue, publish, session_notice, session_notices, task_expires_at,
+)
 
 __all__ = ["task_expires_at"]
 
@@ -151,30 +153,36 @@ async def start_session(conn: Conn, settings: Settings, cmd: StartSession,
             return replay
 
     # Capacity lock: serialises starts of one zone only while counting and inserting (no zone-wide
-    # lock over the whole request as in the reference).
-    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
-                       (f"coordinator:session_capacity:{cmd.zone_id}",))
-
-    app = await q1(conn, """SELECT registration_method FROM applications
-                            WHERE zone_id = %s AND id = %s AND archived_at IS NULL
-                              AND (expires_at IS NULL OR expires_at > now())""", (cmd.zone_id, cmd.application_id))
-    if app is None:
+    # lock over the whole request as in the reference). One round trip: the lock is taken first
+    # (each lateral subquery reads `lock`), then the application, the authority record and the
+    # zone's capacity counts are read under it.
+    found = await q1(conn, f"""
+        WITH lock AS MATERIALIZED (
+            SELECT true AS held FROM (SELECT pg_advisory_xact_lock(hashtextextended(%(lock_key)s, 0))) taken)
+        SELECT app.registration_method, record.live AS record_live, counts.zone_n, counts.app_n
+        FROM lock
+        LEFT JOIN LATERAL (SELECT registration_method FROM applications
+                           WHERE lock.held AND zone_id = %(zone)s AND id = %(app)s AND archived_at IS NULL
+                             AND (expires_at IS NULL OR expires_at > now())) app ON true
+        LEFT JOIN LATERAL (SELECT true AS live FROM authority_records
+                           WHERE lock.held AND zone_id = %(zone)s AND id = %(record)s AND status = 'active'
+                             AND expires_at > now()) record ON true
+        CROSS JOIN LATERAL (SELECT count(*) AS zone_n, count(*) FILTER (WHERE s.application_id = %(app)s) AS app_n
+                            FROM sessions s WHERE lock.held AND s.zone_id = %(zone)s AND {CAPACITY_LIVE_SQL}) counts""",
+                     {"lock_key": f"coordinator:session_capacity:{cmd.zone_id}", "zone": cmd.zone_id,
+                      "app": cmd.application_id, "record": cmd.authority_record_id,
+                      "default_ttl": DEFAULT_TASK_TTL_SECONDS})
+    if found["registration_method"] is None:
         raise CoordinatorError(404, "application_not_found")
-    dcr = app["registration_method"] == "dcr"
+    dcr = found["registration_method"] == "dcr"
     if dcr and cmd.lifecycle != "task":
         raise CoordinatorError(409, "dcr_application_cannot_host_service")
     if dcr and cmd.parent_id:
         raise CoordinatorError(409, "dcr_application_cannot_be_child")
-
-    record = await q1(conn, """SELECT 1 FROM authority_records WHERE zone_id = %s AND id = %s
-                               AND status = 'active' AND expires_at > now()""", (cmd.zone_id, cmd.authority_record_id))
-    if record is None:
+    if not found["record_live"]:
         raise CoordinatorError(404, "session_not_found",
                                detail="subject authority record is not active in this zone")
-
-    counts = await q1(conn, f"""SELECT count(*) AS zone_n, count(*) FILTER (WHERE s.application_id = %(app)s) AS app_n
-                                FROM sessions s WHERE s.zone_id = %(zone)s AND {CAPACITY_LIVE_SQL}""",
-                      {"app": cmd.application_id, "zone": cmd.zone_id, "default_ttl": DEFAULT_TASK_TTL_SECONDS})
+    counts = found
     if counts["zone_n"] >= settings.MAX_AGENTS_PER_ZONE:
         raise CoordinatorError(429, "session_zone_limit_exceeded")
     if dcr and counts["app_n"] > 0:
@@ -235,14 +243,13 @@ async def start_session(conn: Conn, settings: Settings, cmd: StartSession,
     events.append(Event(AGENTS_LIFECYCLE, f"spawn:{cmd.session_id}", {
         "event": "spawn", "zone_id": cmd.zone_id, "agent_session_id": cmd.session_id,
         "parent_id": cmd.parent_id or None, "application_id": cmd.application_id}))
-    await emit(conn, cmd.zone_id, events)
     summary = f"created {cmd.lifecycle} session of {cmd.application_id}" + (
         f" under {cmd.parent_id}" if cmd.parent_id else "") + (f", inheriting edge {edge_id}" if edge_id else "")
     notices = [session_notice(row, wc.SESSION_CREATED, summary, edge_id=edge_id, peer_session_id=cmd.parent_id)]
     if edge_id is not None:
         notices.append(session_notice(parent, wc.DELEGATION_GIVEN, f"edge {edge_id} inherited by child {cmd.session_id}",
                                       edge_id=edge_id, peer_session_id=cmd.session_id))
-    await enqueue(conn, notices)
+    await publish(conn, cmd.zone_id, events, notices)
 
     body = start_projection(row, edge_id)
     if idempotency is not None:
@@ -338,9 +345,8 @@ async def suspend_subtree(conn: Conn, zone_id: str, root_ids: list[str], reason:
         "event": "suspend", "zone_id": zone_id, "agent_session_id": r["id"], "parent_id": r["parent_id"],
         "reason": reason}) for r in rows]
     events += await _revocation_events(conn, zone_id, rows, "agent_suspend", reason, versioned=True) if rows else []
-    await emit(conn, zone_id, events)
-    await enqueue(conn, session_notices(rows, wc.SESSION_SUSPENDED, _subtree_summary("suspended", root_ids, reason),
-                                        reason))
+    await publish(conn, zone_id, events, session_notices(
+        rows, wc.SESSION_SUSPENDED, _subtree_summary("suspended", root_ids, reason), reason))
     return rows
 
 
@@ -359,10 +365,9 @@ async def resume_subtree(conn: Conn, settings: Settings, zone_id: str, root_id: 
         RETURNING {SNAPSHOT_COLUMNS}
         """, {"zone": zone_id, "root": root_id, "lease": settings.SERVICE_AGENT_LEASE_SECONDS})
     rows = _roots_first(rows, [root_id])
-    await emit(conn, zone_id, [Event(AGENTS_LIFECYCLE, f"resume:{r['id']}:{r['state_version']}", {
+    await publish(conn, zone_id, [Event(AGENTS_LIFECYCLE, f"resume:{r['id']}:{r['state_version']}", {
         "event": "resume", "zone_id": zone_id, "agent_session_id": r["id"], "parent_id": r["parent_id"]})
-        for r in rows])
-    await enqueue(conn, session_notices(rows, wc.SESSION_RESUMED, _subtree_summary("resumed", [root_id], None)))
+        for r in rows], session_notices(rows, wc.SESSION_RESUMED, _subtree_summary("resumed", [root_id], None)))
     return rows
 
 
@@ -396,14 +401,13 @@ async def terminate_subtree(conn: Conn, zone_id: str, root_ids: list[str], reaso
         FROM (SELECT parent_id, count(*) AS n FROM sessions WHERE id = ANY(%(ids)s) AND parent_id IS NOT NULL
               GROUP BY parent_id) x
         WHERE p.id = x.parent_id AND NOT (p.id = ANY(%(ids)s))""", {"ids": ids})
-    await enqueue(conn, session_notices(rows, wc.SESSION_TERMINATED,
-                                        _subtree_summary(root_status, root_ids, reason)))
-    events = await revoke_edges_touching(conn, zone_id, ids, reason)
+    notices = session_notices(rows, wc.SESSION_TERMINATED, _subtree_summary(root_status, root_ids, reason))
+    events = await revoke_edges_touching(conn, zone_id, ids, reason, notices)
     events += [Event(AGENTS_LIFECYCLE, f"terminate:{r['id']}", {
         "event": "terminate", "zone_id": zone_id, "agent_session_id": r["id"], "parent_id": r["parent_id"],
         "reason": reason}) for r in rows]
     events += await _revocation_events(conn, zone_id, rows, "agent_terminate", reason, versioned=False)
-    await emit(conn, zone_id, events)
+    await publish(conn, zone_id, events, notices)
     return rows
 
 
@@ -418,10 +422,11 @@ def _subtree_summary(what: str, root_ids: list[str], reason: str | None) -> str:
     return f"{what} with the subtree of {roots}" + (f" ({reason})" if reason else "")
 
 
-async def revoke_edges_touching(conn: Conn, zone_id: str, session_ids: list[str], reason: str) -> list[Event]:
+async def revoke_edges_touching(conn: Conn, zone_id: str, session_ids: list[str], reason: str,
+                                notices: list[WorkflowNotice]) -> list[Event]:
     """§5.2 step 4: revoke every active edge with an endpoint among the sessions; one epoch bump.
 
-    The live endpoints outside `session_ids` hear that they lost (or gave up) the edge."""
+    Appends to `notices` for the live endpoints outside `session_ids`: they lost (or gave up) the edge."""
     edges = await q(conn, """
         UPDATE delegation_edges SET status = 'revoked', revoked_at = now(), updated_at = now(),
             edge_version = edge_version + 1
@@ -431,7 +436,7 @@ async def revoke_edges_touching(conn: Conn, zone_id: str, session_ids: list[str]
     if not edges:
         return []
     edges.sort(key=lambda e: e["id"])
-    await enqueue(conn, await edge_end_notices(conn, zone_id, edges, f"revoked ({reason})"))
+    notices += await edge_end_notices(conn, zone_id, edges, f"revoked ({reason})")
     epoch = await bump_epoch(conn, zone_id)
     return [Event(DELEGATIONS_INVALIDATE, f"edge_revoke:{e['id']}", {
         "event": "edge_revoke", "zone_id": zone_id, "edge_id": e["id"], "reason": reason, "epoch": epoch})

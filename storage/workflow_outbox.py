@@ -20,6 +20,7 @@ from rules import workflow_contract as wc
 from rules.sessions import DEFAULT_TASK_TTL_SECONDS
 from rules.timefmt import iso_ms
 from storage.db import Conn
+from storage.outbox import Event, emit
 
 NOTIFY_CHANNEL = "workflow_outbox"
 
@@ -54,6 +55,13 @@ async def enqueue(conn: Conn, notices: list[WorkflowNotice]) -> None:
         ([n.workflow_id for n in notices], [n.workflow_type for n in notices], [n.signal for n in notices],
          [Jsonb(n.payload) for n in notices], [Jsonb(n.start_args) for n in notices],
          [Jsonb(n.search_attributes) for n in notices], [n.summary for n in notices]))
+
+
+async def publish(conn: Conn, zone_id: str, events: list[Event], notices: list[WorkflowNotice]) -> None:
+    """A change's events and workflow notices, both written in one round trip (pipelined)."""
+    async with conn.pipeline():
+        await emit(conn, zone_id, events)
+        await enqueue(conn, notices)
 
 
 # ---------------------------------------------------------------------------------------- sessions

@@ -9,7 +9,7 @@ from api.deps import Services
 from devstack.postgres import free_port
 from settings import load_settings
 from storage.db import Database
-from tests.conftest import OPERATOR_TOKEN, Stack, Zone
+from tests.conftest import eventually, OPERATOR_TOKEN, Stack, Zone
 
 OP = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
 
@@ -28,7 +28,11 @@ async def call(app, method: str, path: str, **kw) -> httpx.Response:
 async def test_health_and_ready(stack: Stack):
     assert (await stack.http.get("/health")).json() == {"ok": True}
     await stack.workflows_caught_up()
-    r = await stack.http.get("/ready")
+
+    async def worker_polling():  # the in-process worker may not have polled yet at session start
+        r = await stack.http.get("/ready")
+        return r if r.json().get("worker") == "polling" else None
+    r = await eventually(worker_polling, timeout=10)
     body = r.json()
     assert r.status_code == 200 and body["ok"] is True and body["worker"] == "polling", body
     assert body["workflow_outbox"]["backlog"] == 0 and body["workflow_outbox"]["temporal"] == "ok", body
