@@ -427,6 +427,20 @@ def _optional_id(value: object) -> str | None:
     return value if _non_empty_str(value) else None  # type: ignore[return-value]
 
 
+# Bearer tokens whose signature was verified, kept briefly (a client sends the same mandate many times).
+VERIFIED_CACHE_SIZE = 4096
+VERIFIED_CACHE_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class _Verified:
+    claims: dict[str, Any]
+    key: jwt.PyJWK
+    zone_id: str
+    kid: str | None
+    until: float
+
+
 class Authenticator:
     """§3.1 bearer middleware, independent of the web framework (the app calls `authenticate`)."""
 
@@ -438,6 +452,7 @@ class Authenticator:
         self._issuer: str = settings.ISSUER_URL
         self._scope: str = settings.AGENT_COORDINATOR_SCOPE
         self._operator_token: bytes = settings.CARACAL_COORDINATOR_TOKEN.encode("utf-8")
+        self._verified: collections.OrderedDict[str, _Verified] = collections.OrderedDict()
 
     async def aclose(self) -> None:
         await self.jwks.aclose()
@@ -491,22 +506,51 @@ class Authenticator:
         return bool(self._operator_token) and hmac.compare_digest(token.encode("utf-8"), self._operator_token)
 
     async def _verified_claims(self, token: str) -> dict[str, Any]:
+        cached = await self._recently_verified(token)
+        if cached is not None:
+            return cached
         header, unverified = _unverified(token)
         zone_id = unverified.get("zone_id")
         if not _is_id(zone_id):  # step 5: never fetch keys for a zone id we would not accept
             raise _InvalidToken("zone_id claim missing or malformed")
-        claims = await self._verify_signature(token, header, zone_id)  # step 6
+        claims, key = await self._verify_signature(token, header, zone_id)  # step 6
         if claims.get("zone_id") != zone_id:  # step 7
             raise _InvalidToken("zone_id changed")
         if not _non_empty_str(claims.get("sub")):
             raise _InvalidToken("sub missing")
         if claims.get("use") != "session":  # sdk-wire-contract §7.2: only session mandates
             raise _InvalidToken("use is not session")
+        self._verified[token] = _Verified(claims, key, zone_id, header.get("kid"), time.time() + VERIFIED_CACHE_SECONDS)
+        while len(self._verified) > VERIFIED_CACHE_SIZE:
+            self._verified.popitem(last=False)
         return claims
 
+    async def _recently_verified(self, token: str) -> dict[str, Any] | None:
+        """Claims of a token verified a moment ago, while the key that verified it is still in the
+        zone's key set (a rotated JWKS parses into new keys: the token is verified again) and its
+        time claims still hold. Saves the ECDSA verification on a client's repeated requests."""
+        entry = self._verified.get(token)
+        if entry is None:
+            return None
+        now = time.time()
+        exp, nbf = entry.claims.get("exp"), entry.claims.get("nbf")
+        fresh = (now < entry.until and (exp is None or now < exp + CLOCK_TOLERANCE_SECONDS)
+                 and (nbf is None or now >= nbf - CLOCK_TOLERANCE_SECONDS))
+        if fresh:
+            try:
+                fresh = any(k is entry.key for k in await self.jwks.keys_for(entry.zone_id, entry.kid))
+            except JwksError:
+                fresh = False
+        if not fresh:
+            self._verified.pop(token, None)
+            return None
+        self._verified.move_to_end(token)
+        return entry.claims
+
     async def _verify_signature(self, token: str, header: dict[str, Any], zone_id: str,
-                                required: tuple[str, ...] = ()) -> dict[str, Any]:
-        """ES256 signature plus iss/aud/exp/nbf/iat (60 s leeway) against the zone's keys."""
+                                required: tuple[str, ...] = ()) -> tuple[dict[str, Any], jwt.PyJWK]:
+        """ES256 signature plus iss/aud/exp/nbf/iat (60 s leeway) against the zone's keys: the
+        claims and the key that verified them."""
         if header.get("alg") != "ES256":  # checked again by PyJWT; saves a pointless key fetch
             raise _InvalidToken("alg is not ES256")
         kid = header.get("kid")
@@ -520,7 +564,7 @@ class Authenticator:
         for key in keys:
             try:
                 return jwt.decode(token, key, algorithms=["ES256"], issuer=self._issuer, audience=self._issuer,
-                                  leeway=CLOCK_TOLERANCE_SECONDS, options={"require": list(required)})
+                                  leeway=CLOCK_TOLERANCE_SECONDS, options={"require": list(required)}), key
             except jwt.InvalidSignatureError as exc:
                 failure = exc  # another key of the set may have signed it
             except (jwt.PyJWTError, ValueError, TypeError) as exc:
@@ -541,7 +585,7 @@ class Authenticator:
             if not _is_id(zone_id):
                 raise _InvalidToken("zone_id is not an id")
             header, _ = _unverified(token)
-            claims = await self._verify_signature(token, header, zone_id, required=_VERIFY_REQUIRED)
+            claims, _ = await self._verify_signature(token, header, zone_id, required=_VERIFY_REQUIRED)
             return _verify_route_claims(claims, zone_id, required_scope, require_agent, require_delegation)
         except _InvalidToken as exc:
             log.info("/v1/verify rejected a token: %s", exc)

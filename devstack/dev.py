@@ -13,6 +13,10 @@
    API (`python -m api`, port $PORT, default 4000), logs in `.data/logs/`;
 6. once `GET /ready` answers 200: the demo zone is seeded and a 24 h bearer token is printed.
 
+The Temporal server, the worker and the dispatcher run at a lower CPU priority
+(`DEV_BACKGROUND_NICE`, default 10; 0 turns it off): on a small machine the API answers first and
+the workflows catch up in the gaps, which is the design (Postgres decides, Temporal follows).
+
 Ctrl-C (or SIGTERM) stops everything it started, in order (API, dispatcher, worker, Temporal,
 Postgres), and exits 0. If a child dies, the rest is stopped and the exit code is 1, after the
 tail of the child's log. A second run reuses `.data/`.
@@ -68,6 +72,14 @@ def tail(path: Path | None, lines: int = 30) -> str:
         return "(no log)"
 
 
+def background_nice() -> int:
+    raw = os.environ.get("DEV_BACKGROUND_NICE", "")
+    try:
+        return max(0, min(19, int(raw))) if raw else 10
+    except ValueError:
+        raise SystemExit(f"DEV_BACKGROUND_NICE must be 0..19, got {raw!r}") from None
+
+
 def _env_port(name: str, default: int) -> int:
     raw = os.environ.get(name, "")
     try:
@@ -79,8 +91,8 @@ def _env_port(name: str, default: int) -> int:
 class Child:
     """A Python child process (API, dispatcher or worker) in its own process group, logging to a file."""
 
-    def __init__(self, name: str, args: list[str], env: dict[str, str], log_file: Path) -> None:
-        self.name, self.args, self.env, self.log_file = name, args, env, log_file
+    def __init__(self, name: str, args: list[str], env: dict[str, str], log_file: Path, nice: int = 0) -> None:
+        self.name, self.args, self.env, self.log_file, self.nice = name, args, env, log_file, nice
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
@@ -92,7 +104,7 @@ class Child:
             log.flush()
             self.proc = subprocess.Popen(
                 self.args, cwd=REPO_ROOT, env=self.env, stdin=subprocess.DEVNULL, stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=parent_death_signal(),
+                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=parent_death_signal(nice=self.nice),
             )
         say(f"{self.name}: started (pid {self.proc.pid}), log {self.log_file}")
 
@@ -165,8 +177,9 @@ class DevStack:
         self._migrate()
         self._temporal()
         env = self._child_env()
-        worker = Child("worker", [sys.executable, "worker.py"], env, LOG_DIR / "worker.log")
-        dispatcher = Child("dispatcher", [sys.executable, "-m", "dispatcher"], env, LOG_DIR / "dispatcher.log")
+        nice = background_nice()
+        worker = Child("worker", [sys.executable, "worker.py"], env, LOG_DIR / "worker.log", nice)
+        dispatcher = Child("dispatcher", [sys.executable, "-m", "dispatcher"], env, LOG_DIR / "dispatcher.log", nice)
         api = Child("api", [sys.executable, "-m", "api"], env, LOG_DIR / "api.log")
         self.children += [worker, dispatcher, api]  # stopped in reverse order
         worker.start()
@@ -212,7 +225,8 @@ class DevStack:
             f"log {LOG_DIR / 'temporal.log'}")
         t0 = time.monotonic()
         self.temporal = start_temporal(port=port, ui_port=ui_port, db_file=DATA_DIR / "temporal.db",
-                                       log_file=LOG_DIR / "temporal.log", die_with_parent=True)
+                                       log_file=LOG_DIR / "temporal.log", die_with_parent=True,
+                                       nice=background_nice())
         self.temporal_address = self.temporal.address
         self.ui_url = self.temporal.ui_url
         say(f"temporal: ready in {time.monotonic() - t0:.1f} s: {self.temporal_address}, UI {self.ui_url}")

@@ -66,7 +66,7 @@ class TemporalProcess:
 
     def __init__(self, *, port: int, ui_port: int | None = None, db_file: Path | None = None,
                  log_file: Path | None = None, dynamic_config: dict[str, object] | None = None,
-                 namespace: str = "default", die_with_parent: bool = False) -> None:
+                 namespace: str = "default", die_with_parent: bool = False, nice: int = 0) -> None:
         self.port = int(port)
         self.ui_port = ui_port
         self.db_file = Path(db_file).absolute() if db_file is not None else None
@@ -76,6 +76,7 @@ class TemporalProcess:
         # Linux: SIGTERM the server when the thread that started it dies (even by SIGKILL). Only
         # for long-lived main threads (make dev): the signal follows the *thread*, not the process.
         self.die_with_parent = die_with_parent
+        self.nice = nice
         self._proc: subprocess.Popen | None = None
         self._own_log: Path | None = None  # a temp log when no log_file was given
         _live.add(self)
@@ -139,7 +140,7 @@ class TemporalProcess:
             self._proc = subprocess.Popen(
                 self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,  # own process group: terminal Ctrl-C does not reach it
-                preexec_fn=parent_death_signal() if self.die_with_parent else None,
+                preexec_fn=parent_death_signal(nice=self.nice) if self.die_with_parent else None,
             )
         try:
             _run_blocking(self._wait_ready(_READY_TIMEOUT_S))
@@ -235,9 +236,9 @@ class TemporalProcess:
         )
 
 
-def parent_death_signal(sig: int = signal.SIGTERM):
+def parent_death_signal(sig: int = signal.SIGTERM, nice: int = 0):
     """A `preexec_fn` that asks Linux to send `sig` to the child when its parent thread exits
-    (prctl PR_SET_PDEATHSIG); None elsewhere."""
+    (prctl PR_SET_PDEATHSIG), and lowers the child's CPU priority by `nice`; None elsewhere."""
     if not sys.platform.startswith("linux"):
         return None
     import ctypes
@@ -248,6 +249,8 @@ def parent_death_signal(sig: int = signal.SIGTERM):
 
     def preexec() -> None:
         prctl(pr_set_pdeathsig, int(sig), 0, 0, 0)
+        if nice:
+            os.nice(nice)
 
     return preexec
 
@@ -296,12 +299,12 @@ def _run_blocking(coro) -> None:
 def start_temporal(*, port: int, ui_port: int | None = None, db_file: Path | None = None,
                    log_file: Path | None = None,
                    dynamic_config: dict[str, object] | None = None,
-                   die_with_parent: bool = False) -> TemporalProcess:
+                   die_with_parent: bool = False, nice: int = 0) -> TemporalProcess:
     """Start `temporal server start-dev` on 127.0.0.1:`port` (headless unless `ui_port`;
     in-memory unless `db_file`) and wait until it is ready. `dynamic_config` values are
     JSON-encoded, e.g. `{"limit.historyCount.suggestContinueAsNew": 200}`."""
     return TemporalProcess(port=port, ui_port=ui_port, db_file=db_file, log_file=log_file,
-                           dynamic_config=dynamic_config, die_with_parent=die_with_parent).start()
+                           dynamic_config=dynamic_config, die_with_parent=die_with_parent, nice=nice).start()
 
 
 # Servers still running at interpreter exit are stopped (a test that forgot, a script's Ctrl-C).

@@ -379,6 +379,22 @@ async def test_jwks_file_reloaded_when_it_changes(tmp_path: Path, db: FakeDb) ->
     assert await error_of(authn, "/zones/z1/agents", token()) == (401, "invalid_token")
 
 
+async def test_a_repeated_token_skips_the_signature_check_until_its_key_leaves_the_set(
+        tmp_path: Path, db: FakeDb, monkeypatch) -> None:
+    settings = make_settings(tmp_path)
+    authn = Authenticator(settings, db)
+    bearer = token()
+    decodes = []
+    real_decode = jwt.decode
+    monkeypatch.setattr(jwt, "decode", lambda *a, **kw: decodes.append(1) or real_decode(*a, **kw))
+    assert await call(authn, "/zones/z1/agents", bearer) is not None
+    assert await call(authn, "/zones/z1/agents", bearer) is not None
+    assert len(decodes) == 1 and len(db.calls) == 2  # the identity is still checked on every request
+    write_jwks(generate_signing_key(kid="test-key-2"), settings.JWKS_FILE)
+    os.utime(settings.JWKS_FILE, ns=(time.time_ns(), time.time_ns() + 10_000_000))
+    assert await error_of(authn, "/zones/z1/agents", bearer) == (401, "invalid_token")
+
+
 async def test_missing_jwks_file_fails_closed(tmp_path: Path, db: FakeDb) -> None:
     authn = Authenticator(make_settings(tmp_path, JWKS_FILE=str(tmp_path / "nope.json")), db)
     assert await error_of(authn, "/zones/z1/agents", token()) == (401, "invalid_token")
