@@ -25,24 +25,20 @@ class Event:
 
 
 async def emit(conn: Conn, zone_id: str, events: list[Event]) -> None:
-    """Insert events in order; a dedupe key already present is skipped (ON CONFLICT DO NOTHING)."""
+    """Insert events in order; a dedupe key already present is skipped (ON CONFLICT DO NOTHING).
+    The events travel as one JSON document (cheap to encode, however many)."""
     if not events:
         return
     await conn.execute(
         """
         INSERT INTO caracal_outbox (id, producer, zone_id, topic, dedupe_key, payload_json)
-        SELECT i, 'coordinator', %s, t, k, p
-        FROM unnest(%s::text[], %s::text[], %s::text[], %s::jsonb[]) WITH ORDINALITY AS e(i, t, k, p, n)
+        SELECT e->>'id', 'coordinator', %s, e->>'topic', e->>'key', e->'payload'
+        FROM jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS x(e, n)
         ORDER BY n
         ON CONFLICT (producer, topic, dedupe_key) DO NOTHING
         """,
-        (
-            zone_id,
-            [new_id() for _ in events],
-            [e.topic for e in events],
-            [e.dedupe_key for e in events],
-            [Jsonb(e.payload) for e in events],
-        ),
+        (zone_id, Jsonb([{"id": new_id(), "topic": e.topic, "key": e.dedupe_key, "payload": e.payload}
+                         for e in events])),
     )
 
 
