@@ -10,7 +10,6 @@ delivery brings a workflow up to date and a stale or repeated one is a no-op. Th
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -56,7 +55,9 @@ async def enqueue(conn: Conn, notices: list[WorkflowNotice]) -> None:
             RETURNING 1
         )
         SELECT pg_notify('{NOTIFY_CHANNEL}', '') FROM (SELECT count(*) FROM rows) c""",
-        (Jsonb([dataclasses.asdict(n) for n in notices]),))
+        (Jsonb([{"workflow_id": n.workflow_id, "workflow_type": n.workflow_type, "signal": n.signal,
+                 "payload": n.payload, "start_args": n.start_args, "search_attributes": n.search_attributes,
+                 "summary": n.summary} for n in notices]),))
 
 
 async def publish(conn: Conn, zone_id: str, events: list[Event], notices: list[WorkflowNotice]) -> None:
