@@ -324,11 +324,11 @@ async def test_repeated_notice_is_one_transition(env: WorkflowEnvironment):
         assert before.current.reason == "requested" and before.current.state_version == 2
         events = await history_events(handle)
         assert signals_named(events, wc.SESSION_SUSPENDED) == 2
-        # One status change: one search-attribute upsert; the TTL timer re-armed once (it runs
-        # while suspended too), not again for the repeat.
+        # One status change: one search-attribute upsert; the TTL timer keeps running (its deadline
+        # holds while suspended): neither notice cancels or restarts it.
         assert count(events, EventType.EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES) == 1
-        assert count(events, EventType.EVENT_TYPE_TIMER_STARTED) == 2
-        assert count(events, EventType.EVENT_TYPE_TIMER_CANCELED) == 1
+        assert count(events, EventType.EVENT_TYPE_TIMER_STARTED) == 1
+        assert count(events, EventType.EVENT_TYPE_TIMER_CANCELED) == 0
         assert await search_attribute(handle, wc.SA_SESSION_STATUS) == "suspended"
         details = await details_of(handle)
         assert details.startswith("suspended (requested) · task session of app-1 · expires ")

@@ -38,7 +38,6 @@ class InvocationWorkflow:
     @workflow.init
     def __init__(self, state: InvocationState) -> None:
         self.state = state
-        self._changes = 0  # bumped whenever the known state changes: wakes the run loop
         self._not_due = 0  # settlements in a row that found the same deadline not yet due
         self._row_missing = False  # the settlement found no row: wait for a notice, not the timer
         # For the UI's current details only (not carried across continue-as-new).
@@ -87,7 +86,6 @@ class InvocationWorkflow:
         if snap == known:
             return "same"
         self.state.current = snap
-        self._changes += 1
         self._not_due = 0
         self._row_missing = False
         self._sync_status_attribute()
@@ -147,10 +145,10 @@ class InvocationWorkflow:
                     self.state.runs += 1
                     workflow.continue_as_new(self.state)
                 continue
-            seen = self._changes
-            if await wait_until(self._next_deadline(),
-                                lambda: self._changes != seen or workflow.info().is_continue_as_new_suggested(),
-                                DEADLINE):
+            armed = self._next_deadline()
+            # Woken only when the timer must change or the run must end (or continue as new).
+            if await wait_until(armed, lambda: (self._next_deadline() != armed or finished(self.state.current)
+                                                or workflow.info().is_continue_as_new_suggested()), DEADLINE):
                 await self._settle()
         await workflow.wait_condition(workflow.all_handlers_finished)
         return self.state.current.status

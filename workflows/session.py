@@ -80,7 +80,6 @@ class SessionWorkflow:
     @workflow.init
     def __init__(self, state: SessionState) -> None:
         self.state = state
-        self._changes = 0  # bumped whenever the known state changes: wakes the run loop
         self._not_due = 0  # settlements in a row that found the same deadline not yet due
         # For the UI's current details only (not carried across continue-as-new).
         self._last = "continued as new" if state.runs > 1 else ""
@@ -136,7 +135,6 @@ class SessionWorkflow:
             if snap == known:
                 return "same"
         self.state.current = snap
-        self._changes += 1
         self._not_due = 0
         self._sync_status_attribute()
         return "changed"
@@ -225,12 +223,17 @@ class SessionWorkflow:
                     workflow.continue_as_new(self.state)
                 continue
             what, due = self._next_deadline()
-            seen = self._changes
-            if await wait_until(due, lambda: self._changes != seen or workflow.info().is_continue_as_new_suggested(),
-                                what):
+            armed = self._deadline()
+            # Woken only when the timer must change (or the run must end or continue as new): a
+            # notice that leaves the deadline as it was costs no timer cancel and restart.
+            if await wait_until(due, lambda: (self._deadline() != armed or self._ended()
+                                              or workflow.info().is_continue_as_new_suggested()), what):
                 await self._settle(what)
         await workflow.wait_condition(workflow.all_handlers_finished)
         return self.state.current.status
+
+    def _ended(self) -> bool:
+        return self.state.current is not None and self.state.current.status in wc.SESSION_TERMINAL
 
     def _deadline(self) -> tuple[str, str | None]:
         """Which timer the known state arms, and its deadline (ISO), if any."""
@@ -260,7 +263,6 @@ class SessionWorkflow:
         if snap is None:
             self.state.current = dataclasses.replace(self.state.current, status="terminated",
                                                      reason=self.state.current.reason or "session_row_missing")
-            self._changes += 1
             self._sync_status_attribute()
             self._trace(f"{what}: the session's row is gone, ending")
             return
