@@ -156,10 +156,10 @@ async def start_session(conn: Conn, settings: Settings, cmd: StartSession,
     # lock over the whole request as in the reference). One round trip: the lock is taken first
     # (each lateral subquery reads `lock`), then the application, the authority record and the
     # zone's capacity counts are read under it.
-    found = await q1(conn, f"""
+    found = await q1(conn, """
         WITH lock AS MATERIALIZED (
             SELECT true AS held FROM (SELECT pg_advisory_xact_lock(hashtextextended(%(lock_key)s, 0))) taken)
-        SELECT app.registration_method, record.live AS record_live, counts.zone_n, counts.app_n
+        SELECT app.registration_method, record.live AS record_live, live.zone_n, live.app_n
         FROM lock
         LEFT JOIN LATERAL (SELECT registration_method FROM applications
                            WHERE lock.held AND zone_id = %(zone)s AND id = %(app)s AND archived_at IS NULL
@@ -167,11 +167,11 @@ async def start_session(conn: Conn, settings: Settings, cmd: StartSession,
         LEFT JOIN LATERAL (SELECT true AS live FROM authority_records
                            WHERE lock.held AND zone_id = %(zone)s AND id = %(record)s AND status = 'active'
                              AND expires_at > now()) record ON true
-        CROSS JOIN LATERAL (SELECT count(*) AS zone_n, count(*) FILTER (WHERE s.application_id = %(app)s) AS app_n
-                            FROM sessions s WHERE lock.held AND s.zone_id = %(zone)s AND {CAPACITY_LIVE_SQL}) counts""",
+        CROSS JOIN LATERAL (SELECT COALESCE(sum(live), 0) AS zone_n,
+                                   COALESCE(sum(live) FILTER (WHERE application_id = %(app)s), 0) AS app_n
+                            FROM session_capacity WHERE lock.held AND zone_id = %(zone)s) live""",
                      {"lock_key": f"coordinator:session_capacity:{cmd.zone_id}", "zone": cmd.zone_id,
-                      "app": cmd.application_id, "record": cmd.authority_record_id,
-                      "default_ttl": DEFAULT_TASK_TTL_SECONDS})
+                      "app": cmd.application_id, "record": cmd.authority_record_id})
     if found["registration_method"] is None:
         raise CoordinatorError(404, "application_not_found")
     dcr = found["registration_method"] == "dcr"
@@ -183,6 +183,13 @@ async def start_session(conn: Conn, settings: Settings, cmd: StartSession,
         raise CoordinatorError(404, "session_not_found",
                                detail="subject authority record is not active in this zone")
     counts = found
+    if (found["zone_n"] >= settings.MAX_AGENTS_PER_ZONE or found["app_n"] >= settings.MAX_AGENTS_PER_APP
+            or (dcr and found["app_n"] > 0)):
+        # Near a limit: the live count is only an upper bound; count the capacity-live sessions.
+        counts = await q1(conn, f"""
+            SELECT count(*) AS zone_n, count(*) FILTER (WHERE s.application_id = %(app)s) AS app_n
+            FROM sessions s WHERE s.zone_id = %(zone)s AND {CAPACITY_LIVE_SQL}""",
+                          {"app": cmd.application_id, "zone": cmd.zone_id, "default_ttl": DEFAULT_TASK_TTL_SECONDS})
     if counts["zone_n"] >= settings.MAX_AGENTS_PER_ZONE:
         raise CoordinatorError(429, "session_zone_limit_exceeded")
     if dcr and counts["app_n"] > 0:

@@ -955,3 +955,24 @@ async def test_ttl_expiry_settles_within_two_seconds_with_its_cascade(zone: Zone
     assert r.status_code == 409 and r.json() == {"error": "session_not_found_or_not_active"}
     r = await zone.http.delete(url(zone, sid(child)), headers=zone.headers())
     assert r.status_code == 404 and r.json() == {"error": "session_not_found"}
+
+
+async def test_live_counts_follow_every_writer(zone: Zone):
+    """session_capacity (the upper bound that spares a start the zone count) follows starts, ends
+    and any other writer of `sessions`, cascades included."""
+    async def live() -> dict[str, int]:
+        rows = await zone.stack.db.fetch("SELECT application_id, live FROM session_capacity WHERE zone_id = %s",
+                                         (zone.id,))
+        return {r["application_id"]: r["live"] for r in rows if r["live"]}
+    root = await zone.start()
+    await zone.start(parent_id=sid(root))
+    other = await zone.start()
+    assert await live() == {"app-1": 3}
+    assert (await zone.http.patch(url(zone, sid(root), "suspend"), headers=zone.headers())).status_code == 200
+    assert await live() == {"app-1": 3}  # suspended sessions still count
+    assert (await zone.http.delete(url(zone, sid(root)), headers=zone.headers())).status_code == 204
+    assert await live() == {"app-1": 1}
+    await bulk_sessions(zone, 4, "app-2")  # written by plain SQL
+    assert await live() == {"app-1": 1, "app-2": 4}
+    await zone.stack.db.execute("DELETE FROM sessions WHERE id = %s", (sid(other),))
+    assert await live() == {"app-2": 4}

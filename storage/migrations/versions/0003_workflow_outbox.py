@@ -50,6 +50,62 @@ CREATE TABLE workflow_dispatchers (
     heartbeat_at timestamptz NOT NULL DEFAULT now()
 );
 
+-- Live (active or suspended) sessions per zone and application: an upper bound of the
+-- "capacity-live" count (which also leaves out lapsed, not yet settled sessions), so a start under
+-- every limit needs no count of the zone's sessions; only a start near a limit counts exactly.
+CREATE TABLE session_capacity (
+    zone_id text NOT NULL,
+    application_id text NOT NULL,
+    live integer NOT NULL DEFAULT 0,
+    PRIMARY KEY (zone_id, application_id)
+);
+INSERT INTO session_capacity (zone_id, application_id, live)
+SELECT zone_id, application_id, count(*) FROM sessions WHERE status IN ('active', 'suspended')
+GROUP BY zone_id, application_id;
+
+-- Kept by statement triggers, whoever writes `sessions` (one upsert per statement and application,
+-- however many rows the statement changed).
+CREATE FUNCTION session_capacity_apply() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    WITH moved AS (
+        SELECT zone_id, application_id, 1 AS d FROM new_rows WHERE status IN ('active', 'suspended')
+        UNION ALL
+        SELECT zone_id, application_id, -1 FROM old_rows WHERE status IN ('active', 'suspended')
+    ), delta AS (
+        SELECT zone_id, application_id, sum(d)::int AS d FROM moved GROUP BY zone_id, application_id
+        HAVING sum(d) <> 0
+    )
+    INSERT INTO session_capacity AS c (zone_id, application_id, live)
+    SELECT zone_id, application_id, d FROM delta
+    ON CONFLICT (zone_id, application_id) DO UPDATE SET live = GREATEST(c.live + EXCLUDED.live, 0);
+    RETURN NULL;
+END
+$$;
+CREATE FUNCTION session_capacity_insert() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO session_capacity AS c (zone_id, application_id, live)
+    SELECT zone_id, application_id, count(*) FROM new_rows WHERE status IN ('active', 'suspended')
+    GROUP BY zone_id, application_id
+    ON CONFLICT (zone_id, application_id) DO UPDATE SET live = c.live + EXCLUDED.live;
+    RETURN NULL;
+END
+$$;
+CREATE FUNCTION session_capacity_delete() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE session_capacity c SET live = GREATEST(c.live - x.n, 0)
+    FROM (SELECT zone_id, application_id, count(*)::int AS n FROM old_rows WHERE status IN ('active', 'suspended')
+          GROUP BY zone_id, application_id) x
+    WHERE c.zone_id = x.zone_id AND c.application_id = x.application_id;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER sessions_capacity_insert AFTER INSERT ON sessions REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION session_capacity_insert();
+CREATE TRIGGER sessions_capacity_update AFTER UPDATE ON sessions REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION session_capacity_apply();
+CREATE TRIGGER sessions_capacity_delete AFTER DELETE ON sessions REFERENCING OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION session_capacity_delete();
+
 CREATE TABLE coordinator_counters (
     name text PRIMARY KEY,
     value bigint NOT NULL DEFAULT 0,
@@ -59,6 +115,13 @@ CREATE TABLE coordinator_counters (
 
 DOWNGRADE = r"""
 DROP TABLE IF EXISTS coordinator_counters;
+DROP TRIGGER IF EXISTS sessions_capacity_insert ON sessions;
+DROP TRIGGER IF EXISTS sessions_capacity_update ON sessions;
+DROP TRIGGER IF EXISTS sessions_capacity_delete ON sessions;
+DROP FUNCTION IF EXISTS session_capacity_apply();
+DROP FUNCTION IF EXISTS session_capacity_insert();
+DROP FUNCTION IF EXISTS session_capacity_delete();
+DROP TABLE IF EXISTS session_capacity;
 DROP TABLE IF EXISTS workflow_dispatchers;
 DROP TABLE IF EXISTS workflow_outbox;
 """
