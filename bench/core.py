@@ -84,6 +84,10 @@ PARAMS: dict[str, dict[str, Any]] = {
         "heartbeat_interval": 5.0,
         "heartbeat_duration": 300.0,
         "settle_timeout_s": 60.0,
+        "follow_idle": 50,
+        "follow_burst": 500,
+        "follow_rates": [50, 100, 150],
+        "follow_seconds": 20,
     },
     "quick": {
         "create_requests": {1: 5, 16: 16, 64: 64},
@@ -106,6 +110,10 @@ PARAMS: dict[str, dict[str, Any]] = {
         "heartbeat_interval": 5.0,
         "heartbeat_duration": 15.0,
         "settle_timeout_s": 30.0,
+        "follow_idle": 5,
+        "follow_burst": 32,
+        "follow_rates": [20],
+        "follow_seconds": 2,
     },
 }
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import statistics
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -518,6 +519,109 @@ async def rss(ctx: Ctx) -> list[Row]:
 
 # ------------------------------------------------------------------------------------------------
 
+# ------------------------------------------------------------------------------------------------
+# 11. Temporal follows Postgres: commit-to-signal lag, convergence after a burst, sustained rate
+
+
+async def _backlog(ctx: Ctx) -> int:
+    return int((await ctx.http.get("/ready")).json().get("workflow_outbox", {}).get("backlog", -1))
+
+
+async def _start_lags(temporal, zone: BenchZone, answered: dict[str, float]) -> list[float]:
+    """For each session: its workflow's start time minus the moment its create was answered (ms).
+    (Same machine, same clock: the lag from commit to the workflow's first signal.)"""
+    from temporalio.service import RPCError
+
+    lags: list[float] = []
+    sem = asyncio.Semaphore(16)
+
+    async def one(sid: str, at: float) -> None:
+        async with sem:
+            for _ in range(200):
+                try:
+                    desc = await temporal.get_workflow_handle(f"session/{zone.id}/{sid}").describe()
+                    lags.append((desc.start_time.timestamp() - at) * 1000)
+                    return
+                except RPCError:
+                    await asyncio.sleep(0.1)
+    await asyncio.gather(*(one(sid, at) for sid, at in answered.items()))
+    return lags
+
+
+async def follow(ctx: Ctx) -> list[Row]:
+    if not ctx.cfg.temporal_address:
+        return [Row("follow", "Temporal follows", verdict="SKIP", notes="skipped: needs --temporal-address")]
+    from temporalio.client import Client as TemporalClient
+
+    temporal = await TemporalClient.connect(ctx.cfg.temporal_address, namespace=ctx.cfg.temporal_namespace)
+    zone = await ctx.zones.new("follow")
+    app = zone.apps[0]
+    out: list[Row] = []
+    deadline = time.monotonic() + 120
+    while await _backlog(ctx) > 0 and time.monotonic() < deadline:  # start from an idle outbox
+        await asyncio.sleep(0.5)
+
+    async def create(http: Client, answered: dict[str, float]) -> Response:
+        resp = await http.post(zone.agents(), json={"application_id": app, "subject_session_id": RECORD_ID},
+                               headers=zone.headers(app))
+        if resp.status_code == 201:
+            answered[resp.json()["agent_session_id"]] = time.time()
+        return resp
+
+    # Idle: one create at a time, 100 ms apart.
+    idle: dict[str, float] = {}
+    async with ctx.client(1) as http:
+        for _ in range(ctx.p("follow_idle")):
+            await create(http, idle)
+            await asyncio.sleep(0.1)
+    lags = sorted(await _start_lags(temporal, zone, idle))
+    out.append(value_row("follow", "commit-to-signal lag at idle, p50", statistics.median(lags), requests=len(lags)))
+    out.append(value_row("follow", "commit-to-signal lag at idle, p95", lags[int(len(lags) * 0.95) - 1],
+                         requests=len(lags)))
+
+    # A burst: n creates at concurrency 16; then every workflow running with its row's state.
+    burst: dict[str, float] = {}
+    n = ctx.p("follow_burst")
+    t0 = time.monotonic()
+    async with ctx.client(16) as http:
+        await closed_loop(n, 16, lambda i: create(http, burst), expect=(201,))
+    answered_s = time.monotonic() - t0
+    while await _backlog(ctx) > 0 and time.monotonic() - t0 < 300:
+        await asyncio.sleep(0.1)
+    query = f'ZoneId = "{zone.id}" AND ExecutionStatus = "Running" AND SessionStatus = "active"'
+    while (await temporal.count_workflows(query)).count < len(burst) + len(idle) and time.monotonic() - t0 < 300:
+        await asyncio.sleep(0.1)
+    converged_s = time.monotonic() - t0
+    lags = sorted(await _start_lags(temporal, zone, burst))
+    out.append(value_row("follow", f"burst of {n} creates at c16: answered", answered_s * 1000, requests=n))
+    out.append(value_row("follow", f"burst of {n} creates at c16: every workflow running with its row's state",
+                         converged_s * 1000, [Target("value", 10000, "≤ 10 s after the burst began")], requests=n))
+    out.append(value_row("follow", "commit-to-signal lag under the burst, p50", statistics.median(lags),
+                         requests=len(lags)))
+    out.append(value_row("follow", "commit-to-signal lag under the burst, p95", lags[int(len(lags) * 0.95) - 1],
+                         requests=len(lags)))
+
+    # Sustained: creates at a fixed rate; the backlog bounded means it ends near zero.
+    for rate in ctx.p("follow_rates"):
+        seconds = ctx.p("follow_seconds")
+        answered: dict[str, float] = {}
+        async with ctx.client(16) as http:
+            started = time.monotonic()
+            tasks = []
+            for i in range(int(rate * seconds)):
+                await asyncio.sleep(max(0.0, started + i / rate - time.monotonic()))
+                tasks.append(asyncio.create_task(create(http, answered)))
+            await asyncio.gather(*tasks)
+        backlog = await _backlog(ctx)
+        out.append(value_row("follow", f"sustained {rate}/s creates for {seconds} s: backlog at the end (rows)",
+                             float(backlog), requests=len(answered),
+                             notes="bounded" if backlog < rate else "growing"))
+        drain_deadline = time.monotonic() + 120
+        while await _backlog(ctx) > 0 and time.monotonic() < drain_deadline:
+            await asyncio.sleep(0.5)
+    return out
+
+
 @dataclass(frozen=True)
 class Scenario:
     key: str
@@ -536,4 +640,5 @@ SCENARIOS: list[Scenario] = [
     Scenario("expiry", "8. expiry settlement lag with 10,000 live sessions", expiry),
     Scenario("heartbeat", "9. service heartbeats", heartbeat),
     Scenario("rss", "10. RSS of api, worker, Temporal, Postgres", rss),
+    Scenario("follow", "11. Temporal follows: signal lag, burst convergence, sustained rate", follow),
 ]
