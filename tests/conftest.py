@@ -266,6 +266,24 @@ async def eventually(check, timeout: float = 5.0, interval: float = 0.05):
         await asyncio.sleep(interval)
 
 
+def notices_in(history) -> list[str]:
+    """The notices a workflow received, in order, by kind: a `notices` batch counts as its items."""
+    import json
+
+    from temporalio.api.enums.v1 import EventType
+
+    names: list[str] = []
+    for e in history.events:
+        if e.event_type != EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED:
+            continue
+        attrs = e.workflow_execution_signaled_event_attributes
+        if attrs.signal_name == "notices":
+            names += [item["signal"] for item in json.loads(attrs.input.payloads[0].data)]
+        else:
+            names.append(attrs.signal_name)
+    return names
+
+
 def pytest_sessionfinish(session, exitstatus):
     session.config._coordinator_exitstatus = exitstatus
 

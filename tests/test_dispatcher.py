@@ -53,6 +53,11 @@ class DispatchProbe:
         if payload.get("end"):
             self.done = True
 
+    @workflow.signal(name="notices")
+    def notices(self, batch: list[dict]) -> None:  # several rows of one workflow, delivered together
+        for item in batch:
+            self.note(item["notice"])
+
     @workflow.query(name="got")
     def got_notes(self) -> list[int]:
         return self.got

@@ -26,7 +26,7 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowExecutionStatus
 
 from rules.idempotency import key_digest
-from tests.conftest import Stack, Zone, eventually, seed_zone
+from tests.conftest import Stack, Zone, eventually, notices_in, seed_zone
 from workflows.models import invocation_workflow_id, session_workflow_id
 
 LIFECYCLE = "caracal.agents.lifecycle"
@@ -254,8 +254,7 @@ async def test_case61_late_heartbeat_settles_then_refuses(short_zone: Zone):
         await eventually(lambda sid=sid: _status_is(s, z.id, sid, "suspended"), timeout=5)
     # the root's workflow heard of the settlement (a `suspended` notice in its history)
     history = await s.client.get_workflow_handle(session_workflow_id(z.id, root)).fetch_history()
-    assert "suspended" in [e.workflow_execution_signaled_event_attributes.signal_name for e in history.events
-                           if e.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED]
+    assert "suspended" in notices_in(history)
     # a heartbeat now (suspended) is accepted and never resumes
     r = await heartbeat(z, root, lease_generation=1)
     assert r.status_code == 200 and r.json()["agent"]["status"] == "suspended", r.text
@@ -412,9 +411,7 @@ async def test_takeover_fences_the_old_holder(zone: Zone):
     assert await eventually(lambda: _completed(handle))
     # the takeover is a notice in the session's history; the refused DELETEs wrote nothing
     history = await handle.fetch_history()
-    signals = [e.workflow_execution_signaled_event_attributes.signal_name for e in history.events
-               if e.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED]
-    assert signals == ["created", "lease_taken", "terminated"]
+    assert notices_in(history) == ["created", "lease_taken", "terminated"]
 
     # lease refusals
     assert error(await take_lease(zone, sid)) == (409, "session_not_live")

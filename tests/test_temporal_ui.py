@@ -86,6 +86,8 @@ async def test_session_suspend_and_resume_are_traceable_in_the_temporal_ui(postg
         session = await zone.start(ttl_seconds=600)
         session_id = session["agent_session_id"]
         for action, expected in (("suspend", {"suspended": 1}), ("resume", {"resumed": 1})):
+            # Delivered one by one (rows claimed together would travel as one `notices` signal).
+            await stack.workflows_caught_up()
             r = await zone.http.patch(f"/zones/{zone.id}/agents/{session_id}/{action}", headers=zone.headers())
             assert r.status_code == 200, r.text
             assert r.json() == expected

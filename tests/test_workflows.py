@@ -462,3 +462,32 @@ async def test_continue_as_new_carries_the_state(dev_client: Client):
 
 async def _edges(handle: WorkflowHandle, n: int) -> bool:
     return len((await state_of(handle)).edges) >= n
+
+
+async def test_notices_delivered_together_apply_in_order(env: WorkflowEnvironment):
+    """The dispatcher sends several claimed rows of one workflow as one `notices` signal."""
+    now = await env.get_current_time()
+    row = session_row(now)
+    rows = [session_notice(row, wc.SESSION_CREATED, "created"),
+            session_notice({**row, "status": "suspended", "state_version": 2}, wc.SESSION_SUSPENDED, "suspended",
+                           reason="requested"),
+            session_notice({**row, "status": "active", "state_version": 3}, wc.SESSION_RESUMED, "resumed"),
+            session_notice(row, wc.DELEGATION_GIVEN, "gave edge e1", edge_id="e1", peer_session_id="s-x")]
+    async with worker_for(env.client) as worker:
+        first = rows[0]
+        attrs = TypedSearchAttributes([SearchAttributePair(SearchAttributeKey.for_keyword(k), v)
+                                       for k, v in first.search_attributes.items()])
+        handle = await env.client.start_workflow(
+            first.workflow_type, first.start_args, id=first.workflow_id, task_queue=worker.task_queue,
+            start_signal=wc.NOTICES, start_signal_args=[[{"signal": r.signal, "notice": r.payload} for r in rows]],
+            search_attributes=attrs, id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY)
+        await eventually(lambda: _details_contain(handle, "last: gave edge e1"))
+        state = await state_of(handle)
+        assert state.current.status == "active" and state.current.state_version == 3
+        assert state.edges == {"e1": "given"}
+        events = await history_events(handle)
+        assert signals_named(events, wc.NOTICES) == 1
+        # suspended, then active again: both status changes reached the search attribute
+        assert count(events, EventType.EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES) == 2
+        await handle.terminate("test over")
+    await replays(handle)

@@ -19,7 +19,8 @@ with workflow.unsafe.imports_passed_through():
     from rules import workflow_contract as wc
     from workflows.common import DURABLE_RETRY, parse_time, wait_until
     from workflows.models import (
-        SETTLE_INVOCATION_DEADLINE, InvocationNotice, InvocationSnapshot, InvocationState, SettleCommand,
+        SETTLE_INVOCATION_DEADLINE, InvocationNotice, InvocationNoticeItem, InvocationSnapshot, InvocationState,
+        SettleCommand,
     )
 
 SA_INVOCATION_STATUS = SearchAttributeKey.for_keyword(wc.SA_INVOCATION_STATUS)
@@ -126,6 +127,15 @@ class InvocationWorkflow:
     @workflow.signal(name=wc.INVOCATION_SYNC)
     def sync(self, notice: InvocationNotice) -> None:
         self._on_notice(wc.INVOCATION_SYNC, notice)
+
+    @workflow.signal(name=wc.NOTICES)
+    def notices(self, batch: list[InvocationNoticeItem]) -> None:
+        """Several notices delivered together, in their order."""
+        for item in batch:
+            if item.signal in wc.INVOCATION_SIGNALS:
+                self._on_notice(item.signal, item.notice)
+            else:
+                self._trace(f"ignored a notice of unknown kind {item.signal!r}")
 
     @workflow.query
     def current_state(self) -> InvocationState:

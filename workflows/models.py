@@ -50,6 +50,14 @@ class SessionNotice:
 
 
 @dataclass
+class SessionNoticeItem:
+    """One notice of a `notices` batch: `signal` is the name it would have had on its own."""
+
+    signal: str
+    notice: SessionNotice
+
+
+@dataclass
 class SessionState:
     """Everything a session workflow carries across continue-as-new."""
 
@@ -79,6 +87,12 @@ class InvocationSnapshot:
 class InvocationNotice:
     invocation: InvocationSnapshot
     summary: str
+
+
+@dataclass
+class InvocationNoticeItem:
+    signal: str
+    notice: InvocationNotice
 
 
 @dataclass

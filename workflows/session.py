@@ -26,7 +26,7 @@ with workflow.unsafe.imports_passed_through():
     from rules import workflow_contract as wc
     from workflows.common import DURABLE_RETRY, parse_time, wait_until
     from workflows.models import (
-        SETTLE_SESSION_DEADLINE, SessionNotice, SessionSnapshot, SessionState, SettleCommand,
+        SETTLE_SESSION_DEADLINE, SessionNotice, SessionNoticeItem, SessionSnapshot, SessionState, SettleCommand,
     )
 
 SA_STATUS = SearchAttributeKey.for_keyword(wc.SA_SESSION_STATUS)
@@ -198,6 +198,15 @@ class SessionWorkflow:
     @workflow.signal(name=wc.SESSION_SYNC)
     def sync(self, notice: SessionNotice) -> None:
         self._on_notice(wc.SESSION_SYNC, notice)
+
+    @workflow.signal(name=wc.NOTICES)
+    def notices(self, batch: list[SessionNoticeItem]) -> None:
+        """Several notices delivered together, in their order."""
+        for item in batch:
+            if item.signal in wc.SESSION_SIGNALS:
+                self._on_notice(item.signal, item.notice)
+            else:
+                self._trace(f"ignored a notice of unknown kind {item.signal!r}")
 
     @workflow.query
     def current_state(self) -> SessionState:
