@@ -21,6 +21,8 @@ from psycopg.rows import dict_row
 from storage.db import Conn, Database
 from storage.workflow_outbox import NOTIFY_CHANNEL
 
+# Heads whose entity's deadline falls within this many seconds are claimed before older rows.
+DUE_SOON_SECONDS = 60
 # A dispatcher whose heartbeat is older than this is not counted as running.
 LIVE_SECONDS = 15
 _MAX_ERROR_CHARS = 2000
@@ -36,15 +38,30 @@ async def claim(conn: Conn, limit: int, per_workflow: int, task_queue: str) -> l
     """Lock up to `limit` deliverable head rows (due, of this dispatcher's task queue or of none)
     and up to `per_workflow - 1` following rows of each of their workflows. Returns the rows in
     `seq` order. Call inside a transaction; rows locked by another dispatcher are skipped."""
+    # Heads whose entity's deadline is near go first (order across workflows is free), so a
+    # backlog of starts never makes a timer late; then the rest, oldest first.
     cur = await conn.execute(f"""
         SELECT {_OUTBOX_COLUMNS} FROM workflow_outbox o
-        WHERE o.available_at <= now()
+        WHERE o.due_at < now() + make_interval(secs => %(soon)s)
+          AND o.available_at <= now()
           AND o.task_queue IN ('', %(queue)s)
           AND NOT EXISTS (SELECT 1 FROM workflow_outbox p WHERE p.workflow_id = o.workflow_id AND p.seq < o.seq)
-        ORDER BY o.seq
+        ORDER BY o.due_at
         LIMIT %(limit)s
-        FOR UPDATE OF o SKIP LOCKED""", {"queue": task_queue, "limit": limit})
+        FOR UPDATE OF o SKIP LOCKED""", {"queue": task_queue, "limit": limit, "soon": DUE_SOON_SECONDS})
     heads = await cur.fetchall()
+    if len(heads) < limit:
+        cur = await conn.execute(f"""
+            SELECT {_OUTBOX_COLUMNS} FROM workflow_outbox o
+            WHERE o.available_at <= now()
+              AND o.task_queue IN ('', %(queue)s)
+              AND NOT (o.seq = ANY(%(taken)s::bigint[]))
+              AND NOT EXISTS (SELECT 1 FROM workflow_outbox p WHERE p.workflow_id = o.workflow_id AND p.seq < o.seq)
+            ORDER BY o.seq
+            LIMIT %(limit)s
+            FOR UPDATE OF o SKIP LOCKED""",
+                                 {"queue": task_queue, "limit": limit - len(heads), "taken": [h["seq"] for h in heads]})
+        heads += await cur.fetchall()
     if not heads or per_workflow <= 1:
         return heads
     # No other dispatcher can hold these (only heads are claimed, and we hold the heads): a plain

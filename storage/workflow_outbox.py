@@ -47,9 +47,9 @@ async def enqueue(conn: Conn, notices: list[WorkflowNotice]) -> None:
         f"""
         WITH rows AS (
             INSERT INTO workflow_outbox (workflow_id, workflow_type, signal, payload, start_args,
-                                         search_attributes, summary)
+                                         search_attributes, summary, due_at)
             SELECT n->>'workflow_id', n->>'workflow_type', n->>'signal', n->'payload', n->'start_args',
-                   n->'search_attributes', n->>'summary'
+                   n->'search_attributes', n->>'summary', (n->>'due_at')::timestamptz
             FROM jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS e(n, i)
             ORDER BY i
             RETURNING 1
@@ -57,7 +57,20 @@ async def enqueue(conn: Conn, notices: list[WorkflowNotice]) -> None:
         SELECT pg_notify('{NOTIFY_CHANNEL}', '') FROM (SELECT count(*) FROM rows) c""",
         (Jsonb([{"workflow_id": n.workflow_id, "workflow_type": n.workflow_type, "signal": n.signal,
                  "payload": n.payload, "start_args": n.start_args, "search_attributes": n.search_attributes,
-                 "summary": n.summary} for n in notices]),))
+                 "summary": n.summary, "due_at": _due_at(n.payload)} for n in notices]),))
+
+
+def _due_at(payload: dict[str, Any]) -> str | None:
+    """The deadline the notice's workflow will arm a timer for (ISO), if any."""
+    session = payload.get("session")
+    if session is not None:
+        if session["lifecycle"] == "task" and session["status"] in wc.SESSION_LIVE:
+            return session["expires_at"]
+        if session["lifecycle"] == "service" and session["status"] == "active":
+            return session["heartbeat_deadline_at"]
+        return None
+    invocation = payload.get("invocation") or {}
+    return invocation.get("deadline_at") if invocation.get("status") == "running" else None
 
 
 async def publish(conn: Conn, zone_id: str, events: list[Event], notices: list[WorkflowNotice]) -> None:

@@ -230,6 +230,23 @@ async def test_claim_takes_heads_only_so_a_second_dispatcher_never_holds_a_later
     await env.db.execute("DELETE FROM workflow_outbox WHERE task_queue = %s", (env.task_queue,))
 
 
+async def test_claim_takes_heads_due_soon_before_older_rows(env: Env):
+    """A backlog of starts must not make a timer late: heads whose deadline is near go first."""
+    old, soon, later = env.wid("due-old"), env.wid("due-soon"), env.wid("due-later")
+    await env.enqueue([(old, 1), (later, 1), (soon, 1)])
+    await env.db.execute("UPDATE workflow_outbox SET due_at = now() + interval '5 seconds' WHERE workflow_id = %s",
+                         (soon,))
+    await env.db.execute("UPDATE workflow_outbox SET due_at = now() + interval '1 hour' WHERE workflow_id = %s",
+                         (later,))
+    async with env.db.transaction() as a:
+        first = await dispatch.claim(a, 1, 1, env.task_queue)
+        assert [r["workflow_id"] for r in first] == [soon]
+        async with env.db.transaction() as b:
+            rest = await dispatch.claim(b, 10, 1, env.task_queue)
+            assert [r["workflow_id"] for r in rest] == [old, later]  # then by age
+    await env.db.execute("DELETE FROM workflow_outbox WHERE task_queue = %s", (env.task_queue,))
+
+
 # ------------------------------------------------------------------------------------------- order
 
 

@@ -30,6 +30,9 @@ CREATE TABLE workflow_outbox (
     -- The writer's task queue (Database(task_queue=...) sets the GUC on its connections); '' = the
     -- dispatcher's own. Lets processes on different queues share one database (the tests do).
     task_queue text NOT NULL DEFAULT COALESCE(current_setting('coordinator.task_queue', true), ''),
+    -- The entity's next deadline (TTL, lease, invocation deadline) as of this notice: heads due
+    -- soon are delivered before older rows, so a backlog never makes a timer late.
+    due_at timestamptz,
     created_at timestamptz NOT NULL DEFAULT clock_timestamp(),
     available_at timestamptz NOT NULL DEFAULT now(),
     attempts integer NOT NULL DEFAULT 0,
@@ -37,6 +40,7 @@ CREATE TABLE workflow_outbox (
 );
 -- Per-workflow order (a row is deliverable only when no earlier row of its workflow is left).
 CREATE INDEX workflow_outbox_workflow_seq ON workflow_outbox (workflow_id, seq);
+CREATE INDEX workflow_outbox_due ON workflow_outbox (due_at) WHERE due_at IS NOT NULL;
 
 CREATE TABLE workflow_dispatchers (
     dispatcher_id text PRIMARY KEY,
