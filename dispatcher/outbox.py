@@ -30,6 +30,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from temporalio.api.enums.v1 import TaskQueueType
+from temporalio.api.taskqueue.v1 import TaskQueue
+from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client
 from temporalio.common import (
     SearchAttributeKey, SearchAttributePair, TypedSearchAttributes, WorkflowIDReusePolicy,
@@ -131,6 +134,8 @@ class Dispatcher:
         self._recent: deque[tuple[float, int]] = deque()  # (monotonic, rows delivered) per batch
         self._lags_ms: deque[float] = deque(maxlen=LAG_SAMPLES)
         self._wake = asyncio.Event()
+        self.max_temporal_backlog = settings.DISPATCH_MAX_TEMPORAL_BACKLOG
+        self.temporal_backlog = 0  # workflow tasks waiting on the task queue (Temporal's estimate)
 
     # --- statistics -------------------------------------------------------------------------------
 
@@ -246,7 +251,8 @@ class Dispatcher:
         timeout = min(self.rpc_timeout, PROBE_TIMEOUT_S) if probing else self.rpc_timeout
         result = BatchResult()
         async with self.db.transaction() as conn:
-            rows = await dispatch.claim(conn, limit, self.per_workflow, self.task_queue)
+            held_back = bool(self.max_temporal_backlog) and self.temporal_backlog > self.max_temporal_backlog
+            rows = await dispatch.claim(conn, limit, self.per_workflow, self.task_queue, due_soon_only=held_back)
             result.claimed = len(rows)
             if not rows:
                 return result
@@ -307,6 +313,7 @@ class Dispatcher:
                  self.id, self.task_queue)
         listener = asyncio.create_task(self._listen(stop), name=f"dispatcher-listen-{self.id}")
         stats = asyncio.create_task(self._stats_loop(stop), name=f"dispatcher-stats-{self.id}")
+        backlog = asyncio.create_task(self._watch_temporal_backlog(stop), name=f"dispatcher-backlog-{self.id}")
         pg_backoff = 0.5
         try:
             while not stop.is_set():
@@ -328,9 +335,9 @@ class Dispatcher:
                     await self._pause(stop, self.poll_interval, wake=True)
                 # else: progress; claim again at once (the outbox may hold more)
         finally:
-            for task in (listener, stats):
+            for task in (listener, stats, backlog):
                 task.cancel()
-            await asyncio.gather(listener, stats, return_exceptions=True)
+            await asyncio.gather(listener, stats, backlog, return_exceptions=True)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.retire(), 5)
             log.info("dispatcher %s stopped: %d delivered (%d dropped), %d failed", self.id, self.delivered,
@@ -396,6 +403,28 @@ class Dispatcher:
                 if conn is not None:
                     with contextlib.suppress(Exception):
                         await conn.close()
+
+    async def _watch_temporal_backlog(self, stop: asyncio.Event) -> None:
+        """Once a second: how many workflow tasks wait on the task queue (backpressure)."""
+        if self.client is None or not self.max_temporal_backlog:
+            return
+        request = DescribeTaskQueueRequest(
+            namespace=self.client.namespace, task_queue=TaskQueue(name=self.task_queue),
+            task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW, report_stats=True)
+        while not stop.is_set():
+            try:
+                resp = await self.client.workflow_service.describe_task_queue(request, timeout=timedelta(seconds=2))
+                backlog = int(resp.stats.approximate_backlog_count)
+                if (backlog > self.max_temporal_backlog) != (self.temporal_backlog > self.max_temporal_backlog):
+                    log.info("temporal workflow-task backlog %d: %s", backlog,
+                             "holding back rows not due soon" if backlog > self.max_temporal_backlog
+                             else "delivering everything again")
+                self.temporal_backlog = backlog
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 — Temporal away: the delivery path notices that itself
+                self.temporal_backlog = 0
+            await self._pause(stop, 1.0, wake=False)
 
     async def _stats_loop(self, stop: asyncio.Event) -> None:
         with contextlib.suppress(Exception):  # dispatchers that crashed long ago

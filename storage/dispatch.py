@@ -34,7 +34,8 @@ _OUTBOX_COLUMNS = """seq, workflow_id, workflow_type, signal, payload, start_arg
     task_queue, created_at, attempts"""
 
 
-async def claim(conn: Conn, limit: int, per_workflow: int, task_queue: str) -> list[dict[str, Any]]:
+async def claim(conn: Conn, limit: int, per_workflow: int, task_queue: str, *, due_soon_only: bool = False
+                ) -> list[dict[str, Any]]:
     """Lock up to `limit` deliverable head rows (due, of this dispatcher's task queue or of none)
     and up to `per_workflow - 1` following rows of each of their workflows. Returns the rows in
     `seq` order. Call inside a transaction; rows locked by another dispatcher are skipped."""
@@ -50,7 +51,7 @@ async def claim(conn: Conn, limit: int, per_workflow: int, task_queue: str) -> l
         LIMIT %(limit)s
         FOR UPDATE OF o SKIP LOCKED""", {"queue": task_queue, "limit": limit, "soon": DUE_SOON_SECONDS})
     heads = await cur.fetchall()
-    if len(heads) < limit:
+    if len(heads) < limit and not due_soon_only:
         cur = await conn.execute(f"""
             SELECT {_OUTBOX_COLUMNS} FROM workflow_outbox o
             WHERE o.available_at <= now()

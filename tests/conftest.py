@@ -76,7 +76,7 @@ def make_settings(postgres: PostgresProcess, temporal_server: TemporalProcess, t
         DATABASE_URL=postgres.url("coordinator"), TEMPORAL_ADDRESS=temporal_server.address,
         TEMPORAL_TASK_QUEUE=f"tests-{uuid.uuid4().hex[:8]}", ISSUER_URL=ISSUER,
         JWKS_FILE=str(tmp_root / "jwks.json"), CARACAL_COORDINATOR_TOKEN=OPERATOR_TOKEN,
-        TEMPORAL_RPC_TIMEOUT_SECONDS=15.0,
+        WORKFLOW_SANDBOX=True,  # tests catch a workflow that would break the sandbox's rules
         # Every test request comes from one client address: the ip-keyed limits would trip
         # across the suite. Tests of the limiters set them through stack_factory.
         COORDINATOR_RATE_LIMIT_PER_MIN=0, READY_RATE_LIMIT_PER_MIN=0, V1_RATE_LIMIT_PER_MIN=0,

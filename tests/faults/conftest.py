@@ -136,7 +136,7 @@ async def fault_stack(tmp_path: Path, request) -> FaultStack:
            "TEMPORAL_TASK_QUEUE": f"faults-{uuid.uuid4().hex[:6]}", "PORT": str(port), "ISSUER_URL": ISSUER,
            "JWKS_FILE": str(tmp_path / "jwks.json"), "CARACAL_COORDINATOR_TOKEN": OPERATOR_TOKEN,
            "MAX_AGENTS_PER_ZONE": "100000", "MAX_AGENTS_PER_APP": "100000", "MAX_CHILDREN": "1000",
-           "TEMPORAL_RPC_TIMEOUT_SECONDS": "5", "COORDINATOR_RATE_LIMIT_PER_MIN": "0",
+           "COORDINATOR_RATE_LIMIT_PER_MIN": "0",
            "INVOCATION_RATE_LIMIT_PER_MIN": "0", "LOG_LEVEL": "WARNING", **overrides}
     stack = FaultStack(tmp_path, pg, temporal, key, env, port)
     stack.db = Database(pg.url("coordinator"), max_size=4)
