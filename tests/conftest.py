@@ -225,6 +225,21 @@ class Zone:
         state = await self.stack.client.get_workflow_handle(workflow_id).query("current_state")
         return state["current"]
 
+    async def execution_status(self, session_id: str):
+        """The session workflow's execution status (RUNNING, COMPLETED, ...); None while the
+        dispatcher has not started it yet."""
+        from temporalio.service import RPCError, RPCStatusCode
+
+        from workflows.models import session_workflow_id
+
+        handle = self.stack.client.get_workflow_handle(session_workflow_id(self.id, session_id))
+        try:
+            return (await handle.describe()).status
+        except RPCError as exc:
+            if exc.status == RPCStatusCode.NOT_FOUND:
+                return None
+            raise
+
     async def workflow_status(self, session_id: str) -> str | None:
         from workflows.models import session_workflow_id
 

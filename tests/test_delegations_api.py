@@ -28,13 +28,11 @@ from typing import Any
 
 import httpx
 import pytest
-from temporalio.service import RPCError, RPCStatusCode
 from hypothesis import HealthCheck, Phase, event, given, settings, strategies as st
 from temporalio.client import WorkflowExecutionStatus
 
 from storage.outbox import AGENTS_LIFECYCLE, DELEGATIONS_INVALIDATE, SESSIONS_REVOKE
 from tests.conftest import Zone, eventually, seed_zone
-from workflows.models import session_workflow_id
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -147,14 +145,7 @@ async def insert_edge(zone: Zone, source: str, target: str, *, issuer: str = "ap
 
 
 async def describe_status(zone: Zone, session_id: str) -> WorkflowExecutionStatus | None:
-    """None while the dispatcher has not started the workflow yet."""
-    handle = zone.stack.client.get_workflow_handle(session_workflow_id(zone.id, session_id))
-    try:
-        return (await handle.describe()).status
-    except RPCError as exc:
-        if exc.status == RPCStatusCode.NOT_FOUND:
-            return None
-        raise
+    return await zone.execution_status(session_id)
 
 
 async def workflows_complete(zone: Zone, ids: list[str], timeout: float = 10.0) -> None:

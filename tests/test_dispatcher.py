@@ -28,6 +28,7 @@ from settings import Settings, load_settings
 from storage import dispatch
 from storage.db import Database
 from storage.workflow_outbox import WorkflowNotice, enqueue
+from tests.conftest import eventually
 
 PROBE = "DispatchProbe"
 OPERATOR_TOKEN = "operator-token-for-dispatcher-tests"
@@ -134,15 +135,7 @@ async def running(*dispatchers: Dispatcher) -> AsyncIterator[asyncio.Event]:
 
 
 async def until(check, timeout: float, interval: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"not within {timeout} s (last {value!r})"
-        await asyncio.sleep(interval)
+    return await eventually(check, timeout=timeout, interval=interval)
 
 
 class Proxy:

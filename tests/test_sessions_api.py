@@ -16,14 +16,12 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
-from temporalio.service import RPCError, RPCStatusCode
 from temporalio.client import WorkflowExecutionStatus
 
 from rules.idempotency import key_digest
 from settings import DEV_IDEMPOTENCY_HMAC_KEY
 from storage.outbox import AGENTS_LIFECYCLE, DELEGATIONS_INVALIDATE, SESSIONS_REVOKE
 from tests.conftest import Zone, eventually, seed_zone
-from workflows.models import session_workflow_id
 
 ROTATED_HMAC_KEY = hashlib.sha256(b"rotated idempotency key").hexdigest()
 
@@ -81,14 +79,7 @@ async def keys(zone: Zone, topic: str | None = None) -> list[str]:
 
 
 async def describe_status(zone: Zone, session_id: str) -> WorkflowExecutionStatus | None:
-    """None while the dispatcher has not started the workflow yet."""
-    handle = zone.stack.client.get_workflow_handle(session_workflow_id(zone.id, session_id))
-    try:
-        return (await handle.describe()).status
-    except RPCError as exc:
-        if exc.status == RPCStatusCode.NOT_FOUND:
-            return None
-        raise
+    return await zone.execution_status(session_id)
 
 
 async def workflows_reach(zone: Zone, ids: list[str], status: str, timeout: float = 5.0) -> None:
