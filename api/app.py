@@ -4,7 +4,6 @@ and the lifespan that owns the Postgres pool, the Temporal client and the authen
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -33,7 +32,8 @@ log = logging.getLogger("coordinator.api")
 async def connect_temporal(settings: Settings):
     from temporalio.client import Client
 
-    return await Client.connect(settings.TEMPORAL_ADDRESS, namespace=settings.TEMPORAL_NAMESPACE)
+    # Lazy: the API never waits on Temporal, and /ready reports it once it comes up.
+    return await Client.connect(settings.TEMPORAL_ADDRESS, namespace=settings.TEMPORAL_NAMESPACE, lazy=True)
 
 
 def create_app(settings: Settings | None = None, *, services: Services | None = None) -> FastAPI:
@@ -50,14 +50,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
                       statement_timeout_ms=settings.DB_STATEMENT_TIMEOUT_MS,
                       connect_timeout_s=settings.DB_CONNECTION_TIMEOUT_MS / 1000)
         await db.open(wait=False)
-        client = None
-        for attempt in range(30):
-            try:
-                client = await connect_temporal(settings)
-                break
-            except Exception as exc:  # the server may still be starting
-                log.warning("temporal not reachable yet (%s)", exc)
-                await asyncio.sleep(1)
+        client = await connect_temporal(settings)
         auth = Authenticator(settings, db)
         app.state.services = Services(settings, db, TemporalGateway(client, settings), auth)
         try:
