@@ -23,13 +23,10 @@ from rules import workflow_contract as wc
 from rules.sessions import DEFAULT_TASK_TTL_SECONDS
 from storage.outbox import AGENTS_LIFECYCLE, DELEGATIONS_INVALIDATE, SESSIONS_REVOKE, Event, bump_epoch
 from storage.workflow_outbox import (
-    SNAPSHOT_COLUMNS, WorkflowNotice, enqueue, publish, session_notice, session_notices, task_expires_at,
+    SNAPSHOT_COLUMNS, WorkflowNotice, enqueue, publish, session_notice, session_notices,
 )
 
-__all__ = ["task_expires_at"]
-
 LIVE_STATUSES = wc.SESSION_LIVE
-TERMINAL_STATUSES = wc.SESSION_TERMINAL
 
 # "capacity-live" (reference §4): counts against zone and application caps. Takes %(default_ttl)s.
 CAPACITY_LIVE_SQL = """

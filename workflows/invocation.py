@@ -59,8 +59,8 @@ class InvocationWorkflow:
             parts.append(f"{c.method} on service {c.service_id}")
             if c.source_session_id:
                 parts.append(f"from session {c.source_session_id}")
-            if c.status == "running" and c.deadline_at:
-                parts.append(f"deadline {c.deadline_at}")
+            if self._deadline():
+                parts.append(f"deadline {self._deadline()}")
             parts.append(f"v{c.state_version}")
         if self._last:
             parts.append(f"last: {self._last}")
@@ -155,19 +155,25 @@ class InvocationWorkflow:
                     self.state.runs += 1
                     workflow.continue_as_new(self.state)
                 continue
-            armed = self._next_deadline()
-            # Woken only when the timer must change or the run must end (or continue as new).
-            if await wait_until(armed, lambda: (self._next_deadline() != armed or finished(self.state.current)
-                                                or workflow.info().is_continue_as_new_suggested()), DEADLINE):
+            armed = self._deadline()
+            # Woken only when the timer must change or the run must end (or continue as new). The
+            # raw deadline is compared: the backed-off one moves with workflow.now().
+            woken = lambda: (self._deadline() != armed or finished(self.state.current)  # noqa: E731
+                             or workflow.info().is_continue_as_new_suggested())
+            if await wait_until(self._next_deadline(), woken, DEADLINE):
                 await self._settle()
         await workflow.wait_condition(workflow.all_handlers_finished)
         return self.state.current.status
 
-    def _next_deadline(self) -> datetime | None:
+    def _deadline(self) -> str | None:
+        """The deadline (ISO) the known state arms a timer for: a running attempt's."""
         c = self.state.current
         if c is None or c.status != "running" or self._row_missing:
             return None
-        due = parse_time(c.deadline_at)
+        return c.deadline_at
+
+    def _next_deadline(self) -> datetime | None:
+        due = parse_time(self._deadline())
         if due is not None and self._not_due:
             # Postgres found this very deadline not yet due (clocks apart): try again a little later.
             due = max(due, workflow.now() + timedelta(seconds=min(60, 2 ** (self._not_due - 1))))

@@ -100,10 +100,11 @@ class SessionWorkflow:
                 parts.append(f"parent {c.parent_id}")
             if c.root_id and c.root_id not in (c.session_id, c.parent_id):
                 parts.append(f"root {c.root_id}")
-            if c.lifecycle == "task" and c.status in wc.SESSION_LIVE and c.expires_at:
-                parts.append(f"expires {c.expires_at}")
-            if c.lifecycle == "service" and c.status == "active" and c.heartbeat_deadline_at:
-                parts.append(f"lease {c.lease_generation} until {c.heartbeat_deadline_at}")
+            what, deadline = self._deadline()
+            if what == TTL_EXPIRY:
+                parts.append(f"expires {deadline}")
+            elif what == LEASE_DEADLINE:
+                parts.append(f"lease {c.lease_generation} until {deadline}")
             parts.append(f"v{c.state_version}")
         if self._last:
             parts.append(f"last: {self._last}")
@@ -220,14 +221,10 @@ class SessionWorkflow:
         # Started by signal-with-start, the first notice comes with the first task.
         await workflow.wait_condition(lambda: self.state.current is not None)
         self._sync_status_attribute()  # a run continued as new, or started without attributes
-        while True:
-            current = self.state.current
-            assert current is not None
-            if current.status in wc.SESSION_TERMINAL:
-                break
+        while not self._ended():
             if workflow.info().is_continue_as_new_suggested():
                 await workflow.wait_condition(workflow.all_handlers_finished)
-                if self.state.current.status not in wc.SESSION_TERMINAL:
+                if not self._ended():
                     self.state.runs += 1
                     workflow.continue_as_new(self.state)
                 continue
