@@ -7,11 +7,12 @@ PY := $(VENV)/bin/python
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install dev test test-deps test-faults bench record-histories clean-data
+.PHONY: help install dev lint test test-deps test-faults bench record-histories clean-data
 
 help:
 	@echo "make install      create $(VENV) and install the project with its dev extras"
 	@echo "make dev          run the whole stack locally (Postgres, Temporal + UI, worker, API on :4000)"
+	@echo "make lint         ruff check and mypy (settings in pyproject.toml)"
 	@echo "make test         run the test suite (real Postgres and Temporal, started per session)"
 	@echo "make test-deps    system packages some tests need (Debian/Ubuntu: chromium for the Temporal UI test, redis-server for the relay tests)"
 	@echo "make test-faults  run the fault-injection tests (tests/faults)"
@@ -27,6 +28,12 @@ install: $(VENV)/.installed
 
 dev: $(VENV)/.installed
 	$(PY) -m devstack.dev
+
+# Static checks only: ruff (lint rules, no formatting) over the tree, mypy over the packages named in
+# pyproject.toml ([tool.mypy] files; strict for rules/, workflows/ and api/auth/).
+lint: $(VENV)/.installed
+	$(PY) -m ruff check .
+	$(PY) -m mypy
 
 # pytest exits 5 when it collected no tests: that is a failure here too.
 test: $(VENV)/.installed test-deps
