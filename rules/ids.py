@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import TypeGuard
 
 import uuid_utils
 
@@ -11,7 +12,7 @@ import uuid_utils
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_.\-:]{1,128}$")
 
 
-def is_valid_id(s: object) -> bool:
+def is_valid_id(s: object) -> TypeGuard[str]:
     return isinstance(s, str) and ID_PATTERN.fullmatch(s) is not None
 
 
