@@ -1,0 +1,106 @@
+"""The API's process model: `python -m api` runs `run_api()`.
+
+With more than one process a small supervisor binds the socket once and runs that many uvicorn
+servers on it (the kernel spreads connections across them); it restarts a process that dies and
+passes SIGTERM/SIGINT on, so each process drains (see `DrainingServer`) and the supervisor exits
+once all have. Every process has its own connection pool (DB_POOL_MAX each); rate limits and
+`/metrics` hold for the whole deployment (api/ratelimit.py, api/metrics.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import time
+from types import FrameType
+
+import uvicorn
+
+from settings import get_settings
+from storage.migrate import require_migrated
+
+log = logging.getLogger("coordinator.api")
+
+# A process that dies sooner than this after its start is failing to start: stop rather than loop.
+MIN_UPTIME_S = 5.0
+
+
+def run_api() -> None:
+    settings = get_settings()
+    require_migrated(settings.DATABASE_URL, "api")
+    config = uvicorn.Config("api.app:create_app", factory=True, host=settings.HOST, port=settings.PORT,
+                            log_level=os.environ.get("LOG_LEVEL", "info").lower(), access_log=False)
+    processes = settings.API_PROCESSES or os.cpu_count() or 1
+    if processes == 1:
+        DrainingServer(config).run()
+    else:
+        Supervisor(config, processes).run()
+
+
+class DrainingServer(uvicorn.Server):
+    """On SIGTERM/SIGINT `/ready` answers 503 draining while in-flight requests finish."""
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        app = getattr(self.config, "loaded_app", None)
+        while app is not None and not hasattr(app, "state"):  # unwrap uvicorn's middleware
+            app = getattr(app, "app", None)
+        if app is not None:
+            app.state.draining = True
+        super().handle_exit(sig, frame)
+
+
+def serve_process(config: uvicorn.Config, sock: socket.socket) -> None:
+    """One API process: a draining uvicorn server on the supervisor's socket."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the supervisor decides
+    config.configure_logging()  # a spawned process starts with logging unconfigured
+    DrainingServer(config).run(sockets=[sock])
+
+
+class Supervisor:
+    """N API processes on one socket; restarts the ones that die, drains them all on SIGTERM/SIGINT."""
+
+    def __init__(self, config: uvicorn.Config, processes: int) -> None:
+        self.config, self.count = config, processes
+        self.context = multiprocessing.get_context("spawn")
+        self.stopping = False
+
+    def _start(self, sock: socket.socket) -> tuple[multiprocessing.process.BaseProcess, float]:
+        proc = self.context.Process(target=serve_process, args=(self.config, sock), name="coordinator-api")
+        proc.start()
+        return proc, time.monotonic()
+
+    def _stop(self, signum: int, frame: FrameType | None) -> None:
+        self.stopping = True
+
+    def run(self) -> None:
+        logging.basicConfig(level=os.environ.get("LOG_LEVEL", "info").upper(), format="%(levelname)s:     %(message)s")
+        sock = self.config.bind_socket()
+        signal.signal(signal.SIGTERM, self._stop)
+        signal.signal(signal.SIGINT, self._stop)
+        procs = [self._start(sock) for _ in range(self.count)]
+        log.info("api: %d processes on %s:%d (supervisor pid %d)", self.count, self.config.host, self.config.port,
+                 os.getpid())
+        failed = False
+        while not self.stopping:
+            time.sleep(0.2)
+            for i, (proc, started) in enumerate(procs):
+                if proc.is_alive() or self.stopping:
+                    continue
+                if time.monotonic() - started < MIN_UPTIME_S:
+                    log.error("api process %d exited with %s right after its start: stopping", proc.pid, proc.exitcode)
+                    self.stopping = failed = True
+                    break
+                log.warning("api process %d died (exit %s): starting another", proc.pid, proc.exitcode)
+                procs[i] = self._start(sock)
+        for proc, _ in procs:
+            if proc.is_alive():
+                os.kill(proc.pid, signal.SIGTERM)
+        for proc, _ in procs:
+            proc.join()
+        sock.close()
+        if failed:
+            raise SystemExit(1)
+
