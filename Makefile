@@ -12,6 +12,7 @@ ARGS ?=
 help:
 	@echo "make install      create $(VENV) and install the project with its dev extras"
 	@echo "make dev          run the whole stack locally (Postgres, Temporal + UI, worker, API on :4000)"
+	@echo "                  REPLICAS=2: two workers, two dispatchers, two API processes"
 	@echo "make lint         ruff check and mypy (settings in pyproject.toml)"
 	@echo "make test         run the test suite (real Postgres and Temporal, started per session)"
 	@echo "make test-deps    system packages some tests need (Debian/Ubuntu: chromium for the Temporal UI test, redis-server for the relay tests)"
@@ -26,8 +27,9 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# REPLICAS=N: N workers, N dispatchers and N API processes (default: 1, 1, one API process per core).
 dev: $(VENV)/.installed
-	$(PY) -m devstack.dev
+	$(if $(REPLICAS),REPLICAS=$(REPLICAS) )$(PY) -m devstack.dev
 
 # Static checks only: ruff (lint rules, no formatting) over the tree, mypy over the packages named in
 # pyproject.toml ([tool.mypy] files; strict for rules/, workflows/ and api/auth/).

@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     # --- processes ---
     PORT: int = 4000
     HOST: str = "127.0.0.1"
+    # API processes on PORT (`python -m api`); 0: one per core.
+    API_PROCESSES: int = Field(0, ge=0)
     DATABASE_URL: str = "postgresql://postgres@127.0.0.1:54329/coordinator"
     TEMPORAL_ADDRESS: str = "127.0.0.1:7233"
     TEMPORAL_NAMESPACE: str = "default"
@@ -71,6 +73,10 @@ class Settings(BaseSettings):
     CARACAL_COORDINATOR_TOKEN: str = ""
     METRICS_BEARER: str = ""
     JWKS_CACHE_MAX: int = Field(256, ge=1)
+    # An identity (application + authority record) found live is trusted this long without a query,
+    # while the API process listens to directory changes (any change empties its cache at once). 0: a
+    # query on every request, as the reference does.
+    IDENTITY_CACHE_SECONDS: float = Field(5, ge=0)
 
     # --- capacity (configurable, reference defaults) ---
     MAX_AGENTS_PER_ZONE: int = Field(50, ge=0)
@@ -129,6 +135,8 @@ class Settings(BaseSettings):
     # rows whose deadline is near are delivered (the rest wait in the outbox, where they are
     # ordered by urgency, not in Temporal's first-come queue where they would delay timers). 0: off.
     DISPATCH_MAX_TEMPORAL_BACKLOG: int = Field(200, ge=0)
+    # A file the dispatcher touches while its batches complete (container healthchecks); "" = none.
+    DISPATCH_HEALTH_FILE: str = ""
 
     @model_validator(mode="after")
     def _check(self) -> "Settings":

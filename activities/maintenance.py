@@ -47,7 +47,7 @@ class MaintenanceActivities:
                                                         self.settings.RECONCILE_INTERVAL_SECONDS):
                 return 0
             live = await workflow_outbox.live_counts(conn)
-        running = {}
+        running: dict[str, set[str] | None] = {}
         for kind, workflow_type in (("sessions", wc.SESSION_WORKFLOW), ("invocations", wc.INVOCATION_WORKFLOW)):
             query = f'WorkflowType = "{workflow_type}" AND ExecutionStatus = "Running"'
             # Counting is one cheap call; the ids are listed only when some workflow is missing.

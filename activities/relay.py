@@ -154,8 +154,9 @@ class OutboxPublisher:
             if not rows:
                 return result
             replies = await self._xadd_all(rows)
-            ok = [row["id"] for row, reply in zip(rows, replies) if not isinstance(reply, BaseException)]
-            failed = [(row, reply) for row, reply in zip(rows, replies) if isinstance(reply, BaseException)]
+            outcomes = list(zip(rows, replies, strict=True))
+            ok = [row["id"] for row, reply in outcomes if not isinstance(reply, BaseException)]
+            failed = [(row, reply) for row, reply in outcomes if isinstance(reply, BaseException)]
             if ok:
                 await conn.execute(_PUBLISHED, (ok,))
             if failed:

@@ -449,7 +449,8 @@ async def create_sessions(cfg: Config, http: Client, slots: list[tuple[BenchZone
     bodies: dict[int, Any] = {}
     todo = list(range(total))
     for attempt in range(3):  # set-up traffic: retry transient failures (503 timeouts, resets)
-        sample = await closed_loop(len(todo), concurrency or cfg.setup_concurrency, lambda k: call(todo[k]),
+        # (B023: the closures handed to closed_loop below are awaited within their loop iteration.)
+        sample = await closed_loop(len(todo), concurrency or cfg.setup_concurrency, lambda k: call(todo[k]),  # noqa: B023
                                    expect=(201,), collect=True)
         bodies.update({todo[k]: body for k, body in sample.bodies.items()})
         if not sample.errors:

@@ -8,8 +8,8 @@ Processes are anchored on the ports the harness was given, so other stacks on th
 - temporal: the process listening on --temporal-address's port (`temporal server start-dev`);
 - postgres: the postmaster listening on --database-url's port and all its children.
 Without --temporal-address / --database-url, those roles fall back to a command-line match over the
-whole machine (noted as such: it may include other stacks). RSS double-counts shared pages (Postgres shared buffers); PSS
-splits them between the processes sharing them.
+whole machine (noted as such: it may include other stacks). RSS double-counts shared pages (Postgres shared
+buffers); PSS splits them between the processes sharing them.
 """
 
 from __future__ import annotations

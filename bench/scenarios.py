@@ -67,7 +67,7 @@ async def session_create(ctx: Ctx) -> list[Row]:
     for concurrency, total in ctx.p("create_requests").items():
         slots = await ctx.zones.spread(f"create-c{concurrency}", total + concurrency)  # + warm-up
         async def call(http: Client, i: int) -> Response:
-            zone, app = slots[i if i >= 0 else total - 1 - i]
+            zone, app = slots[i if i >= 0 else total - 1 - i]  # noqa: B023 (awaited in this iteration)
             return await http.post(zone.agents(), json={"application_id": app, "subject_session_id": RECORD_ID},
                                    headers=zone.headers(app))
         sample = await measure(ctx, concurrency, total, call, expect=(201,))
@@ -109,7 +109,7 @@ async def fill_rows(ctx: Ctx, zone: BenchZone, rows: int) -> None:
         if remaining > 0:
             ids = [b["agent_session_id"] for b in bodies]
             sample = await closed_loop(len(ids), ctx.cfg.setup_concurrency,
-                                       lambda i: ctx.http.delete(zone.agents(ids[i]), headers=zone.headers()),
+                                       lambda i: ctx.http.delete(zone.agents(ids[i]), headers=zone.headers()),  # noqa: B023
                                        expect=(204,))
             if sample.errors:
                 raise SetupError("terminating list filler sessions failed", sample.errors)
@@ -278,7 +278,7 @@ async def subtree_suspend(ctx: Ctx) -> list[Row]:
         slots = [(zone, app)] * len(level)
         bodies = await create_sessions(
             ctx.cfg, ctx.http, slots,
-            parent_id=lambda i, level=level: ids[(level[i] - 1) // fanout] if level[i] else None)
+            parent_id=lambda i, level=level: ids[(level[i] - 1) // fanout] if level[i] else None)  # noqa: B023
         ids += [b["agent_session_id"] for b in bodies]
         nxt = level[-1] + 1
         level = list(range(nxt, min(size, nxt + len(level) * fanout)))

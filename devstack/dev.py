@@ -10,7 +10,9 @@
 4. the local signing key in `.data/keys` (JWKS_FILE points at its jwks.json unless JWKS_URL or
    JWKS_FILE is set) and the operator token (CARACAL_COORDINATOR_TOKEN, else `.data/operator-token`);
 5. the worker (`python worker.py`), the workflow-outbox dispatcher (`python -m dispatcher`) and the
-   API (`python -m api`, port $PORT, default 4000), logs in `.data/logs/`;
+   API (`python -m api`, port $PORT, default 4000, one process per core), logs in `.data/logs/`;
+   REPLICAS=N (`make dev REPLICAS=2`) runs N workers, N dispatchers and N API processes
+   (API_PROCESSES, when set, still decides the API's count);
 6. once `GET /ready` answers 200: the demo zone is seeded and a 24 h bearer token is printed.
 
 The Temporal server, the worker and the dispatcher run at a lower CPU priority
@@ -32,6 +34,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # DEV_DATA_DIR moves the state elsewhere (e.g. a second stack next to the first one).
@@ -78,6 +81,23 @@ def background_nice() -> int:
         return max(0, min(19, int(raw))) if raw else 10
     except ValueError:
         raise SystemExit(f"DEV_BACKGROUND_NICE must be 0..19, got {raw!r}") from None
+
+
+def replica_count() -> int:
+    """REPLICAS (`make dev REPLICAS=2`): how many workers and dispatchers run, and API processes
+    unless API_PROCESSES says otherwise."""
+    raw = os.environ.get("REPLICAS", "")
+    try:
+        count = int(raw) if raw else 1
+    except ValueError:
+        raise SystemExit(f"REPLICAS must be a number >= 1, got {raw!r}") from None
+    if count < 1:
+        raise SystemExit(f"REPLICAS must be a number >= 1, got {raw!r}")
+    return count
+
+
+def _numbered(name: str, index: int, count: int) -> str:
+    return name if count == 1 else f"{name}-{index + 1}"
 
 
 def _env_port(name: str, default: int) -> int:
@@ -157,10 +177,15 @@ def operator_token() -> str:
     return token
 
 
+if TYPE_CHECKING:
+    from devstack.postgres import PostgresProcess
+    from devstack.temporal import TemporalProcess
+
+
 class DevStack:
     def __init__(self) -> None:
-        self.pg = None  # PostgresProcess, when we run one
-        self.temporal = None  # TemporalProcess, when we run one
+        self.pg: PostgresProcess | None = None  # when we run one
+        self.temporal: TemporalProcess | None = None  # when we run one
         self.children: list[Child] = []
         self.port = _env_port("PORT", 4000)
         self.api_url = f"http://127.0.0.1:{self.port}"
@@ -178,13 +203,17 @@ class DevStack:
         self._temporal()
         env = self._child_env()
         nice = background_nice()
-        worker = Child("worker", [sys.executable, "worker.py"], env, LOG_DIR / "worker.log", nice)
-        dispatcher = Child("dispatcher", [sys.executable, "-m", "dispatcher"], env, LOG_DIR / "dispatcher.log", nice)
+        replicas = replica_count()
+        workers = [Child(_numbered("worker", i, replicas), [sys.executable, "worker.py"], env,
+                         LOG_DIR / f"{_numbered('worker', i, replicas)}.log", nice) for i in range(replicas)]
+        dispatchers = [Child(_numbered("dispatcher", i, replicas), [sys.executable, "-m", "dispatcher"], env,
+                             LOG_DIR / f"{_numbered('dispatcher', i, replicas)}.log", nice) for i in range(replicas)]
         api = Child("api", [sys.executable, "-m", "api"], env, LOG_DIR / "api.log")
-        self.children += [worker, dispatcher, api]  # stopped in reverse order
-        worker.start()
-        dispatcher.start()
-        api.start()
+        self.children += [*workers, *dispatchers, api]  # stopped in reverse order
+        for child in self.children:
+            child.start()
+        say(f"api: {env['API_PROCESSES']} process(es) on port {self.port}; {replicas} worker(s), "
+            f"{replicas} dispatcher(s)")
         self._wait_ready()
         self._seed_and_print(env)
 
@@ -248,6 +277,9 @@ class DevStack:
         env["CARACAL_COORDINATOR_TOKEN"] = self.operator_token = operator_token()
         env.pop("CARACAL_COORDINATOR_TOKEN_FILE", None)
         env["PORT"] = str(self.port)
+        if os.environ.get("REPLICAS") and not os.environ.get("API_PROCESSES"):
+            env["API_PROCESSES"] = os.environ["REPLICAS"]
+        env.setdefault("API_PROCESSES", str(os.cpu_count() or 1))
         env["PYTHONUNBUFFERED"] = "1"
         self.issuer = env["ISSUER_URL"]
         self.scope = env.get("AGENT_COORDINATOR_SCOPE") or "agent:lifecycle"
@@ -302,8 +334,8 @@ class DevStack:
             f"  Postgres        {_redact(self.database_url)}",
             f"  Logs            {LOG_DIR}/",
             f"  Operator token  {self.operator_token}",
-            f"  Bearer token    (zone {DEMO_ZONE}, app {DEMO_APP}, sid {DEMO_SID}, scope {self.scope}, "
-            f"24 h; also in {rel})",
+            (f"  Bearer token    (zone {DEMO_ZONE}, app {DEMO_APP}, sid {DEMO_SID}, scope {self.scope}, "
+             f"24 h; also in {rel})"),
             f"    {token}",
             "",
             "Try:",

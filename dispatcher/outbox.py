@@ -43,7 +43,8 @@ from temporalio.service import RPCError, RPCStatusCode
 from rules.workflow_contract import INVOCATION_SYNC, NOTICES, SESSION_SYNC
 from settings import Settings
 from storage import dispatch
-from storage.db import Database
+from storage.db import ChannelListener, Database
+from storage.workflow_outbox import NOTIFY_CHANNEL
 
 SYNC = SESSION_SYNC
 assert SYNC == INVOCATION_SYNC
@@ -131,6 +132,7 @@ class Dispatcher:
         self.temporal_ok = client is not None
         self.listening = False
         self._started = time.monotonic()
+        self._health_touched = float("-inf")
         self._recent: deque[tuple[float, int]] = deque()  # (monotonic, rows delivered) per batch
         self._lags_ms: deque[float] = deque(maxlen=LAG_SAMPLES)
         self._wake = asyncio.Event()
@@ -329,6 +331,7 @@ class Dispatcher:
                     await self._pause(stop, pg_backoff, wake=False)
                     pg_backoff = min(pg_backoff * 2, 5.0)
                     continue
+                self._touch_health_file()
                 if not self.temporal_ok:
                     await self._pause(stop, self._probe_interval(), wake=False)
                 elif result.delivered == 0:
@@ -374,35 +377,28 @@ class Dispatcher:
 
     async def _listen(self, stop: asyncio.Event) -> None:
         """Keep a LISTEN connection; set the wake event on every notification and on (re)connect."""
-        backoff = 0.5
-        while not stop.is_set():
-            conn = None
-            try:
-                conn = await dispatch.listen(self.db.url)
-                self.listening = True
-                backoff = 0.5
-                self._wake.set()  # anything committed while we were not listening
-                while not stop.is_set():
-                    if await dispatch.wait_notify(conn, timeout=30.0):
-                        self._wake.set()
-                    else:  # a quiet half minute: make sure the connection is still there
-                        await asyncio.wait_for(dispatch.ping(conn), 5.0)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 — Postgres away: poll until it is back
-                if self.listening:
-                    log.warning("dispatcher: LISTEN connection lost (%s: %s); reconnecting",
-                                type(exc).__name__, exc)
-                else:
-                    log.debug("dispatcher: cannot LISTEN yet (%s)", exc)
-                self.listening = False
-                await self._pause(stop, backoff, wake=False)
-                backoff = min(backoff * 2, 5.0)
-            finally:
-                self.listening = False
-                if conn is not None:
-                    with contextlib.suppress(Exception):
-                        await conn.close()
+
+        def lost(exc: Exception) -> None:
+            if self.listening:
+                log.warning("dispatcher: LISTEN connection lost (%s: %s); reconnecting", type(exc).__name__, exc)
+            else:
+                log.debug("dispatcher: cannot LISTEN yet (%s)", exc)
+            self.listening = False
+
+        def connected() -> None:
+            self.listening = True
+            self._wake.set()  # anything committed while we were not listening
+
+        listener = ChannelListener(self.db.url, NOTIFY_CHANNEL, on_notify=self._wake.set, on_connect=connected,
+                                   on_lost=lost)
+        task = asyncio.create_task(listener.run(), name=f"dispatcher-listener-{self.id}")
+        try:
+            await stop.wait()
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            self.listening = False
 
     async def _watch_temporal_backlog(self, stop: asyncio.Event) -> None:
         """Once a second: how many workflow tasks wait on the task queue (backpressure)."""
@@ -425,6 +421,17 @@ class Dispatcher:
             except Exception:  # noqa: BLE001 — Temporal away: the delivery path notices that itself
                 self.temporal_backlog = 0
             await self._pause(stop, 1.0, wake=False)
+
+    def _touch_health_file(self) -> None:
+        """DISPATCH_HEALTH_FILE: touched (at most every 5 s) while batches complete; a container
+        healthcheck tests its age."""
+        path = self.settings.DISPATCH_HEALTH_FILE
+        now = time.monotonic()
+        if path and now - self._health_touched >= 5:
+            self._health_touched = now
+            with contextlib.suppress(OSError):
+                with open(path, "a"):
+                    os.utime(path)
 
     async def _stats_loop(self, stop: asyncio.Event) -> None:
         with contextlib.suppress(Exception):  # dispatchers that crashed long ago

@@ -15,15 +15,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import psycopg
-from psycopg.rows import dict_row
+from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from rules.errors import CoordinatorError
 
-__all__ = ["Database", "Jsonb", "Conn", "postgres_unavailable"]
+__all__ = ["Database", "Jsonb", "Conn", "one", "postgres_unavailable"]
 
-Conn = psycopg.AsyncConnection
+Conn = psycopg.AsyncConnection[DictRow]
 T = TypeVar("T")
 
 # Two commands whose cascades overlap can deadlock (Postgres aborts one); that one runs again.
@@ -136,6 +136,14 @@ async def q(conn: Conn, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -
     """Run a statement on a connection already inside a transaction and return all rows."""
     cur = await conn.execute(sql, params)
     return await cur.fetchall() if cur.description else []
+
+
+def one(row: T | None) -> T:
+    """The row of a statement that always returns one (an aggregate, INSERT ... RETURNING, an UPDATE
+    of a row the transaction holds locked): no row there is a bug, not a missing entity."""
+    if row is None:
+        raise AssertionError("the statement returned no row")
+    return row
 
 
 async def q1(conn: Conn, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> dict[str, Any] | None:

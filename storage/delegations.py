@@ -16,7 +16,7 @@ from rules.errors import CoordinatorError
 from rules.narrowing import check_narrowing
 from rules.timefmt import iso_ms, parse_iso_z
 from settings import Settings
-from storage.db import Conn, q, q1
+from storage.db import Conn, one, q, q1
 from storage.idempotency import IdempotencyRequest, find_receipt, inactive_result, store_receipt
 from storage.outbox import DELEGATIONS_INVALIDATE, SESSIONS_REVOKE, Event, bump_epoch
 from rules import workflow_contract as wc
@@ -82,8 +82,10 @@ async def replay_create(conn: Conn, settings: Settings, req: IdempotencyRequest,
     receipt = await find_receipt(conn, settings, req)
     if receipt is None:
         return None
-    live = await q1(conn, """SELECT 1 FROM delegation_edges WHERE zone_id = %s AND id = %s AND issuer_application_id = %s
-                             AND status = 'active' AND expires_at > now()""", (req.zone_id, receipt.resource_id, issuer))
+    live = await q1(conn, """SELECT 1 FROM delegation_edges
+                             WHERE zone_id = %s AND id = %s AND issuer_application_id = %s
+                               AND status = 'active' AND expires_at > now()""",
+                    (req.zone_id, receipt.resource_id, issuer))
     if live is None:
         raise inactive_result()
     return {"status": receipt.response_status, "body": receipt.response_json, "replayed": True}
@@ -227,7 +229,8 @@ async def creates_cycle(conn: Conn, zone_id: str, source: str, target: str) -> b
         WITH RECURSIVE walk AS (
             SELECT e.id, e.target_session_id, 1 AS depth, ARRAY[e.id] AS path
             FROM delegation_edges e
-            WHERE e.zone_id = %(zone)s AND e.source_session_id = %(target)s AND e.status = 'active' AND e.expires_at > now()
+            WHERE e.zone_id = %(zone)s AND e.source_session_id = %(target)s
+              AND e.status = 'active' AND e.expires_at > now()
             UNION ALL
             SELECT n.id, n.target_session_id, w.depth + 1, w.path || n.id
             FROM walk w JOIN delegation_edges n ON n.source_session_id = w.target_session_id
@@ -236,7 +239,7 @@ async def creates_cycle(conn: Conn, zone_id: str, source: str, target: str) -> b
         )
         SELECT EXISTS (SELECT 1 FROM walk WHERE target_session_id = %(source)s) AS cycle""",
                    {"zone": zone_id, "source": source, "target": target, "max": MAX_WALK_DEPTH})
-    return bool(row["cycle"])
+    return bool(one(row)["cycle"])
 
 
 WALK_SQL = """
@@ -255,7 +258,8 @@ WALK_SQL = """
 
 async def traverse(conn: Conn, zone_id: str, edge_id: str) -> list[dict[str, Any]]:
     """§6.7: the live edges reachable from a live edge, by depth then id (rows repeat per path)."""
-    return await q(conn, WALK_SQL + "SELECT id, source_session_id, target_session_id, depth FROM walk ORDER BY depth, id",
+    return await q(conn, WALK_SQL + "SELECT id, source_session_id, target_session_id, depth FROM walk "
+                                    "ORDER BY depth, id",
                    {"zone": zone_id, "edge": edge_id, "max": MAX_WALK_DEPTH})
 
 
@@ -293,7 +297,8 @@ async def current_epoch(conn: Conn, zone_id: str) -> int:
 async def revoke_cascade(conn: Conn, zone_id: str, edge_id: str, expected_epoch: int | None) -> dict[str, Any]:
     """§4.23 / §5.5 in one transaction: revoke the reachable edges and end their target sessions."""
     await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"delegation:{zone_id}",))
-    edge = await q1(conn, "SELECT id FROM delegation_edges WHERE zone_id = %s AND id = %s FOR UPDATE", (zone_id, edge_id))
+    edge = await q1(conn, "SELECT id FROM delegation_edges WHERE zone_id = %s AND id = %s FOR UPDATE",
+                    (zone_id, edge_id))
     if edge is None:
         raise CoordinatorError(404, "delegation_not_found")
     if expected_epoch is not None and expected_epoch != await current_epoch(conn, zone_id):
@@ -323,7 +328,8 @@ async def revoke_cascade(conn: Conn, zone_id: str, edge_id: str, expected_epoch:
                       (zone_id, target_ids))
     order = {sid: i for i, sid in enumerate(target_ids)}
     targets.sort(key=lambda t: order[t["id"]])
-    changes = await terminate_subtree(conn, zone_id, [t["id"] for t in targets], "delegation_revoked") if targets else []
+    changes = (await terminate_subtree(conn, zone_id, [t["id"] for t in targets], "delegation_revoked")
+               if targets else [])
     # The endpoints still live after the cascade (sources, mostly) hear which edges they lost.
     notices = await edge_end_notices(conn, zone_id, revoked, f"revoked with the cascade of {edge_id}")
     epoch = await bump_epoch(conn, zone_id)
@@ -374,7 +380,8 @@ async def retention(conn: Conn, settings: Settings) -> dict[str, int]:
             SELECT id FROM caracal_outbox WHERE producer = 'coordinator' AND status IN ('published', 'dead')
               AND updated_at < now() - make_interval(days => %s) LIMIT %s)""", (settings.OUTBOX_RETENTION_DAYS, batch)),
         ("deleted_idempotency_receipts", """DELETE FROM coordinator_idempotency_receipts WHERE id IN (
-            SELECT id FROM coordinator_idempotency_receipts WHERE expires_at <= now() ORDER BY expires_at, id LIMIT %s)""",
+            SELECT id FROM coordinator_idempotency_receipts WHERE expires_at <= now()
+            ORDER BY expires_at, id LIMIT %s)""",
          (batch,)),
         ("deleted_operation_results", """DELETE FROM operation_results WHERE op_id IN (
             SELECT op_id FROM operation_results WHERE created_at < now() - interval '1 day' LIMIT %s)""", (batch,)),

@@ -36,7 +36,7 @@ import time
 from typing import Any
 
 from rules.timefmt import iso_ms
-from storage.db import Database
+from storage.db import Database, one
 
 SEQUENCE = "caracal_outbox_seq_seq"
 MAX_LIMIT = 500
@@ -49,11 +49,11 @@ async def stable_horizon(db: Database, timeout: float) -> int | None:
     open right now did not all end within `timeout` seconds."""
     async with db.connection() as conn:
         cur = await conn.execute(f"SELECT CASE WHEN is_called THEN last_value ELSE 0 END AS last FROM {SEQUENCE}")
-        last = int((await cur.fetchone())["last"])
+        last = int(one(await cur.fetchone())["last"])
         # A separate statement: its snapshot is taken after the sequence was read.
         cur = await conn.execute("SELECT pg_snapshot_xmin(s)::text AS xmin, pg_snapshot_xmax(s)::text AS xmax "
                                  "FROM pg_current_snapshot() AS s")
-        snap = await cur.fetchone()
+        snap = one(await cur.fetchone())
     if int(snap["xmin"]) >= int(snap["xmax"]):
         return last  # no transaction was in progress
     xmax = snap["xmax"]

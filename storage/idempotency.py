@@ -11,7 +11,7 @@ from rules.errors import CoordinatorError
 from rules.idempotency import key_digest
 from rules.ids import new_id
 from settings import Settings
-from storage.db import Conn
+from storage.db import Conn, one
 
 SESSION_START = "session.start.v2"
 DELEGATION_CREATE = "delegation.create.v2"
@@ -78,7 +78,7 @@ async def find_receipt(conn: Conn, settings: Settings, req: IdempotencyRequest) 
                WHERE operation = %s AND zone_id = %s AND scope_id = %s AND expires_at > now()""",
             (req.operation, req.zone_id, req.scope_id),
         )
-        if (await cur.fetchone())["n"] >= settings.IDEMPOTENCY_MAX_RECEIPTS_PER_SCOPE:
+        if one(await cur.fetchone())["n"] >= settings.IDEMPOTENCY_MAX_RECEIPTS_PER_SCOPE:
             raise CoordinatorError(429, "idempotency_receipt_limit_exceeded")
         return None
     if bytes(row["request_digest"]) != req.request_digest:

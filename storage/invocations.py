@@ -14,7 +14,7 @@ from psycopg.types.json import Jsonb
 from rules.errors import CoordinatorError
 from rules.timefmt import iso_ms
 from settings import Settings
-from storage.db import Conn, q1
+from storage.db import Conn, one, q1
 from storage.idempotency import IdempotencyRequest, find_receipt, store_receipt
 from rules import workflow_contract as wc
 from storage.outbox import INVOCATIONS_LIFECYCLE, Event
@@ -83,7 +83,8 @@ async def check_create(conn: Conn, zone_id: str, service_id: str, session_ids: l
         if session_id is None:
             apps.append("")
             continue
-        row = await q1(conn, f"SELECT application_id FROM sessions WHERE zone_id = %s AND id = %s AND {INVOCATION_LIVE_SQL}",
+        row = await q1(conn, "SELECT application_id FROM sessions "
+                             f"WHERE zone_id = %s AND id = %s AND {INVOCATION_LIVE_SQL}",
                        (zone_id, session_id))
         if row is None:
             raise CoordinatorError(404, "session_not_found")
@@ -108,7 +109,7 @@ async def create(conn: Conn, settings: Settings, cmd: CreateInvocation, idem: Id
                        (cmd.invocation_id, cmd.zone_id, cmd.service_id, cmd.source_session_id, cmd.target_session_id,
                         cmd.invocation_id, cmd.method, Jsonb(cmd.params), Jsonb(cmd.metadata),
                         cmd.retry_policy["max_attempts"], cmd.timeout_ms, Jsonb(cmd.retry_policy)))
-    row = await get(conn, cmd.zone_id, cmd.invocation_id)
+    row = one(await get(conn, cmd.zone_id, cmd.invocation_id))
     await _transitioned(conn, row, "invocation.created", wc.INVOCATION_CREATED,
                         f"created: {cmd.method} on service {cmd.service_id}, "
                         f"up to {row['max_attempts']} attempt(s) of {cmd.timeout_ms} ms")

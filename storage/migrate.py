@@ -33,7 +33,10 @@ def upgrade(database_url: str, revision: str = "head") -> None:
 
 
 def head_revision() -> str:
-    return ScriptDirectory.from_config(alembic_config("postgresql://x/y")).get_current_head()
+    head = ScriptDirectory.from_config(alembic_config("postgresql://x/y")).get_current_head()
+    if head is None:
+        raise RuntimeError("no migrations in storage/migrations/versions")
+    return head
 
 
 def current_revision(database_url: str) -> str | None:

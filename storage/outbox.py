@@ -8,7 +8,7 @@ from typing import Any
 from psycopg.types.json import Jsonb
 
 from rules.ids import new_id
-from storage.db import Conn
+from storage.db import Conn, one
 
 AGENTS_LIFECYCLE = "caracal.agents.lifecycle"
 SESSIONS_REVOKE = "caracal.sessions.revoke"
@@ -52,5 +52,4 @@ async def bump_epoch(conn: Conn, zone_id: str) -> int:
         """,
         (zone_id,),
     )
-    row = await cur.fetchone()
-    return int(row["epoch"])
+    return int(one(await cur.fetchone())["epoch"])

@@ -10,7 +10,7 @@ from rules.errors import CoordinatorError
 from rules.ids import new_id
 from rules.timefmt import iso_ms
 from settings import Settings
-from storage.db import Conn, q1
+from storage.db import Conn, one, q1
 
 SERVICE_COLUMNS = """x.id, x.zone_id, x.application_id, x.endpoint_url, x.protocol_versions, x.framework_name,
     x.framework_version, x.capabilities, x.health, x.metadata_json, x.last_heartbeat_at"""
@@ -32,7 +32,7 @@ async def upsert_service(conn: Conn, zone_id: str, body: dict[str, Any]) -> dict
     if app is None:
         raise CoordinatorError(404, "application_not_found")
     framework = body.get("framework") or {}
-    return await q1(conn, f"""
+    return one(await q1(conn, f"""
         INSERT INTO agent_services AS x (id, zone_id, application_id, endpoint_url, protocol_versions, framework_name,
             framework_version, capabilities, metadata_json, last_heartbeat_at)
         VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, now())
@@ -42,7 +42,7 @@ async def upsert_service(conn: Conn, zone_id: str, body: dict[str, Any]) -> dict
             metadata_json = EXCLUDED.metadata_json, updated_at = now()
         RETURNING {SERVICE_COLUMNS}""",
                     (new_id(), zone_id, body["application_id"], body["endpoint_url"], body["protocol_versions"],
-                     framework.get("name"), framework.get("version"), body["capabilities"], Jsonb(body["metadata"])))
+                     framework.get("name"), framework.get("version"), body["capabilities"], Jsonb(body["metadata"]))))
 
 
 class LeaseExpired(Exception):

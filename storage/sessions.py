@@ -17,7 +17,7 @@ from rules.errors import CoordinatorError
 from rules.ids import new_id
 from rules.timefmt import iso_ms
 from settings import Settings
-from storage.db import Conn, q, q1
+from storage.db import Conn, one, q, q1
 from storage.idempotency import IdempotencyRequest, find_receipt, inactive_result, store_receipt
 from rules import workflow_contract as wc
 from rules.sessions import DEFAULT_TASK_TTL_SECONDS
@@ -153,7 +153,7 @@ async def start_session(conn: Conn, settings: Settings, cmd: StartSession,
     # lock over the whole request as in the reference). One round trip: the lock is taken first
     # (each lateral subquery reads `lock`), then the application, the authority record and the
     # zone's capacity counts are read under it.
-    found = await q1(conn, """
+    found = one(await q1(conn, """
         WITH lock AS MATERIALIZED (
             SELECT true AS held FROM (SELECT pg_advisory_xact_lock(hashtextextended(%(lock_key)s, 0))) taken)
         SELECT app.registration_method, record.live AS record_live, live.zone_n, live.app_n
@@ -168,7 +168,7 @@ async def start_session(conn: Conn, settings: Settings, cmd: StartSession,
                                    COALESCE(sum(live) FILTER (WHERE application_id = %(app)s), 0) AS app_n
                             FROM session_capacity WHERE lock.held AND zone_id = %(zone)s) live""",
                      {"lock_key": f"coordinator:session_capacity:{cmd.zone_id}", "zone": cmd.zone_id,
-                      "app": cmd.application_id, "record": cmd.authority_record_id})
+                      "app": cmd.application_id, "record": cmd.authority_record_id}))
     if found["registration_method"] is None:
         raise CoordinatorError(404, "application_not_found")
     dcr = found["registration_method"] == "dcr"
@@ -183,10 +183,10 @@ async def start_session(conn: Conn, settings: Settings, cmd: StartSession,
     if (found["zone_n"] >= settings.MAX_AGENTS_PER_ZONE or found["app_n"] >= settings.MAX_AGENTS_PER_APP
             or (dcr and found["app_n"] > 0)):
         # Near a limit: the live count is only an upper bound; count the capacity-live sessions.
-        counts = await q1(conn, f"""
+        counts = one(await q1(conn, f"""
             SELECT count(*) AS zone_n, count(*) FILTER (WHERE s.application_id = %(app)s) AS app_n
             FROM sessions s WHERE s.zone_id = %(zone)s AND {CAPACITY_LIVE_SQL}""",
-                          {"app": cmd.application_id, "zone": cmd.zone_id, "default_ttl": DEFAULT_TASK_TTL_SECONDS})
+                          {"app": cmd.application_id, "zone": cmd.zone_id, "default_ttl": DEFAULT_TASK_TTL_SECONDS}))
     if counts["zone_n"] >= settings.MAX_AGENTS_PER_ZONE:
         raise CoordinatorError(429, "session_zone_limit_exceeded")
     if dcr and counts["app_n"] > 0:
@@ -219,7 +219,7 @@ async def start_session(conn: Conn, settings: Settings, cmd: StartSession,
         root_id = parent["root_id"]
 
     service = cmd.lifecycle == "service"
-    row = await q1(conn, f"""
+    row = one(await q1(conn, f"""
         INSERT INTO sessions AS s (id, zone_id, application_id, parent_id, root_id, subject_authority_record_id,
             status, depth, labels, max_children, ttl_seconds, metadata_json, lifecycle,
             last_heartbeat_at, heartbeat_deadline_at, lease_generation)
@@ -232,7 +232,7 @@ async def start_session(conn: Conn, settings: Settings, cmd: StartSession,
         {"id": cmd.session_id, "zone": cmd.zone_id, "app": cmd.application_id, "parent": cmd.parent_id or None,
          "root": root_id, "ar": cmd.authority_record_id, "depth": depth, "labels": cmd.labels,
          "max_children": settings.MAX_CHILDREN, "ttl": cmd.ttl_seconds, "metadata": Jsonb(cmd.metadata),
-         "lifecycle": cmd.lifecycle, "service": service, "lease": settings.SERVICE_AGENT_LEASE_SECONDS})
+         "lifecycle": cmd.lifecycle, "service": service, "lease": settings.SERVICE_AGENT_LEASE_SECONDS}))
 
     events: list[Event] = []
     edge_id = None
@@ -250,8 +250,9 @@ async def start_session(conn: Conn, settings: Settings, cmd: StartSession,
     summary = f"created {cmd.lifecycle} session of {cmd.application_id}" + (
         f" under {cmd.parent_id}" if cmd.parent_id else "") + (f", inheriting edge {edge_id}" if edge_id else "")
     notices = [session_notice(row, wc.SESSION_CREATED, summary, edge_id=edge_id, peer_session_id=cmd.parent_id)]
-    if edge_id is not None:
-        notices.append(session_notice(parent, wc.DELEGATION_GIVEN, f"edge {edge_id} inherited by child {cmd.session_id}",
+    if edge_id is not None and parent is not None:  # an inherited edge: the child has a parent
+        notices.append(session_notice(parent, wc.DELEGATION_GIVEN,
+                                      f"edge {edge_id} inherited by child {cmd.session_id}",
                                       edge_id=edge_id, peer_session_id=cmd.session_id))
     await publish(conn, cmd.zone_id, events, notices)
 
@@ -274,8 +275,8 @@ async def _inherit_parent_edge(conn: Conn, cmd: StartSession, events: list[Event
     only = ""
     if cmd.inherit_parent_edge_id:
         only, params = " AND id = %s", params + [cmd.inherit_parent_edge_id]
-    candidates = await q(conn, f"""SELECT id, receiver_application_id, resource_id, scopes, constraints_json, expires_at,
-                                          (status = 'active' AND expires_at > now()) AS live
+    candidates = await q(conn, f"""SELECT id, receiver_application_id, resource_id, scopes, constraints_json,
+                                          expires_at, (status = 'active' AND expires_at > now()) AS live
                                    FROM delegation_edges
                                    WHERE zone_id = %s AND target_session_id = %s AND receiver_application_id = %s{only}
                                    ORDER BY id""", params)
@@ -475,12 +476,12 @@ async def take_lease(conn: Conn, settings: Settings, zone_id: str, row: dict[str
         raise CoordinatorError(409, "session_not_live")
     if row["lifecycle"] != "service":
         raise CoordinatorError(409, "session_not_service")
-    taken = await q1(conn, f"""
+    taken = one(await q1(conn, f"""
         UPDATE sessions s SET lease_generation = s.lease_generation + 1, last_heartbeat_at = now(),
             last_active_at = now(), heartbeat_deadline_at = now() + make_interval(secs => %s), updated_at = now(),
             state_version = s.state_version + 1
         WHERE s.zone_id = %s AND s.id = %s RETURNING {SNAPSHOT_COLUMNS}""",
-                        (settings.SERVICE_AGENT_LEASE_SECONDS, zone_id, row["id"]))
+                        (settings.SERVICE_AGENT_LEASE_SECONDS, zone_id, row["id"])))
     await enqueue(conn, [session_notice(taken, wc.SESSION_LEASE_TAKEN,
                                         f"lease taken over: generation {taken['lease_generation']}")])
     return taken

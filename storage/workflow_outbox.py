@@ -19,7 +19,7 @@ from psycopg.types.json import Jsonb
 from rules import workflow_contract as wc
 from rules.sessions import DEFAULT_TASK_TTL_SECONDS
 from rules.timefmt import iso_ms
-from storage.db import Conn
+from storage.db import Conn, one
 from storage.outbox import Event, emit
 
 NOTIFY_CHANNEL = "workflow_outbox"
@@ -162,7 +162,7 @@ async def live_counts(conn: Conn) -> dict[str, int]:
                (SELECT count(*) FROM agent_invocations
                 WHERE status NOT IN ('succeeded', 'canceled', 'timed_out', 'dead')
                   AND NOT (status = 'failed' AND attempts >= max_attempts)) AS invocations""")
-    found = await row.fetchone()
+    found = one(await row.fetchone())
     return {"sessions": int(found["sessions"]), "invocations": int(found["invocations"])}
 
 

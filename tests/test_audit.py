@@ -113,7 +113,8 @@ async def _more_than(zone: Zone, n: int):
 
 
 async def test_exempt_paths_are_not_recorded(zone: Zone):
-    before = await zone.stack.db.fetchval("SELECT count(*) FROM admin_audit_events WHERE path IN ('/metrics', '/stats')")
+    before = await zone.stack.db.fetchval(
+        "SELECT count(*) FROM admin_audit_events WHERE path IN ('/metrics', '/stats')")
     r = await zone.http.get("/metrics", headers=zone.operator_headers)
     assert r.status_code in (200, 401)
     r = await zone.http.get("/metrics", headers=zone.headers())
@@ -171,7 +172,8 @@ async def test_verification_command_finds_the_first_broken_link(stack_factory, s
         new_hash = content_sha256(altered)
         nxt = records[5]
         await s.db.execute("UPDATE admin_audit_events SET content_sha256 = %s WHERE id = %s", (new_hash, target["id"]))
-        await s.db.execute("UPDATE admin_audit_events SET prev_content_sha256 = %s WHERE id = %s", (new_hash, nxt["id"]))
+        await s.db.execute("UPDATE admin_audit_events SET prev_content_sha256 = %s WHERE id = %s",
+                           (new_hash, nxt["id"]))
         key = bytes.fromhex(AUDIT_KEY)
         report = await verify_chain(s.db, zone.id, key)
         assert report.broken_seq == target["chain_seq"] and "chain_hmac" in report.describe()

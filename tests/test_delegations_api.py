@@ -195,7 +195,8 @@ async def test_child_inherits_the_parents_single_same_app_edge(zone: Zone):  # 3
 
 
 async def _nothing_persisted(zone: Zone, parent: str, sessions_before: int, children_before: int) -> None:
-    assert await zone.stack.db.fetchval("SELECT count(*) FROM sessions WHERE zone_id = %s", (zone.id,)) == sessions_before
+    count_sql = "SELECT count(*) FROM sessions WHERE zone_id = %s"
+    assert await zone.stack.db.fetchval(count_sql, (zone.id,)) == sessions_before
     assert (await zone.session_row(parent))["child_count"] == children_before
     assert await zone.stack.db.fetchval("SELECT count(*) FROM agent_topology WHERE parent_id = %s", (parent,)) == 0
 
@@ -365,7 +366,7 @@ async def test_expiry_in_the_past(zone: Zone):  # 83
     assert ts(body["expires_at"]) == ts(iso(wanted))
 
 
-# ---------------------------------------------------------------------------------------------- endpoints and resources (84-89)
+# ------------------------------------------------------------------------------------ endpoints and resources (84-89)
 
 
 async def test_endpoints_must_be_delegation_live(zone: Zone):  # 84
@@ -579,7 +580,7 @@ async def test_cycle_denied(zone: Zone):  # 94
     assert await edge_count(zone) == 2 and await epoch(zone) == 2
 
 
-# ---------------------------------------------------------------------------------------------- idempotency, epoch (95, 96)
+# ---------------------------------------------------------------------------------------- idempotency, epoch (95, 96)
 
 
 async def test_idempotent_create(zone: Zone):  # 95
@@ -1087,7 +1088,8 @@ async def test_lapsed_edges_settled_by_the_maintenance_schedule(zone: Zone):  # 
 
 APPS = ("app-1", "app-2")
 # resource -> its scopes (None: a broad edge, which the test caller may issue as coordinator.admin)
-RESOURCE_SCOPES = {"res-1": ["read", "write"], "files": ["read", "write"], "calendar": ["read"], None: ["read", "write"]}
+RESOURCE_SCOPES = {"res-1": ["read", "write"], "files": ["read", "write"], "calendar": ["read"],
+                   None: ["read", "write"]}
 
 ACCEPTABLE_REFUSALS = {
     (403, "delegation_exceeds_parent_authority"), (409, "parent_delegation_ambiguous"),
@@ -1156,7 +1158,7 @@ async def _run_graph(stack, key, data) -> None:
     zone = await seed_zone(stack, key)
     apps = data.draw(st.lists(st.sampled_from(APPS), min_size=4, max_size=6), label="session apps")
     sessions = list(await asyncio.gather(*(new_session(zone, app) for app in apps)))
-    app_of = dict(zip(sessions, apps))
+    app_of = dict(zip(sessions, apps, strict=True))
     n = len(sessions)
     accepted = 0
     for _ in range(data.draw(st.integers(3, 8), label="attempts")):
@@ -1198,7 +1200,7 @@ async def _run_graph(stack, key, data) -> None:
     # (a) effective authority never exceeds any live inbound edge.
     answers = await asyncio.gather(*(zone.http.get(f"/zones/{zone.id}/agents/{s}/effective-authority",
                                                    headers=zone.operator_headers) for s in sessions))
-    for s, r in zip(sessions, answers):
+    for s, r in zip(sessions, answers, strict=True):
         assert r.status_code == 200
         ea = r.json()
         inbound = [e for e in live if e["target_session_id"] == s]
@@ -1221,7 +1223,8 @@ async def _run_graph(stack, key, data) -> None:
     r = await zone.http.get(durl(zone, victim["id"], "traverse"), headers=zone.operator_headers)
     reachable = {row["id"] for row in r.json()}
     assert victim["id"] in reachable
-    r = await zone.http.patch(durl(zone, victim["id"], "revoke"), headers=zone.headers(app_of[victim["source_session_id"]]))
+    r = await zone.http.patch(durl(zone, victim["id"], "revoke"),
+                              headers=zone.headers(app_of[victim["source_session_id"]]))
     assert r.status_code == 200, r.text
     assert r.json()["revoked_edges"] == len(reachable)
     event(f"edges walked by the revoke: {min(len(reachable), 3)}{'+' if len(reachable) >= 3 else ''}")

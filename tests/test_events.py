@@ -167,7 +167,8 @@ async def _read_sse(lines, count: int) -> list[dict]:
     async for line in lines:
         if line == "":
             if "data" in fields:
-                events.append({**json.loads(fields["data"]), "sse_id": fields.get("id"), "sse_event": fields.get("event")})
+                events.append({**json.loads(fields["data"]), "sse_id": fields.get("id"),
+                               "sse_event": fields.get("event")})
                 if len(events) == count:
                     return events
             fields = {}

@@ -83,7 +83,8 @@ async def test_record_service_paths(stack_factory, signing_key):
         sid = (await zone.start(lifecycle="service"))["agent_session_id"]
         h = zone.headers()
         for _ in range(3):
-            r = await zone.http.post(f"/zones/{zone.id}/agents/{sid}/heartbeat", json={"lease_generation": 1}, headers=h)
+            r = await zone.http.post(f"/zones/{zone.id}/agents/{sid}/heartbeat", json={"lease_generation": 1},
+                                     headers=h)
             assert r.status_code == 200
         r = await zone.http.post(f"/zones/{zone.id}/agents/{sid}/lease", headers=h)
         assert r.json()["lease_generation"] == 2

@@ -171,7 +171,8 @@ async def test_delivers_every_event_once_and_marks_a_failing_one_dead(relay_db, 
     task = asyncio.create_task(publisher.run(stop))
     try:
         async def state():
-            rows = await relay_db.fetch("SELECT status, attempts, available_at FROM caracal_outbox WHERE topic = 'broken.topic'")
+            rows = await relay_db.fetch("SELECT status, attempts, available_at FROM caracal_outbox "
+                                        "WHERE topic = 'broken.topic'")
             # do not wait out the real backoff: make the failed row due again
             await relay_db.execute("UPDATE caracal_outbox SET available_at = now() WHERE topic = 'broken.topic' "
                                    "AND status = 'pending'")

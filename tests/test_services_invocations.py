@@ -121,8 +121,8 @@ async def events_for(zone: Zone, topic: str, entity: str) -> list[dict[str, Any]
 async def session_state(stack: Stack, zone_id: str, sid: str) -> dict[str, Any]:
     """The session as its workflow knows it, once the notices written so far are delivered."""
     wf = session_workflow_id(zone_id, sid)
-    await eventually(lambda: stack.db.fetchval("SELECT NOT EXISTS (SELECT 1 FROM workflow_outbox WHERE workflow_id = %s)",
-                                               (wf,)), timeout=15)
+    await eventually(lambda: stack.db.fetchval(
+        "SELECT NOT EXISTS (SELECT 1 FROM workflow_outbox WHERE workflow_id = %s)", (wf,)), timeout=15)
     return (await stack.client.get_workflow_handle(wf).query("current_state"))["current"]
 
 
@@ -419,7 +419,8 @@ async def test_takeover_fences_the_old_holder(zone: Zone):
     task = (await zone.start())["agent_session_id"]
     assert error(await take_lease(zone, task)) == (409, "session_not_service")
     other = (await zone.start(lifecycle="service"))["agent_session_id"]
-    assert error(await take_lease(zone, other, headers=zone.headers("app-2"))) == (403, "application_ownership_required")
+    assert error(await take_lease(zone, other, headers=zone.headers("app-2"))) == (
+        403, "application_ownership_required")
 
     # an admin-scoped caller may DELETE without a generation; so may the operator
     r = await delete(zone, other, headers=zone.headers("app-2", scopes=["coordinator.admin"]))
@@ -685,9 +686,11 @@ async def test_case71_invoker_ownership(zone: Zone):
     svc = await register(zone)  # service of app-1
     r = await create_invocation(zone, svc["id"], headers=zone.headers("app-2"))
     assert error(r) == (403, "invoker_ownership_required")
-    r = await create_invocation(zone, svc["id"], headers=zone.headers("app-2", scopes=["coordinator.invoke_from:app-2"]))
+    r = await create_invocation(zone, svc["id"],
+                                headers=zone.headers("app-2", scopes=["coordinator.invoke_from:app-2"]))
     assert error(r) == (403, "invoker_ownership_required")
-    r = await create_invocation(zone, svc["id"], headers=zone.headers("app-2", scopes=["coordinator.invoke_from:app-1"]))
+    r = await create_invocation(zone, svc["id"],
+                                headers=zone.headers("app-2", scopes=["coordinator.invoke_from:app-1"]))
     assert r.status_code == 201, r.text
     r = await create_invocation(zone, svc["id"], headers=zone.headers("app-2", scopes=["coordinator.admin"]))
     assert r.status_code == 201, r.text
@@ -900,8 +903,8 @@ def _sdk_python() -> str:
     """The interpreter of a cached venv (.data/sdk-venv) holding caracalai-sdk 1.0.0; skips if none."""
     venv = ROOT / ".data" / "sdk-venv"
     python = venv / "bin" / "python"
-    check = [str(python), "-c", "import caracalai, importlib.metadata as m; "
-                                "assert m.version('caracalai-sdk') == '1.0.0'"]
+    check = [str(python), "-c", ("import caracalai, importlib.metadata as m; "
+                                 "assert m.version('caracalai-sdk') == '1.0.0'")]
     if python.exists() and subprocess.run(check, capture_output=True, timeout=60).returncode == 0:
         return str(python)
     interpreter = _python312()

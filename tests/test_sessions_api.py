@@ -576,7 +576,8 @@ async def test_key_digest_and_rotation(zone: Zone, wide_stack):  # 52
     digest = bytes(receipt["key_digest"])
     old_key = bytes.fromhex(DEV_IDEMPOTENCY_HMAC_KEY)
     assert len(digest) == 32 and len(bytes(receipt["request_digest"])) == 32
-    assert digest == hmac.new(old_key, b"caracal:coordinator:idempotency:v1\x00" + key.encode(), hashlib.sha256).digest()
+    assert digest == hmac.new(old_key, b"caracal:coordinator:idempotency:v1\x00" + key.encode(),
+                              hashlib.sha256).digest()
     assert digest != key_digest(key, bytes.fromhex(ROTATED_HMAC_KEY))
     assert key.encode() not in digest
     # After rotation (new key current, old key previous) the receipt still replays.
@@ -604,7 +605,7 @@ async def test_concurrent_identical_key_starts_create_one_session(zone: Zone):
     assert await count(zone, "SELECT count(*) FROM coordinator_idempotency_receipts WHERE zone_id = %s", zone.id) == 1
 
 
-# ---------------------------------------------------------------------------------------------- suspend / resume (53-55)
+# ------------------------------------------------------------------------------------------ suspend / resume (53-55)
 
 
 async def test_suspend_subtree(zone: Zone):  # 53
@@ -716,7 +717,8 @@ async def test_resume_stops_at_non_suspended_nodes(zone: Zone):
     assert (await zone.http.patch(url(zone, sid(child), "suspend"), headers=zone.headers())).json() == {"suspended": 2}
     assert (await zone.http.patch(url(zone, sid(root), "suspend"), headers=zone.headers())).json() == {"suspended": 1}
     # Resume the grandchild alone: the parent's status is not checked.
-    assert (await zone.http.patch(url(zone, sid(grandchild), "resume"), headers=zone.headers())).json() == {"resumed": 1}
+    resumed = await zone.http.patch(url(zone, sid(grandchild), "resume"), headers=zone.headers())
+    assert resumed.json() == {"resumed": 1}
     # Resume of the root includes the suspended child but not the (active) grandchild.
     assert (await zone.http.patch(url(zone, sid(root), "resume"), headers=zone.headers())).json() == {"resumed": 2}
     await workflows_reach(zone, [sid(root), sid(child), sid(grandchild)], "active")
@@ -825,8 +827,8 @@ async def test_terminate_revokes_touching_edges(zone: Zone):  # 58
     invalidate = await zone.events(DELEGATIONS_INVALIDATE)
     assert sorted(e["dedupe_key"] for e in invalidate) == sorted(f"edge_revoke:{edges[n]}" for n in ("e1", "e2"))
     for e in invalidate:
-        assert e["payload_json"] == {"event": "edge_revoke", "zone_id": zone.id, "edge_id": e["payload_json"]["edge_id"],
-                                     "reason": "cleanup", "epoch": 5}
+        assert e["payload_json"] == {"event": "edge_revoke", "zone_id": zone.id,
+                                     "edge_id": e["payload_json"]["edge_id"], "reason": "cleanup", "epoch": 5}
     row = await zone.session_row(sid(a))
     assert row["termination_reason"] == "cleanup"
     assert (await zone.session_row(sid(b)))["status"] == "active"  # endpoints are not chased

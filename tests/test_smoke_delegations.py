@@ -3,8 +3,9 @@ from tests.conftest import Zone
 
 async def test_delegate_and_revoke_cascade_smoke(zone: Zone):
     a = (await zone.start())["agent_session_id"]
-    b = (await zone.start(app="app-2", headers=zone.headers("app-2", "ar-2"), subject_session_id="ar-2"))["agent_session_id"]
-    c = (await zone.start(app="app-2", headers=zone.headers("app-2", "ar-2"), subject_session_id="ar-2"))["agent_session_id"]
+    h2 = zone.headers("app-2", "ar-2")
+    b = (await zone.start(app="app-2", headers=h2, subject_session_id="ar-2"))["agent_session_id"]
+    c = (await zone.start(app="app-2", headers=h2, subject_session_id="ar-2"))["agent_session_id"]
     h1 = zone.headers("app-1", scopes=["coordinator.delegate_to:app-2"])
     r = await zone.http.post(f"/zones/{zone.id}/delegations", headers=h1, json={
         "source_session_id": a, "target_session_id": b, "issuer_application_id": "app-1",
@@ -47,5 +48,6 @@ async def test_edge_expiry_settles_by_maintenance_schedule(zone: Zone):
             break
         await asyncio.sleep(0.2)
     assert row["status"] == "expired"
-    events = [e for e in await zone.events("caracal.delegations.invalidate") if e["payload_json"]["event"] == "edge_expire"]
+    events = [e for e in await zone.events("caracal.delegations.invalidate")
+              if e["payload_json"]["event"] == "edge_expire"]
     assert len(events) == 1 and events[0]["payload_json"]["edge_ids"] == [edge]

@@ -44,7 +44,8 @@ async def test_begin_returns_the_inner_create_and_propagates_replays(zone: Zone)
 
     # two audit records: the outer façade call (no zone) and the inner zone route, one request id
     records = await zone.stack.db.fetch("SELECT path, zone_id, status_code FROM admin_audit_events "
-                                        "WHERE request_id = %s ORDER BY occurred_at, chain_seq", (f"req-v1-begin-1-{zone.id}",))
+                                        "WHERE request_id = %s ORDER BY occurred_at, chain_seq",
+                                        (f"req-v1-begin-1-{zone.id}",))
     assert sorted((r["path"], r["zone_id"]) for r in records) == sorted(
         [("/v1/begin", None), (f"/zones/{zone.id}/agents", zone.id)])
 

@@ -271,7 +271,8 @@ async def test_invocation_deadline_fails_the_attempt_then_times_out(env: Workflo
 
     current = row
     async with worker_for(env.client, invocations=settle) as worker:
-        handle = await dispatch(env.client, worker, invocation_notice(row, wc.INVOCATION_STARTED, "attempt 1/2 started"))
+        handle = await dispatch(env.client, worker,
+                                invocation_notice(row, wc.INVOCATION_STARTED, "attempt 1/2 started"))
         await env.sleep(timedelta(seconds=15))
         await eventually(lambda: _status(handle, "failed", InvocationState))
         assert calls == [SettleCommand(ZONE, row["id"])]
@@ -352,7 +353,8 @@ async def test_out_of_order_notice_is_ignored(env: WorkflowEnvironment):
             {**row, "status": "active", "state_version": 2}, wc.SESSION_RESUMED, "resumed with the subtree of root-1"))
         await eventually(lambda: _details_contain(handle, "stale resumed v2 ignored (at v3)"))
         state = await state_of(handle)
-        assert (state.current.status, state.current.state_version, state.current.reason) == ("suspended", 3, "requested")
+        assert (state.current.status, state.current.state_version, state.current.reason) == (
+            "suspended", 3, "requested")
         assert await search_attribute(handle, wc.SA_SESSION_STATUS) == "suspended"
         details = await details_of(handle)
         assert details.startswith("suspended (requested) · task session of app-1 · parent parent-1 · root root-1 · "

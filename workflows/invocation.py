@@ -157,13 +157,19 @@ class InvocationWorkflow:
                 continue
             armed = self._deadline()
             # Woken only when the timer must change or the run must end (or continue as new). The
-            # raw deadline is compared: the backed-off one moves with workflow.now().
-            woken = lambda: (self._deadline() != armed or finished(self.state.current)  # noqa: E731
+            # raw deadline is compared: the backed-off one moves with workflow.now(). (B023: the
+            # lambda is only awaited within this iteration.)
+            woken = lambda: (self._deadline() != armed or finished(self.state.current)  # noqa: E731, B023
                              or workflow.info().is_continue_as_new_suggested())
             if await wait_until(self._next_deadline(), woken, DEADLINE):
                 await self._settle()
         await workflow.wait_condition(workflow.all_handlers_finished)
-        return self.state.current.status
+        return self._known().status
+
+    def _known(self) -> InvocationSnapshot:
+        """The known state: set by the first notice, which the run waits for."""
+        assert self.state.current is not None
+        return self.state.current
 
     def _deadline(self) -> str | None:
         """The deadline (ISO) the known state arms a timer for: a running attempt's."""
@@ -184,7 +190,9 @@ class InvocationWorkflow:
         assert before is not None
         snap: InvocationSnapshot | None = await workflow.execute_activity(
             SETTLE_INVOCATION_DEADLINE, SettleCommand(self.state.zone_id, self.state.invocation_id),
-            result_type=InvocationSnapshot | None, start_to_close_timeout=timedelta(seconds=30),
+            # The SDK hints `type`; a union works.
+            result_type=InvocationSnapshot | None,  # type: ignore[arg-type]
+            start_to_close_timeout=timedelta(seconds=30),
             retry_policy=DURABLE_RETRY,
             summary=f"deadline exceeded: fail attempt {before.attempts}/{before.max_attempts} or time out")
         if snap is None:
@@ -193,7 +201,7 @@ class InvocationWorkflow:
             self._trace(f"{DEADLINE}: invocation row not found, waiting for a notice")
             return
         outcome = self._adopt(snap)
-        now = self.state.current
+        now = self._known()
         if (now.status, now.deadline_at) == (before.status, before.deadline_at):
             # Nothing settled and the deadline stands (Postgres's clock behind, or its row behind
             # what this workflow knows): try again, backing off.

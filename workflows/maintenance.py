@@ -8,6 +8,7 @@ exists so every run is visible, with its counts, in the Temporal UI.
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 from temporalio import workflow
 
@@ -19,7 +20,8 @@ with workflow.unsafe.imports_passed_through():
 @workflow.defn(name="Maintenance")
 class MaintenanceWorkflow:
     @workflow.run
-    async def run(self) -> dict:
-        return await workflow.execute_activity(
+    async def run(self) -> dict[str, Any]:
+        counts: dict[str, Any] = await workflow.execute_activity(
             RUN_MAINTENANCE, result_type=dict, start_to_close_timeout=timedelta(minutes=2),
             retry_policy=DURABLE_RETRY, summary="expire edges, retention")
+        return counts

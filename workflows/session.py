@@ -231,12 +231,18 @@ class SessionWorkflow:
             what, due = self._next_deadline()
             armed = self._deadline()
             # Woken only when the timer must change (or the run must end or continue as new): a
-            # notice that leaves the deadline as it was costs no timer cancel and restart.
-            if await wait_until(due, lambda: (self._deadline() != armed or self._ended()
+            # notice that leaves the deadline as it was costs no timer cancel and restart. (B023: the
+            # lambda is only awaited within this iteration.)
+            if await wait_until(due, lambda: (self._deadline() != armed or self._ended()  # noqa: B023
                                               or workflow.info().is_continue_as_new_suggested()), what):
                 await self._settle(what)
         await workflow.wait_condition(workflow.all_handlers_finished)
-        return self.state.current.status
+        return self._known().status
+
+    def _known(self) -> SessionSnapshot:
+        """The known state: set by the first notice, which the run waits for."""
+        assert self.state.current is not None
+        return self.state.current
 
     def _ended(self) -> bool:
         return self.state.current is not None and self.state.current.status in wc.SESSION_TERMINAL
@@ -264,16 +270,19 @@ class SessionWorkflow:
         _, deadline = self._deadline()
         snap: SessionSnapshot | None = await workflow.execute_activity(
             SETTLE_SESSION_DEADLINE, SettleCommand(self.state.zone_id, self.state.session_id),
-            result_type=SessionSnapshot | None, start_to_close_timeout=timedelta(seconds=30),
+            # The SDK hints `type`; a union works.
+            result_type=SessionSnapshot | None,  # type: ignore[arg-type]
+            start_to_close_timeout=timedelta(seconds=30),
             retry_policy=DURABLE_RETRY, summary=SETTLE_SUMMARY[what])
         if snap is None:
-            self.state.current = dataclasses.replace(self.state.current, status="terminated",
-                                                     reason=self.state.current.reason or "session_row_missing")
+            current = self._known()
+            self.state.current = dataclasses.replace(current, status="terminated",
+                                                     reason=current.reason or "session_row_missing")
             self._sync_status_attribute()
             self._trace(f"{what}: the session's row is gone, ending")
             return
         outcome = self._adopt(snap)
-        now = self.state.current
+        now = self._known()
         if now.status == before.status and self._deadline() == (what, deadline):
             # Nothing settled and the deadline stands (Postgres's clock behind, or its row behind
             # what this workflow knows): try again, backing off.

@@ -3,7 +3,9 @@ signature verification of mandates for /v1/verify (§4.25.1)."""
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import contextlib
 import hmac
 import logging
 import time
@@ -19,27 +21,28 @@ from api.auth.jwks import JwksCache, JwksError
 from api.auth.mandate import VERIFY_REQUIRED, mandate_claims
 from api.auth.routes import OPERATOR_GLOBAL, OPERATOR_ONLY_PATHS, PUBLIC_PATHS, operator_route_zone, path_only
 from rules.errors import CoordinatorError
+from storage.db import ChannelListener
 from rules.ids import is_valid_id
 
 log = logging.getLogger("coordinator.auth")
 
 CLOCK_TOLERANCE_SECONDS: Final = 60
 
-# One round trip for both runtime identity checks (§3.1 step 11). A NULL sid skips the record check.
+# One round trip for both runtime identity checks (§3.1 step 11): until when the application and the
+# authority record stay live (epoch seconds; NULL when not live now). A NULL sid skips the record.
 _IDENTITY_SQL: Final = """
 SELECT
-  EXISTS (
-    SELECT 1 FROM applications
-     WHERE zone_id = %(zone_id)s AND id = %(client_id)s
-       AND archived_at IS NULL AND (expires_at IS NULL OR expires_at > now())
-  ) AS application_live,
-  (%(sid)s::text IS NULL OR EXISTS (
-    SELECT 1 FROM authority_records
-     WHERE zone_id = %(zone_id)s AND id = %(sid)s::text
-       AND status = 'active' AND expires_at > now()
-  )) AS authority_record_live
+  (SELECT COALESCE(EXTRACT(EPOCH FROM expires_at)::float8, 'Infinity'::float8) FROM applications
+    WHERE zone_id = %(zone_id)s AND id = %(client_id)s
+      AND archived_at IS NULL AND (expires_at IS NULL OR expires_at > now())) AS application_until,
+  CASE WHEN %(sid)s::text IS NULL THEN 'Infinity'::float8 ELSE
+  (SELECT EXTRACT(EPOCH FROM expires_at)::float8 FROM authority_records
+    WHERE zone_id = %(zone_id)s AND id = %(sid)s::text
+      AND status = 'active' AND expires_at > now()) END AS authority_record_until
 """
-
+# Changes to applications and authority records are notified here (migration 0004's triggers).
+DIRECTORY_CHANNEL: Final = "coordinator_directory"
+IDENTITY_CACHE_SIZE: Final = 16384
 
 
 # Bearer tokens whose signature was verified, kept briefly (a client sends the same mandate many times).
@@ -68,9 +71,23 @@ class Authenticator:
         self._scope: str = settings.AGENT_COORDINATOR_SCOPE
         self._operator_token: bytes = settings.CARACAL_COORDINATOR_TOKEN.encode("utf-8")
         self._verified: collections.OrderedDict[str, _Verified] = collections.OrderedDict()
+        # Identities found live, until when (epoch seconds): trusted only while the directory listener
+        # is connected, which empties the cache on every change (any API process's, any writer's).
+        self._live: collections.OrderedDict[tuple[str, str, str | None], float] = collections.OrderedDict()
+        self._live_seconds: float = getattr(settings, "IDENTITY_CACHE_SECONDS", 0)
+        self._directory: ChannelListener | None = None
+        self._directory_task: asyncio.Task[None] | None = None
 
     async def aclose(self) -> None:
+        if self._directory_task is not None:
+            self._directory_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._directory_task
         await self.jwks.aclose()
+
+    def forget_identities(self) -> None:
+        """The directory changed: check every identity against Postgres again."""
+        self._live.clear()
 
     # -- §3.1 ------------------------------------------------------------------------------------
 
@@ -187,8 +204,38 @@ class Authenticator:
         raise InvalidToken(failure.__class__.__name__ if failure else "no key")
 
     async def _identity_live(self, zone_id: str, client_id: str, sid: str | None) -> bool:
+        key = (zone_id, client_id, sid)
+        now = time.time()
+        if self._caching():
+            until = self._live.get(key)
+            if until is not None and until > now:
+                return True
         row = await self.db.fetchrow(_IDENTITY_SQL, {"zone_id": zone_id, "client_id": client_id, "sid": sid})
-        return bool(row and row["application_live"] and row["authority_record_live"])
+        if row is None or row["application_until"] is None or row["authority_record_until"] is None:
+            self._live.pop(key, None)
+            return False
+        if self._caching():
+            self._live[key] = min(now + self._live_seconds, row["application_until"], row["authority_record_until"])
+            self._live.move_to_end(key)
+            while len(self._live) > IDENTITY_CACHE_SIZE:
+                self._live.popitem(last=False)
+        return True
+
+    def _caching(self) -> bool:
+        """Whether cached identities may answer: the cache is on and its listener is connected."""
+        if self._live_seconds <= 0 or not hasattr(self.db, "url"):
+            return False
+        if self._directory_task is None:
+            self._directory = ChannelListener(self.db.url, DIRECTORY_CHANNEL, on_notify=self.forget_identities,
+                                              on_connect=self.forget_identities, on_lost=self._directory_lost)
+            self._directory_task = asyncio.get_running_loop().create_task(self._directory.run(),
+                                                                          name="directory-listener")
+        return self._directory is not None and self._directory.listening
+
+    def _directory_lost(self, exc: Exception) -> None:
+        self.forget_identities()
+        log.warning("directory listener lost (%s: %s): identities are checked on every request until it is back",
+                    type(exc).__name__, exc)
 
     # -- §4.25.1 (/v1/verify) ----------------------------------------------------------------------
 

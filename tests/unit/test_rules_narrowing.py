@@ -99,7 +99,8 @@ def test_rule_3_parent_constraint_resources_compare_identifiers() -> None:
 
 
 def test_rule_3_broad_parent_allows_anything() -> None:
-    assert check_narrowing(parent(), child(resource_id="res-9", resolved_resource_ids=["res-9"], resolved_identifiers=["x"]))
+    assert check_narrowing(parent(), child(resource_id="res-9", resolved_resource_ids=["res-9"],
+                                           resolved_identifiers=["x"]))
 
 
 def test_rule_4_hops() -> None:
