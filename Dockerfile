@@ -13,10 +13,10 @@ WORKDIR /app
 # project against placeholder sources, then drop the placeholder install.
 COPY pyproject.toml ./
 RUN mkdir -p api workflows activities rules storage devstack \
-    && touch worker.py settings.py \
+    && touch worker.py settings.py entrypoint.py \
     && pip install . \
     && pip uninstall -y coordinator \
-    && rm -rf api workflows activities rules storage devstack worker.py settings.py build *.egg-info
+    && rm -rf api workflows activities rules storage devstack worker.py settings.py entrypoint.py build *.egg-info
 
 # The source. Processes run from /app, so imports (and storage/migrations) resolve to this tree.
 COPY . .

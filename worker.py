@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import signal
 from datetime import timedelta
 from typing import Any
 
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+import entrypoint
 from settings import Settings, get_settings
 
 log = logging.getLogger("coordinator.worker")
@@ -139,10 +138,7 @@ async def main() -> None:
     client = await connect_temporal(settings)
     worker = build_worker(client, db, settings)
     await ensure_maintenance_schedule(client, settings)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop = entrypoint.stop_event()
     log.info("worker polling task queue %s on %s", settings.TEMPORAL_TASK_QUEUE, settings.TEMPORAL_ADDRESS)
     publisher = None
     if settings.REDIS_URL:  # outbox → Redis Streams (activities/relay.py)
@@ -157,7 +153,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO").upper(),
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    asyncio.run(main())
-    os._exit(0)  # temporalio#300: avoid the rare abort at interpreter exit
+    entrypoint.run(main, hard_exit=True)

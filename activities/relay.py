@@ -195,8 +195,7 @@ class OutboxPublisher:
 
 
 async def main() -> None:
-    import signal
-
+    import entrypoint
     from settings import get_settings
 
     settings = get_settings()
@@ -208,10 +207,7 @@ async def main() -> None:
     require_migrated(settings.DATABASE_URL, "relay")
     db = Database(settings.DATABASE_URL, max_size=2, statement_timeout_ms=settings.DB_STATEMENT_TIMEOUT_MS)
     await db.open()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop = entrypoint.stop_event()
     try:
         await OutboxPublisher(db, settings).run(stop)
     finally:
@@ -219,8 +215,6 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    import os
+    import entrypoint
 
-    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO").upper(),
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    asyncio.run(main())
+    entrypoint.run(main)

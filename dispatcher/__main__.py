@@ -7,11 +7,9 @@ finishes (bounded by twice DISPATCH_RPC_TIMEOUT_SECONDS), then it exits 0.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import os
-import signal
 
+import entrypoint
 from settings import get_settings
 
 log = logging.getLogger("coordinator.dispatcher")
@@ -31,10 +29,7 @@ async def main() -> None:
                   connect_timeout_s=min(2.0, settings.DB_CONNECTION_TIMEOUT_MS / 1000))
     await db.open(wait=False)
     client = await Client.connect(settings.TEMPORAL_ADDRESS, namespace=settings.TEMPORAL_NAMESPACE, lazy=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop = entrypoint.stop_event()
     try:
         await Dispatcher(db, client, settings).run(stop)
     finally:
@@ -42,7 +37,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO").upper(),
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    asyncio.run(main())
-    os._exit(0)  # temporalio#300: avoid the rare abort at interpreter exit
+    entrypoint.run(main, hard_exit=True)

@@ -149,3 +149,53 @@ def one(row: T | None) -> T:
 async def q1(conn: Conn, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> dict[str, Any] | None:
     cur = await conn.execute(sql, params)
     return await cur.fetchone() if cur.description else None
+
+
+# ------------------------------------------------------------------------------- LISTEN / NOTIFY
+
+
+class ChannelListener:
+    """Keeps a dedicated LISTEN connection on one channel until cancelled, reconnecting with backoff.
+
+    `on_connect` runs after each (re)connect (whatever was notified meanwhile was missed),
+    `on_notify` after each notification, `on_lost` when the connection is lost or cannot be made;
+    `listening` says whether notifications are arriving right now."""
+
+    def __init__(self, url: str, channel: str, *, on_notify: Callable[[], None],
+                 on_connect: Callable[[], None] = lambda: None, on_lost: Callable[[Exception], None] = lambda e: None,
+                 connect_timeout_s: float = 5.0) -> None:
+        self.url, self.channel = url, channel
+        self.on_notify, self.on_connect, self.on_lost = on_notify, on_connect, on_lost
+        self.connect_timeout_s = connect_timeout_s
+        self.listening = False
+
+    async def run(self) -> None:
+        backoff = 0.5
+        while True:
+            conn = None
+            try:
+                conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True,
+                                                             connect_timeout=max(1, int(self.connect_timeout_s)))
+                await conn.execute(f"LISTEN {self.channel}")
+                self.listening = True
+                backoff = 0.5
+                self.on_connect()
+                while True:
+                    got = False
+                    async for _ in conn.notifies(timeout=30.0):
+                        got = True
+                        self.on_notify()
+                    if not got:  # a quiet half minute: make sure the connection is still there
+                        await asyncio.wait_for(conn.execute("SELECT 1"), 5.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 — Postgres away: try again until it is back
+                self.listening = False
+                self.on_lost(exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            finally:
+                self.listening = False
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await conn.close()
