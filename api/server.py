@@ -96,7 +96,7 @@ class Supervisor:
                 log.warning("api process %d died (exit %s): starting another", proc.pid, proc.exitcode)
                 procs[i] = self._start(sock)
         for proc, _ in procs:
-            if proc.is_alive():
+            if proc.is_alive() and proc.pid is not None:
                 os.kill(proc.pid, signal.SIGTERM)
         for proc, _ in procs:
             proc.join()

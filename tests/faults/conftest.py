@@ -107,8 +107,9 @@ class FaultStack:
     async def seed(self, http: httpx.AsyncClient) -> None:
         op = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
         future = (datetime.now(timezone.utc) + timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+        record = {"session_type": "user", "subject_id": "s", "expires_at": future}
         for path, body in (("applications/app-1", {"registration_method": "managed", "expires_at": None}),
-                           ("authority-records/ar-1", {"session_type": "user", "subject_id": "s", "expires_at": future})):
+                           ("authority-records/ar-1", record)):
             r = await http.put(f"{self.base_url}/zones/{self.zone}/{path}", json=body, headers=op)
             assert r.status_code == 200, r.text
 

@@ -101,7 +101,8 @@ async def test_worker_and_dispatcher_killed_mid_load_lose_nothing_and_apply_noth
         unsettled.append(client.get_workflow_handle(session_workflow_id(s.zone, sid)))
     # Every terminated session's workflow completes once the worker and the dispatcher are back,
     # having applied each transition once (redelivered notices are no-ops).
-    await _converged(s, client, unsettled, {r: "terminated" for r in rows}, expected_upserts=["suspended", "terminated"])
+    await _converged(s, client, unsettled, {r: "terminated" for r in rows},
+                     expected_upserts=["suspended", "terminated"])
 
 
 async def _outbox_drained(s: FaultStack, timeout: float) -> None:
@@ -126,7 +127,8 @@ async def _converged(s: FaultStack, client: Client, handles, final: dict[str, st
             assert await handle.result() == final[handle.id.rsplit("/", 1)[1]], handle.id
             if expected_upserts is not None:
                 history = await handle.fetch_history()
-                upserts = [e for e in history.events if e.event_type == EventType.EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES]
+                upserts = [e for e in history.events
+                           if e.event_type == EventType.EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES]
                 assert len(upserts) == len(expected_upserts), (handle.id, len(upserts))
     await asyncio.gather(*(check(h) for h in handles))
 
@@ -190,8 +192,8 @@ async def test_postgres_outage_answers_503_and_recovers(fault_stack: FaultStack)
     rows = {r["id"] for r in await s.db.fetch("SELECT id FROM sessions WHERE zone_id = %s", (s.zone,))}
     assert {before["agent_session_id"], *created_ok} <= rows
     assert len(rows) <= 1 + len(created_ok) + seen[(500, "audit_unavailable")]
-    spawned = await s.db.fetchval("SELECT count(*) FROM caracal_outbox WHERE zone_id = %s AND dedupe_key LIKE 'spawn:%%'",
-                                  (s.zone,))
+    spawned = await s.db.fetchval("SELECT count(*) FROM caracal_outbox "
+                                  "WHERE zone_id = %s AND dedupe_key LIKE 'spawn:%%'", (s.zone,))
     assert spawned == len(rows)
     assert s.api.poll() is None and s.worker.poll() is None
 
@@ -291,7 +293,8 @@ async def test_deadlines_due_while_worker_down_settle_within_5s_of_return(fault_
         base = f"{s.base_url}/zones/{s.zone}"
         task = (await _request(http, "POST", f"{base}/agents", json={"application_id": "app-1", "ttl_seconds": 2},
                                headers=h)).json()["agent_session_id"]
-        service = (await _request(http, "POST", f"{base}/agents", json={"application_id": "app-1", "lifecycle": "service"},
+        service = (await _request(http, "POST", f"{base}/agents",
+                                  json={"application_id": "app-1", "lifecycle": "service"},
                                   headers=h)).json()["agent_session_id"]
         holder = (await _request(http, "POST", f"{base}/agents", json={"application_id": "app-1", "ttl_seconds": 600},
                                  headers=h)).json()["agent_session_id"]
