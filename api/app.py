@@ -1,13 +1,21 @@
 """The FastAPI application: middleware (request id, body limit, metrics), error mapping, routers,
 and the lifespan that owns the Postgres pool, the Temporal client and the authenticator.
+
+No request leaves a broken connection: Starlette's outermost error middleware answers an unhandled
+exception with the JSON 500 of `unexpected` and then re-raises it for the server's log, and the
+server then drops the keep-alive connection (without `Connection: close`), so the client's next
+request on it fails too. `ContainErrors` wraps the whole stack and keeps that exception from the
+server once the answer is complete.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,7 +27,7 @@ from api import metrics
 from api.auth import Authenticator
 from api.deps import Services
 from api.http import (
-    InvalidBody, MalformedJson, adopt_request_id, error_response, internal_error, invalid_body_response,
+    InvalidBody, adopt_request_id, error_response, internal_error, invalid_body_response, validation_error_response,
 )
 from api.temporal_gateway import TemporalGateway
 from rules.errors import CoordinatorError
@@ -59,9 +67,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
             await auth.aclose()
             await db.close()
 
-    app = FastAPI(title="Coordinator", version="0.1.0", lifespan=lifespan,
-                  description="Runtime state of AI-agent authority: sessions, services, invocations and "
-                              "delegation edges, on durable Temporal workflows.")
+    app = CoordinatorAPI(title="Coordinator", version="0.1.0", lifespan=lifespan, description=DESCRIPTION)
     app.state.settings = settings
     if services is not None:  # tests drive the app without running its lifespan
         app.state.services = services
@@ -83,21 +89,20 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     async def invalid_body(request: Request, exc: InvalidBody):
         return invalid_body_response(request, exc)
 
-    @app.exception_handler(MalformedJson)
-    async def malformed_json(request: Request, exc: MalformedJson):
-        return internal_error(request, 400, f"Body is not valid JSON: {exc}")
-
     @app.exception_handler(RequestValidationError)
     async def request_validation(request: Request, exc: RequestValidationError):
-        return error_response(request, CoordinatorError(400, "invalid_params"))
+        return validation_error_response(request, exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_exception(request: Request, exc: StarletteHTTPException):
-        if exc.status_code == 404:
-            return JSONResponse({"error": "not_found"}, status_code=404)
+        headers = dict(exc.headers or {})  # 405 carries `Allow`
         if exc.status_code == 405:
-            return JSONResponse({"error": "method_not_allowed"}, status_code=405)
-        return internal_error(request, exc.status_code, str(exc.detail))
+            headers["Allow"] = app.allowed_methods(request.url.path) or headers.get("Allow", "")
+        if exc.status_code == 404:
+            return JSONResponse({"error": "not_found"}, status_code=404, headers=headers)
+        if exc.status_code == 405:
+            return JSONResponse({"error": "method_not_allowed"}, status_code=405, headers=headers)
+        return internal_error(request, exc.status_code, str(exc.detail), headers=headers)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):
@@ -119,6 +124,92 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     app.include_router(events.router)
     app.include_router(v1.router)
     return app
+
+
+DESCRIPTION = """Runtime state of AI-agent authority: sessions, services, invocations and delegation edges,
+on durable Temporal workflows.
+
+**Authentication.** Zone routes take `Authorization: Bearer <mandate>` (an ES256 JWT of the zone with
+the `agent:lifecycle` scope); the directory (`applications`, `resources`, `authority-records`),
+`/metrics` and `/stats` take the operator token, which the read and admin routes also accept.
+`/health`, `/ready` and `/v1/verify` are public.
+
+**Bodies.** JSON (`application/json`), at most `COORDINATOR_BODY_LIMIT_BYTES` (413 beyond). A
+`text/plain` or form body is not read (as if absent); any other media type is 415. JSON nested
+deeper than 64 levels, non-finite numbers, and strings holding U+0000 or a lone surrogate are
+refused with 400 `invalid_body`. Unknown body fields are ignored.
+
+**Errors.** Every error is a JSON object with an `error` code. Validation failures: path ids →
+400 `invalid_params`; query → 400 `invalid_query`; body → 400 `invalid_body` with
+`error_description`, `requestId` and `details.issues`; malformed JSON, 413 and 415 →
+`internal_error` with the status. A repeated query parameter takes its first value.
+"""
+
+
+class CoordinatorAPI(FastAPI):
+    """The app, with `ContainErrors` around the whole middleware stack."""
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return ContainErrors(super().build_middleware_stack())
+
+    def allowed_methods(self, path: str) -> str:
+        """`Allow` of a 405: every method of every documented operation whose path matches (the
+        router names only the first route it tried)."""
+        table = getattr(self, "_allow_table", None)
+        if table is None:
+            table = [(re.compile("^" + re.sub(r"\\{[^/]+?\\}", "[^/]+", re.escape(template)) + "$"),
+                      {method.upper() for method in item})
+                     for template, item in self.openapi().get("paths", {}).items()]
+            self._allow_table = table
+        methods = set().union(*(methods for pattern, methods in table if pattern.match(path)))
+        return ", ".join(sorted(methods))
+
+    def openapi(self) -> dict[str, Any]:
+        """FastAPI documents a 422 for every route with parameters; this API never sends one (its
+        validation errors are the reference's 400s, documented on every route)."""
+        if self.openapi_schema is None:
+            schema = super().openapi()
+            for item in schema.get("paths", {}).values():
+                for operation in item.values():
+                    operation.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+            self.openapi_schema = schema
+        return self.openapi_schema
+
+
+class ContainErrors:
+    """Outermost: an exception that escapes after a complete answer (Starlette's error middleware
+    re-raises after sending the 500) is logged there and kept from the server, so the connection
+    stays usable. One that escapes before any answer gets the JSON 500 here; one in the middle of
+    a streamed answer must reach the server, which can only drop the connection."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = complete = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started, complete
+            if message["type"] == "http.response.start":
+                started = True
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                complete = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            if complete:
+                return  # answered (and logged by the app's handler)
+            if started:
+                raise
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            await internal_error(Request(scope), 500, "internal error")(scope, receive, send)
 
 
 class ConventionsMiddleware:

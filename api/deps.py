@@ -1,10 +1,15 @@
-"""Per-process services and the authentication dependency shared by the routers."""
+"""Per-process services and the dependencies shared by the routers, with their `Annotated` aliases
+(the FastAPI template's habit): `Caller` (the authenticated caller of a zone route),
+`ServicesDep` (the process's services) and `Operator` (the operator token; the directory router
+takes it as a router-level dependency)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
-from fastapi import Request
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from api.auth import Authenticator, Identity
 from api.http import path_ids
@@ -31,7 +36,15 @@ def _raw_path(request: Request) -> str:
     return raw.decode("latin-1") if raw else request.url.path
 
 
-async def identity(request: Request) -> Identity:
+# Documents the bearer in OpenAPI; never answers by itself (the Authenticator does, with the
+# reference's codes).
+bearer_scheme = HTTPBearer(auto_error=False, scheme_name="bearer",
+                           description="A zone mandate (ES256 JWT with the agent:lifecycle scope), or the "
+                                       "operator token on the operator and admin routes.")
+
+
+async def identity(request: Request,
+                   _: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]) -> Identity:
     """Path ids first (400 invalid_params, no database access), then the bearer (reference §3.1)."""
     params = path_ids(request)
     svc = request.app.state.services
@@ -44,9 +57,13 @@ async def identity(request: Request) -> Identity:
     return ident
 
 
-async def operator(request: Request) -> Identity:
-    """Directory routes: the operator token only."""
-    ident = await identity(request)
+async def operator(ident: Annotated[Identity, Depends(identity)]) -> Identity:
+    """The operator token only (directory routes, /metrics, /stats)."""
     if not ident.operator:
         raise CoordinatorError(403, "operator_token_required")
     return ident
+
+
+Caller = Annotated[Identity, Depends(identity)]
+ServicesDep = Annotated[Services, Depends(services)]
+Operator = Annotated[Identity, Depends(operator)]

@@ -877,18 +877,24 @@ async def test_walks_stop_at_depth_ten(zone: Zone):
     assert (await zone.session_row(s[11]))["status"] == "active"
 
 
-async def test_traverse_and_impact_need_admin(zone: Zone):
+async def test_traverse_and_impact_open_to_any_zone_mandate(zone: Zone):
+    # As the reference: every graph read is open to any mandate of the zone (the lists and effective
+    # authority always were), so traverse and impact are too.
     a, b = await new_session(zone), await new_session(zone)
     e1 = (await edge(zone, a, b))["delegation_edge_id"]
-    for path in ("traverse", "impact"):
-        for headers in (zone.headers(), zone.headers("app-2", scopes=["coordinator.delegate_from:app-1"])):
-            r = await zone.http.get(durl(zone, e1, path), headers=headers)
-            assert_error(r, 403, "admin_scope_required")
-        r = await zone.http.get(durl(zone, "no-such-edge", path), headers=zone.headers())
-        assert_error(r, 403, "admin_scope_required")  # before any lookup
-        for headers in (zone.operator_headers, zone.headers("app-2", scopes=["coordinator.admin"])):
-            r = await zone.http.get(durl(zone, e1, path), headers=headers)
-            assert r.status_code == 200, r.text
+    for headers in (zone.headers(), zone.headers("app-2", scopes=["coordinator.delegate_from:app-1"]),
+                    zone.operator_headers, zone.headers("app-2", scopes=["coordinator.admin"])):
+        r = await zone.http.get(durl(zone, e1, "traverse"), headers=headers)
+        assert r.status_code == 200 and [row["id"] for row in r.json()] == [e1], r.text
+        r = await zone.http.get(durl(zone, e1, "impact"), headers=headers)
+        assert r.status_code == 200 and r.json()["edge_id"] == e1 and r.json()["affected_sessions"] == [b], r.text
+    r = await zone.http.get(durl(zone, "no-such-edge", "traverse"), headers=zone.headers())
+    assert r.status_code == 200 and r.json() == []
+    r = await zone.http.get(durl(zone, "no-such-edge", "impact"), headers=zone.headers())
+    assert_error(r, 404, "delegation_not_found")
+    r = await zone.http.get(durl(zone, e1, "impact"), headers=zone.headers(app="app-1", sid="ar-1")
+                            | {"Authorization": "Bearer junk"})
+    assert r.status_code == 401
 
 
 async def test_effective_authority_without_edges(zone: Zone):  # 100

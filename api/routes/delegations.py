@@ -6,16 +6,18 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import Body as BodyParam
+from fastapi import Query, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field, WithJsonSchema, field_validator
 
-from api.auth import Identity
-from api.deps import Services, identity, services
-from api.http import parse_query, read_json, validate_body
-from api.routes.sessions import PageQuery, created
+from api.deps import Caller, ServicesDep
+from api.routes.common import (
+    Body, EdgeId, IdempotencyKeyHeader, NonEmpty, Page, PageQuery, SessionId, ZoneId, created, make_router,
+)
 from rules import authz
-from rules.constraints import MISSING, apply_broad_defaults, normalize_constraints
+from rules.constraints import MAX_BROAD_REASON, MAX_BUDGET, MAX_HOPS, MAX_RESOURCES, MAX_TTL_SECONDS, MISSING
+from rules.constraints import apply_broad_defaults, normalize_constraints
 from rules.errors import CoordinatorError
 from rules.idempotency import parse_idempotency_key, request_digest
 from rules.ids import new_id
@@ -25,22 +27,42 @@ from storage.idempotency import DELEGATION_CREATE, IdempotencyRequest
 from storage.db import Conn
 from storage.pages import list_page
 
-router = APIRouter(tags=["delegations"])
+router = make_router("delegations")
 
-NonEmpty = Annotated[str, Field(min_length=1)]
+ISO_Z = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$"
+
+# The typed constraint object (§6.3). The route takes any JSON value here and checks it itself, so
+# that a wrong one answers the reference's `invalid_<key>` / `invalid_delegation_constraint`.
+CONSTRAINTS_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "description": "Typed constraints. max_depth is an alias of max_hops (both given: equal).",
+    "properties": {
+        "resources": {"type": "array", "maxItems": MAX_RESOURCES, "items": {"type": "string", "minLength": 1}},
+        "max_depth": {"type": "integer", "minimum": 1, "maximum": MAX_HOPS},
+        "max_hops": {"type": "integer", "minimum": 1, "maximum": MAX_HOPS},
+        "ttl_seconds": {"type": "integer", "minimum": 1, "maximum": MAX_TTL_SECONDS},
+        "budget": {"type": "integer", "minimum": 1, "maximum": MAX_BUDGET},
+        "policy_approved": {"type": "boolean"},
+        "expires_at": {"type": "string", "format": "date-time", "pattern": ISO_Z},
+        "broad_reason": {"type": "string", "minLength": 1, "maxLength": MAX_BROAD_REASON},
+    },
+}
+Constraints = Annotated[Any, WithJsonSchema(CONSTRAINTS_SCHEMA)]
 
 
-class CreateDelegationBody(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
-
+class CreateDelegationBody(Body):
     source_session_id: NonEmpty
     target_session_id: NonEmpty
     issuer_application_id: NonEmpty
     receiver_application_id: NonEmpty
     parent_edge_id: NonEmpty | None = None
-    resource_id: NonEmpty | None = None
+    resource_id: NonEmpty | None = Field(default=None, description="Resource row id or public identifier")
     scopes: list[NonEmpty] = Field(default_factory=list)
-    expires_at: str | None = None
+    constraints: Constraints = None
+    constraints_json: Constraints = None
+    expires_at: Annotated[str | None, Field(json_schema_extra={"format": "date-time", "pattern": ISO_Z})] = Field(
+        default=None, description="ISO-8601 UTC (`Z`); else `ttl_seconds` or a constraint gives the expiry")
     ttl_seconds: int | None = Field(default=None, ge=1, le=86400)
 
     @field_validator("expires_at")
@@ -50,24 +72,23 @@ class CreateDelegationBody(BaseModel):
             raise ValueError("Invalid ISO datetime")
         return value
 
+    def given(self, name: str) -> Any:
+        return getattr(self, name) if name in self.model_fields_set else MISSING
 
-class RevokeBody(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
 
+class RevokeBody(Body):
     expected_epoch: int | None = Field(default=None, ge=0)
 
 
 class RevokeQuery(BaseModel):
-    expected_epoch: int | None = Field(default=None, ge=0)
+    expected_epoch: int | None = Field(default=None, ge=0, description="Refuse (409) if the zone graph moved on")
 
 
 @router.post("/zones/{zone_id}/delegations", status_code=201, summary="Create a delegation edge")
-async def create_delegation(zone_id: str, request: Request, ident: Identity = Depends(identity),
-                            svc: Services = Depends(services)) -> JSONResponse:
-    data = await read_json(request, required=True)
-    body = validate_body(CreateDelegationBody, data)
-    constraints = normalize_constraints(data.get("constraints_json", MISSING), data.get("constraints", MISSING),
-                                        body.ttl_seconds)
+async def create_delegation(zone_id: ZoneId, body: Annotated[CreateDelegationBody, BodyParam()], request: Request,
+                            ident: Caller, svc: ServicesDep,
+                            idempotency_key: IdempotencyKeyHeader = None) -> JSONResponse:
+    constraints = normalize_constraints(body.given("constraints_json"), body.given("constraints"), body.ttl_seconds)
     requested = body.expires_at or constraints.get("expires_at")
     ttl = constraints.get("ttl_seconds") if requested is None else None
     if requested is None and ttl is None:
@@ -105,37 +126,36 @@ async def create_delegation(zone_id: str, request: Request, ident: Identity = De
     return created(await svc.db.run(lambda conn: store.create_edge(conn, svc.settings, cmd, idem)))
 
 
-async def _edge_page(svc: Services, request: Request, zone_id: str, where: str, params: list[Any],
-                     project=store.edge_projection) -> dict[str, Any]:
-    query = parse_query(request, PageQuery)
+async def _edge_page(svc: ServicesDep, query: PageQuery, zone_id: str, where: str, params: list[Any],
+                     project: Any = store.edge_projection) -> dict[str, Any]:
     return await list_page(svc.db, table="delegation_edges", zone_id=zone_id, limit=query.limit, cursor=query.cursor,
                            sql=f"SELECT {store.EDGE_COLUMNS} FROM delegation_edges x WHERE x.zone_id = %s {where}",
                            params=[zone_id, *params], project=project)
 
 
 @router.get("/zones/{zone_id}/delegations/active", summary="List active delegation edges")
-async def active_edges(zone_id: str, request: Request, ident: Identity = Depends(identity),
-                       svc: Services = Depends(services)) -> dict[str, Any]:
-    return await _edge_page(svc, request, zone_id, "AND x.status = 'active' AND x.expires_at > now()", [],
+async def active_edges(zone_id: ZoneId, query: Annotated[PageQuery, Query()], ident: Caller,
+                       svc: ServicesDep) -> Page:
+    return await _edge_page(svc, query, zone_id, "AND x.status = 'active' AND x.expires_at > now()", [],
                             store.active_projection)
 
 
 @router.get("/zones/{zone_id}/delegations/inbound/{session_id}", summary="List inbound edges for a session")
-async def inbound_edges(zone_id: str, session_id: str, request: Request, ident: Identity = Depends(identity),
-                        svc: Services = Depends(services)) -> dict[str, Any]:
-    return await _edge_page(svc, request, zone_id, "AND x.target_session_id = %s", [session_id])
+async def inbound_edges(zone_id: ZoneId, session_id: SessionId, query: Annotated[PageQuery, Query()],
+                        ident: Caller, svc: ServicesDep) -> Page:
+    return await _edge_page(svc, query, zone_id, "AND x.target_session_id = %s", [session_id])
 
 
 @router.get("/zones/{zone_id}/delegations/outbound/{session_id}", summary="List outbound edges for a session")
-async def outbound_edges(zone_id: str, session_id: str, request: Request, ident: Identity = Depends(identity),
-                         svc: Services = Depends(services)) -> dict[str, Any]:
-    return await _edge_page(svc, request, zone_id, "AND x.source_session_id = %s", [session_id])
+async def outbound_edges(zone_id: ZoneId, session_id: SessionId, query: Annotated[PageQuery, Query()],
+                         ident: Caller, svc: ServicesDep) -> Page:
+    return await _edge_page(svc, query, zone_id, "AND x.source_session_id = %s", [session_id])
 
 
 @router.get("/zones/{zone_id}/delegations/inbound/{session_id}/{edge_id}",
             summary="One inbound edge, while it is active")
-async def inbound_edge(zone_id: str, session_id: str, edge_id: str, ident: Identity = Depends(identity),
-                       svc: Services = Depends(services)) -> dict[str, Any]:
+async def inbound_edge(zone_id: ZoneId, session_id: SessionId, edge_id: EdgeId, ident: Caller,
+                       svc: ServicesDep) -> dict[str, Any]:
     row = await svc.db.fetchrow(f"""SELECT {store.EDGE_COLUMNS} FROM delegation_edges x
                                     WHERE x.zone_id = %s AND x.id = %s AND x.target_session_id = %s
                                       AND x.status = 'active' AND x.expires_at > now()""",
@@ -145,24 +165,19 @@ async def inbound_edge(zone_id: str, session_id: str, edge_id: str, ident: Ident
     return store.edge_projection(row)
 
 
-def _require_admin(ident: Identity) -> None:
-    if not (ident.operator or authz.is_admin(ident)):
-        raise CoordinatorError(403, "admin_scope_required")
+# Traverse and impact are open to any mandate of the zone, as in the reference: every other graph
+# read (the edge lists, effective authority) already is, so restricting these hid nothing.
 
 
 @router.get("/zones/{zone_id}/delegations/{edge_id}/traverse", summary="Traverse a delegation edge")
-async def traverse(zone_id: str, edge_id: str, ident: Identity = Depends(identity),
-                   svc: Services = Depends(services)) -> JSONResponse:
-    _require_admin(ident)
+async def traverse(zone_id: ZoneId, edge_id: EdgeId, ident: Caller, svc: ServicesDep) -> list[dict[str, Any]]:
     async with svc.db.connection() as conn:
-        rows = await store.traverse(conn, zone_id, edge_id)
-    return JSONResponse(rows)
+        rows: list[dict[str, Any]] = await store.traverse(conn, zone_id, edge_id)
+    return rows
 
 
 @router.get("/zones/{zone_id}/delegations/{edge_id}/impact", summary="Compute revocation impact")
-async def impact(zone_id: str, edge_id: str, ident: Identity = Depends(identity),
-                 svc: Services = Depends(services)) -> dict[str, Any]:
-    _require_admin(ident)
+async def impact(zone_id: ZoneId, edge_id: EdgeId, ident: Caller, svc: ServicesDep) -> dict[str, Any]:
     async with svc.db.connection() as conn:
         result = await store.impact(conn, zone_id, edge_id)
     if result is None:
@@ -172,19 +187,17 @@ async def impact(zone_id: str, edge_id: str, ident: Identity = Depends(identity)
 
 @router.get("/zones/{zone_id}/agents/{session_id}/effective-authority",
             summary="Compute effective authority for a session")
-async def effective_authority(zone_id: str, session_id: str, ident: Identity = Depends(identity),
-                              svc: Services = Depends(services)) -> dict[str, Any]:
+async def effective_authority(zone_id: ZoneId, session_id: SessionId, ident: Caller,
+                              svc: ServicesDep) -> dict[str, Any]:
     async with svc.db.connection() as conn:
         return await store.effective_authority(conn, zone_id, session_id)
 
 
 @router.patch("/zones/{zone_id}/delegations/{edge_id}/revoke", summary="Revoke delegated authority")
-async def revoke(zone_id: str, edge_id: str, request: Request, ident: Identity = Depends(identity),
-                 svc: Services = Depends(services)) -> dict[str, Any]:
-    query = parse_query(request, RevokeQuery)
-    data = await read_json(request, required=False)
-    body = RevokeBody() if data is None else validate_body(RevokeBody, data)
-    expected = query.expected_epoch if query.expected_epoch is not None else body.expected_epoch
+async def revoke(zone_id: ZoneId, edge_id: EdgeId, query: Annotated[RevokeQuery, Query()], ident: Caller,
+                 svc: ServicesDep, body: Annotated[RevokeBody | None, BodyParam()] = None) -> dict[str, Any]:
+    expected = query.expected_epoch if query.expected_epoch is not None else (
+        body.expected_epoch if body is not None else None)
 
     async def revoke_edge(conn: Conn) -> dict[str, Any]:
         edge = await store.get_edge(conn, zone_id, edge_id)

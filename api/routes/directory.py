@@ -5,21 +5,22 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import Body as BodyParam
+from fastapi import Depends
+from psycopg import errors as pg_errors
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from api.auth import Identity
-from api.deps import Services, operator, services
-from api.http import parse_body
+from api.deps import ServicesDep, operator
+from api.routes.common import Body, IgnoredBody, ItemId, NonEmpty, ZoneId, make_router
 from rules.errors import CoordinatorError
 from rules.timefmt import parse_iso_z
 from storage import directory as store
 from storage.db import q1
-from psycopg import errors as pg_errors
 
-router = APIRouter(tags=["directory"])
+# Operator token only: a router-level dependency.
+router = make_router("directory", dependencies=[Depends(operator)])
 
-NonEmpty = Annotated[str, Field(min_length=1)]
+ISO_Z_DOC = {"type": "string", "format": "date-time", "pattern": r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$"}
 
 
 def _iso(value: Any) -> datetime | None:
@@ -34,7 +35,8 @@ class ApplicationBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     registration_method: Literal["managed", "dcr"] = "managed"
-    expires_at: datetime | None = None
+    expires_at: Annotated[datetime | None, Field(json_schema_extra={"anyOf": [ISO_Z_DOC, {"type": "null"}]})] = Field(
+        default=None, description="Required for dcr")
 
     _parse = field_validator("expires_at", mode="before")(classmethod(lambda cls, v: _iso(v)))
 
@@ -45,9 +47,7 @@ class ApplicationBody(BaseModel):
         return self
 
 
-class ResourceBody(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
-
+class ResourceBody(Body):
     identifier: NonEmpty
     scopes: list[NonEmpty] = Field(default_factory=list)
 
@@ -57,12 +57,12 @@ class AuthorityRecordBody(BaseModel):
 
     session_type: Literal["user", "application"]
     subject_id: NonEmpty
-    expires_at: datetime
+    expires_at: Annotated[datetime, Field(json_schema_extra=ISO_Z_DOC)]
 
     _parse = field_validator("expires_at", mode="before")(classmethod(lambda cls, v: _iso(v)))
 
 
-async def _one(svc: Services, sql: str, params: tuple, project, missing: str) -> dict[str, Any]:
+async def _one(svc: ServicesDep, sql: str, params: tuple[Any, ...], project: Any, missing: str) -> dict[str, Any]:
     async with svc.db.connection() as conn:
         row = await q1(conn, sql, params)
     if row is None:
@@ -71,77 +71,81 @@ async def _one(svc: Services, sql: str, params: tuple, project, missing: str) ->
 
 
 @router.put("/zones/{zone_id}/applications/{app_id}", summary="Create or update an application")
-async def put_application(zone_id: str, app_id: str, request: Request, ident: Identity = Depends(operator),
-                          svc: Services = Depends(services)) -> dict[str, Any]:
-    body = await parse_body(request, ApplicationBody)
+async def put_application(zone_id: ZoneId, app_id: ItemId, body: Annotated[ApplicationBody, BodyParam()],
+                          svc: ServicesDep) -> dict[str, Any]:
     async with svc.db.transaction() as conn:
         row = await store.put_application(conn, zone_id, app_id, body.registration_method, body.expires_at)
+    svc.auth.forget_identities()  # this process at once; the others on the NOTIFY of the change
     return store.application_projection(row)
 
 
 @router.get("/zones/{zone_id}/applications/{app_id}", summary="Inspect an application")
-async def get_application(zone_id: str, app_id: str, ident: Identity = Depends(operator),
-                          svc: Services = Depends(services)) -> dict[str, Any]:
+async def get_application(zone_id: ZoneId, app_id: ItemId,
+                          svc: ServicesDep) -> dict[str, Any]:
     return await _one(svc, "SELECT * FROM applications WHERE zone_id = %s AND id = %s", (zone_id, app_id),
                       store.application_projection, "application_not_found")
 
 
 @router.post("/zones/{zone_id}/applications/{app_id}/archive", summary="Archive an application")
-async def archive_application(zone_id: str, app_id: str, ident: Identity = Depends(operator),
-                              svc: Services = Depends(services)) -> dict[str, Any]:
-    return await _one(svc, """UPDATE applications SET archived_at = COALESCE(archived_at, now()), updated_at = now()
+async def archive_application(zone_id: ZoneId, app_id: ItemId, svc: ServicesDep,
+                              body: IgnoredBody = None) -> dict[str, Any]:
+    answer = await _one(svc, """UPDATE applications SET archived_at = COALESCE(archived_at, now()), updated_at = now()
                               WHERE zone_id = %s AND id = %s RETURNING *""", (zone_id, app_id),
                       store.application_projection, "application_not_found")
+    svc.auth.forget_identities()
+    return answer
 
 
 @router.put("/zones/{zone_id}/resources/{resource_id}", summary="Create or update a resource")
-async def put_resource(zone_id: str, resource_id: str, request: Request, ident: Identity = Depends(operator),
-                       svc: Services = Depends(services)) -> dict[str, Any]:
-    body = await parse_body(request, ResourceBody)
+async def put_resource(zone_id: ZoneId, resource_id: ItemId, body: Annotated[ResourceBody, BodyParam()],
+                       svc: ServicesDep) -> dict[str, Any]:
     try:
         async with svc.db.transaction() as conn:
             row = await store.put_resource(conn, zone_id, resource_id, body.identifier, body.scopes)
     except pg_errors.UniqueViolation:
-        raise CoordinatorError(409, "resource_identifier_taken")
+        raise CoordinatorError(409, "resource_identifier_taken") from None
     return store.resource_projection(row)
 
 
 @router.get("/zones/{zone_id}/resources/{resource_id}", summary="Inspect a resource")
-async def get_resource(zone_id: str, resource_id: str, ident: Identity = Depends(operator),
-                       svc: Services = Depends(services)) -> dict[str, Any]:
+async def get_resource(zone_id: ZoneId, resource_id: ItemId,
+                       svc: ServicesDep) -> dict[str, Any]:
     return await _one(svc, "SELECT * FROM resources WHERE zone_id = %s AND id = %s", (zone_id, resource_id),
                       store.resource_projection, "resource_not_found")
 
 
 @router.post("/zones/{zone_id}/resources/{resource_id}/archive", summary="Archive a resource")
-async def archive_resource(zone_id: str, resource_id: str, ident: Identity = Depends(operator),
-                           svc: Services = Depends(services)) -> dict[str, Any]:
+async def archive_resource(zone_id: ZoneId, resource_id: ItemId, svc: ServicesDep,
+                           body: IgnoredBody = None) -> dict[str, Any]:
     return await _one(svc, """UPDATE resources SET archived_at = COALESCE(archived_at, now()), updated_at = now()
                               WHERE zone_id = %s AND id = %s RETURNING *""", (zone_id, resource_id),
                       store.resource_projection, "resource_not_found")
 
 
 @router.put("/zones/{zone_id}/authority-records/{record_id}", summary="Create or update an authority record")
-async def put_authority_record(zone_id: str, record_id: str, request: Request, ident: Identity = Depends(operator),
-                               svc: Services = Depends(services)) -> dict[str, Any]:
-    body = await parse_body(request, AuthorityRecordBody)
+async def put_authority_record(zone_id: ZoneId, record_id: ItemId,
+                               body: Annotated[AuthorityRecordBody, BodyParam()], svc: ServicesDep) -> dict[str, Any]:
     async with svc.db.transaction() as conn:
         row = await store.put_authority_record(conn, zone_id, record_id, body.session_type, body.subject_id,
                                                body.expires_at)
+    svc.auth.forget_identities()
     return store.authority_record_projection(row)
 
 
 @router.get("/zones/{zone_id}/authority-records/{record_id}", summary="Inspect an authority record")
-async def get_authority_record(zone_id: str, record_id: str, ident: Identity = Depends(operator),
-                               svc: Services = Depends(services)) -> dict[str, Any]:
+async def get_authority_record(zone_id: ZoneId, record_id: ItemId,
+                               svc: ServicesDep) -> dict[str, Any]:
     return await _one(svc, "SELECT * FROM authority_records WHERE zone_id = %s AND id = %s", (zone_id, record_id),
                       store.authority_record_projection, "authority_record_not_found")
 
 
 @router.post("/zones/{zone_id}/authority-records/{record_id}/revoke", summary="Revoke an authority record")
-async def revoke_authority_record(zone_id: str, record_id: str, ident: Identity = Depends(operator),
-                                  svc: Services = Depends(services)) -> dict[str, Any]:
-    return await _one(svc, """UPDATE authority_records SET status = 'revoked', revoked_at = COALESCE(revoked_at, now()),
+async def revoke_authority_record(zone_id: ZoneId, record_id: ItemId, svc: ServicesDep,
+                                  body: IgnoredBody = None) -> dict[str, Any]:
+    answer = await _one(svc, """UPDATE authority_records
+                              SET status = 'revoked', revoked_at = COALESCE(revoked_at, now()),
                                   revoked_reason = COALESCE(revoked_reason, 'operator_revoked')
                               WHERE zone_id = %s AND id = %s RETURNING *""", (zone_id, record_id),
                       store.authority_record_projection, "authority_record_not_found")
+    svc.auth.forget_identities()
+    return answer

@@ -20,19 +20,18 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import Header, Query, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, Field
 
-from api.auth import Identity
-from api.deps import Services, identity, services
-from api.http import parse_query
+from api.deps import Caller, Services, ServicesDep
+from api.routes.common import ZoneId, make_router
 from rules.errors import CoordinatorError
 from storage.events import MAX_LIMIT, read_page
 
-router = APIRouter(tags=["events"])
+router = make_router("events")
 
 MAX_WAIT_SECONDS = 30.0
 POLL_SECONDS = 0.2
@@ -41,10 +40,10 @@ SSE_MAX_SECONDS = 300.0
 
 
 class EventsQuery(BaseModel):
-    after: str | None = Field(default=None, pattern=r"^[0-9]{1,18}$")
-    topic: str | None = Field(default=None, min_length=1, max_length=128)
+    after: str | None = Field(default=None, pattern=r"^[0-9]{1,18}$", description="A cursor of this feed")
+    topic: str | None = Field(default=None, min_length=1, max_length=128, pattern=r"^[^\x00]+$")
     limit: int = Field(default=100, ge=1, le=MAX_LIMIT)
-    wait: float = Field(default=0, ge=0, le=MAX_WAIT_SECONDS)
+    wait: float = Field(default=0, ge=0, le=MAX_WAIT_SECONDS, description="Seconds to wait for an event (long poll)")
 
 
 def _start_cursor(request: Request, query: EventsQuery) -> int:
@@ -63,10 +62,19 @@ def _wants_stream(request: Request) -> bool:
     return "text/event-stream" in request.headers.get("accept", "").lower()
 
 
-@router.get("/zones/{zone_id}/events", summary="Outbox events of the zone (long poll or server-sent events)")
-async def zone_events(zone_id: str, request: Request, ident: Identity = Depends(identity),
-                      svc: Services = Depends(services)) -> Response:
-    query = parse_query(request, EventsQuery)
+class EventPage(BaseModel):
+    items: list[dict[str, Any]]
+    next_cursor: str
+
+
+@router.get("/zones/{zone_id}/events", summary="Outbox events of the zone (long poll or server-sent events)",
+            response_model=EventPage,
+            responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                             "description": "JSON page, or server-sent events with `Accept: text/event-stream`"}})
+async def zone_events(zone_id: ZoneId, query: Annotated[EventsQuery, Query()], request: Request, ident: Caller,
+                      svc: ServicesDep,
+                      last_event_id: Annotated[str | None, Header(alias="Last-Event-ID",
+                                                                  description="Resume a stream")] = None) -> Response:
     after = _start_cursor(request, query)
     if _wants_stream(request):
         return StreamingResponse(_stream(request, svc, zone_id, after, query), media_type="text/event-stream",
@@ -88,7 +96,8 @@ def _sse(item: dict[str, Any]) -> bytes:
     return f"id: {item['cursor']}\nevent: {item['topic']}\ndata: {json.dumps(item)}\n\n".encode()
 
 
-async def _stream(request: Request, svc: Services, zone_id: str, after: int, query: EventsQuery) -> AsyncIterator[bytes]:
+async def _stream(request: Request, svc: Services, zone_id: str, after: int,
+                  query: EventsQuery) -> AsyncIterator[bytes]:
     started = last_write = time.monotonic()
     yield b"retry: 1000\n\n"
     while time.monotonic() - started < SSE_MAX_SECONDS:

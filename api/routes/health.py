@@ -14,18 +14,21 @@ import logging
 from datetime import timedelta
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict
 from temporalio.api.enums.v1 import TaskQueueType
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 
 from api import metrics
-from api.deps import Services, identity, services
+from api.deps import Caller, Services, ServicesDep
+from api.routes.common import error_responses, make_router
 from rules.errors import CoordinatorError
 from storage import dispatch
 
-router = APIRouter(tags=["health"])
+# Public routes answer only the rate limits (and /ready its 503); /metrics and /stats document their own.
+router = make_router("health", statuses=(429,))
 log = logging.getLogger("coordinator.api")
 
 READY_TIMEOUT_S = 5.0
@@ -72,8 +75,17 @@ async def _outbox(svc: Services) -> tuple[dict[str, Any], dict[str, Any]]:
     return await asyncio.gather(dispatch.backlog(svc.db), dispatch.dispatch_stats(svc.db))
 
 
-@router.get("/ready", summary="Dependency readiness")
-async def ready(request: Request, svc: Services = Depends(services)) -> Response:
+class ReadyAnswer(BaseModel):
+    """`{"ok": false, "error", "dependency"}` or `{"ok": false, "draining": true}`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    ok: bool
+
+
+@router.get("/ready", summary="Dependency readiness",
+            responses={503: {"model": ReadyAnswer, "description": "A dependency is down, or the process is draining"}})
+async def ready(request: Request, svc: ServicesDep) -> Response:
     if getattr(request.app.state, "draining", False):
         return JSONResponse({"ok": False, "draining": True}, status_code=503)
     pg, tp, rd, ob = await asyncio.gather(asyncio.wait_for(_postgres(svc), READY_TIMEOUT_S),
@@ -102,9 +114,13 @@ async def ready(request: Request, svc: Services = Depends(services)) -> Response
     })
 
 
-@router.get("/metrics", summary="Service metrics (Prometheus text)")
-async def metrics_endpoint(request: Request, svc: Services = Depends(services)) -> Response:
-    await identity(request)
+OPERATOR_ERRORS = error_responses(401, 403, 503)
+
+
+@router.get("/metrics", summary="Service metrics (Prometheus text, operator token)", response_class=Response,
+            responses={**OPERATOR_ERRORS, 200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                                                "description": "Prometheus text format 0.0.4"}})
+async def metrics_endpoint(request: Request, ident: Caller, svc: ServicesDep) -> Response:
     bearer = svc.settings.METRICS_BEARER
     if bearer and request.headers.get("authorization") != f"Bearer {bearer}":
         raise CoordinatorError(401, "unauthorized")
@@ -124,9 +140,8 @@ async def metrics_endpoint(request: Request, svc: Services = Depends(services)) 
     return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
 
-@router.get("/stats", summary="Operational counters (operator token)")
-async def stats(request: Request, svc: Services = Depends(services)) -> dict[str, Any]:
-    await identity(request)
+@router.get("/stats", summary="Operational counters (operator token)", responses=OPERATOR_ERRORS)
+async def stats(ident: Caller, svc: ServicesDep) -> dict[str, Any]:
 
     async def by_status(table: str) -> dict[str, int]:
         rows = await svc.db.fetch(f"SELECT status, count(*) AS n FROM {table} GROUP BY status ORDER BY status")

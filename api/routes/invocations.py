@@ -7,15 +7,17 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import Body as BodyParam
+from fastapi import Depends, Query, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from api import ratelimit
 from api.auth import Identity
-from api.deps import Services, identity, services
-from api.http import parse_body, parse_query
-from api.routes.sessions import PageQuery, created
+from api.deps import Caller, ServicesDep
+from api.routes.common import (
+    Body, IgnoredBody, InvocationId, NonEmpty, Page, PageQuery, QueryText, ZoneId, created, make_router,
+)
 from rules import authz
 from rules.errors import CoordinatorError
 from rules.idempotency import request_digest, validate_idempotency_key
@@ -25,41 +27,31 @@ from storage.idempotency import INVOCATION_CREATE, IdempotencyRequest
 from storage.db import Conn
 from storage.pages import list_page
 
-router = APIRouter(tags=["invocations"])
-
-NonEmpty = Annotated[str, Field(min_length=1)]
+router = make_router("invocations")
 
 
-class RetryPolicyBody(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
-
+class RetryPolicyBody(Body):
     max_attempts: int = Field(default=3, ge=1, le=10)
     backoff_ms: int = Field(default=1000, ge=0, le=300000)
 
 
-class CreateInvocationBody(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
-
+class CreateInvocationBody(Body):
     service_id: NonEmpty
     source_session_id: NonEmpty | None = None
     target_session_id: NonEmpty | None = None
-    idempotency_key: Annotated[str, Field(min_length=1, max_length=255)]
+    idempotency_key: Annotated[str, Field(min_length=1, max_length=255, description="Also §7's format rules")]
     method: NonEmpty
-    params: Any = Field(default_factory=dict)
+    params: Any = Field(default_factory=dict, description="Any JSON value")
     metadata: dict[str, Any] = Field(default_factory=dict)
     timeout_ms: int = Field(default=30000, ge=1, le=900000)
     retry_policy: RetryPolicyBody = Field(default_factory=RetryPolicyBody)
 
 
-class CancelBody(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
-
+class CancelBody(Body):
     reason: NonEmpty | None = None
 
 
-class CompleteBody(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
-
+class CompleteBody(Body):
     status: Literal["succeeded", "failed"]
     error: dict[str, Any] | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
@@ -68,18 +60,26 @@ class CompleteBody(BaseModel):
 class InvocationListQuery(PageQuery):
     status: Literal["pending", "running", "succeeded", "failed", "cancel_requested", "canceled", "timed_out",
                     "dead"] | None = None
-    service_id: NonEmpty | None = None
-    session_id: NonEmpty | None = None
+    service_id: QueryText | None = None
+    session_id: QueryText | None = Field(default=None, description="Source or target session")
 
 
 def _client_key(request: Request, ident: Identity) -> str:
     return ident.client_id or (request.client.host if request.client else "unknown")
 
 
+async def charge_invocation_rate(zone_id: ZoneId, request: Request, ident: Caller) -> None:
+    """start/cancel/complete: the invocation rate limit is charged first, before the body is
+    validated and before any database access (reference §4.17)."""
+    await ratelimit.check_invocation_rate(request.app.state, zone_id, _client_key(request, ident))
+
+
+RATE_CHARGED = [Depends(charge_invocation_rate)]
+
+
 @router.post("/zones/{zone_id}/invocations", status_code=201, summary="Create an invocation")
-async def create_invocation(zone_id: str, request: Request, ident: Identity = Depends(identity),
-                            svc: Services = Depends(services)) -> JSONResponse:
-    body = await parse_body(request, CreateInvocationBody)
+async def create_invocation(zone_id: ZoneId, body: Annotated[CreateInvocationBody, BodyParam()], request: Request,
+                            ident: Caller, svc: ServicesDep) -> JSONResponse:
     key = validate_idempotency_key(body.idempotency_key)
     retry = body.retry_policy.model_dump()
     digest = request_digest({
@@ -97,7 +97,7 @@ async def create_invocation(zone_id: str, request: Request, ident: Identity = De
         replay = await store.replay(conn, svc.settings, idem)
         if replay is not None:  # answered from the receipt: not rate limited
             return {**replay, "replayed": True}
-        ratelimit.check_invocation_rate(request.app.state, zone_id, _client_key(request, ident))
+        await ratelimit.check_invocation_rate(request.app.state, zone_id, _client_key(request, ident))
         cmd = store.CreateInvocation(
             zone_id=zone_id, invocation_id=new_id(), service_id=body.service_id,
             source_session_id=body.source_session_id, target_session_id=body.target_session_id, method=body.method,
@@ -108,9 +108,8 @@ async def create_invocation(zone_id: str, request: Request, ident: Identity = De
 
 
 @router.get("/zones/{zone_id}/invocations", summary="List invocations")
-async def list_invocations(zone_id: str, request: Request, ident: Identity = Depends(identity),
-                           svc: Services = Depends(services)) -> dict[str, Any]:
-    query = parse_query(request, InvocationListQuery)
+async def list_invocations(zone_id: ZoneId, query: Annotated[InvocationListQuery, Query()], ident: Caller,
+                           svc: ServicesDep) -> Page:
     sql = f"SELECT {store.INVOCATION_COLUMNS} FROM agent_invocations x WHERE x.zone_id = %s"
     params: list[Any] = [zone_id]
     if query.status:
@@ -125,8 +124,8 @@ async def list_invocations(zone_id: str, request: Request, ident: Identity = Dep
 
 
 @router.get("/zones/{zone_id}/invocations/{invocation_id}", summary="Inspect an invocation")
-async def get_invocation(zone_id: str, invocation_id: str, ident: Identity = Depends(identity),
-                         svc: Services = Depends(services)) -> dict[str, Any]:
+async def get_invocation(zone_id: ZoneId, invocation_id: InvocationId, ident: Caller,
+                         svc: ServicesDep) -> dict[str, Any]:
     async with svc.db.connection() as conn:
         row = await store.get(conn, zone_id, invocation_id)
     if row is None:
@@ -134,7 +133,7 @@ async def get_invocation(zone_id: str, invocation_id: str, ident: Identity = Dep
     return store.projection(row)
 
 
-async def _transition(svc: Services, ident: Identity, zone_id: str, invocation_id: str,
+async def _transition(svc: ServicesDep, ident: Identity, zone_id: str, invocation_id: str,
                       apply: Callable[[Conn], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
     """Lock the invocation, check the caller may drive it, apply the transition: one transaction."""
     async def transition(conn: Conn) -> dict[str, Any]:
@@ -147,28 +146,28 @@ async def _transition(svc: Services, ident: Identity, zone_id: str, invocation_i
     return await svc.db.run(transition)
 
 
-@router.patch("/zones/{zone_id}/invocations/{invocation_id}/start", summary="Mark an invocation running")
-async def start_invocation(zone_id: str, invocation_id: str, request: Request, ident: Identity = Depends(identity),
-                           svc: Services = Depends(services)) -> dict[str, Any]:
-    ratelimit.check_invocation_rate(request.app.state, zone_id, _client_key(request, ident))
+@router.patch("/zones/{zone_id}/invocations/{invocation_id}/start", summary="Mark an invocation running",
+               dependencies=RATE_CHARGED)
+async def start_invocation(zone_id: ZoneId, invocation_id: InvocationId, ident: Caller, svc: ServicesDep,
+                           body: IgnoredBody = None) -> dict[str, Any]:
     return await _transition(svc, ident, zone_id, invocation_id,
                              lambda conn: store.start(conn, zone_id, invocation_id))
 
 
-@router.patch("/zones/{zone_id}/invocations/{invocation_id}/cancel", summary="Cancel an invocation")
-async def cancel_invocation(zone_id: str, invocation_id: str, request: Request, ident: Identity = Depends(identity),
-                            svc: Services = Depends(services)) -> dict[str, Any]:
-    ratelimit.check_invocation_rate(request.app.state, zone_id, _client_key(request, ident))
-    body = await parse_body(request, CancelBody, required=False)
+@router.patch("/zones/{zone_id}/invocations/{invocation_id}/cancel", summary="Cancel an invocation",
+               dependencies=RATE_CHARGED)
+async def cancel_invocation(zone_id: ZoneId, invocation_id: InvocationId, ident: Caller, svc: ServicesDep,
+                            body: Annotated[CancelBody | None, BodyParam()] = None) -> dict[str, Any]:
+    reason = body.reason if body is not None else None
     return await _transition(svc, ident, zone_id, invocation_id,
-                             lambda conn: store.cancel(conn, zone_id, invocation_id, body.reason))
+                             lambda conn: store.cancel(conn, zone_id, invocation_id, reason))
 
 
-@router.patch("/zones/{zone_id}/invocations/{invocation_id}/complete", summary="Complete an invocation")
-async def complete_invocation(zone_id: str, invocation_id: str, request: Request,
-                              ident: Identity = Depends(identity), svc: Services = Depends(services)) -> dict[str, Any]:
-    ratelimit.check_invocation_rate(request.app.state, zone_id, _client_key(request, ident))
-    body = await parse_body(request, CompleteBody)
+@router.patch("/zones/{zone_id}/invocations/{invocation_id}/complete", summary="Complete an invocation",
+               dependencies=RATE_CHARGED)
+async def complete_invocation(zone_id: ZoneId, invocation_id: InvocationId,
+                              body: Annotated[CompleteBody, BodyParam()], ident: Caller,
+                              svc: ServicesDep) -> dict[str, Any]:
     return await _transition(svc, ident, zone_id, invocation_id,
                              lambda conn: store.complete(conn, zone_id, invocation_id, body.status, body.error,
                                                          body.metadata))

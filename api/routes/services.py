@@ -10,14 +10,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import Body as BodyParam
+from fastapi import Query
 from fastapi.responses import JSONResponse
-from pydantic import AnyUrl, BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from api.auth import Identity
-from api.deps import Services, identity, services
-from api.http import parse_body, parse_query, read_json, validate_body
-from api.routes.sessions import PageQuery, locked_managed_session
+from api.deps import Caller, ServicesDep
+from api.routes.common import (
+    Body, IgnoredBody, NonEmpty, Page, PageQuery, SessionId, ZoneId, locked_managed_session, make_router,
+)
 from rules import authz
 from rules.errors import CoordinatorError
 from rules.timefmt import iso_ms
@@ -26,32 +27,28 @@ from storage import sessions as session_store
 from storage.db import Conn
 from storage.pages import list_page
 
-router = APIRouter(tags=["services"])
+router = make_router("services")
 
-NonEmpty = Annotated[str, Field(min_length=1)]
+# Only absolute http(s) URLs: the endpoint is where invocations are sent, never a script.
+ENDPOINT_URL_PATTERN = r"^[Hh][Tt][Tt][Pp][Ss]?://[^\s/?#@]+(?:[/?#]\S*)?$"
 
 
-class Framework(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
-
+class Framework(Body):
     name: NonEmpty
     version: str | None = None
 
 
-class RegisterServiceBody(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
-
+class RegisterServiceBody(Body):
     application_id: NonEmpty
-    endpoint_url: AnyUrl
-    protocol_versions: list[str] = Field(default_factory=list)
+    endpoint_url: Annotated[str, Field(max_length=2048, pattern=ENDPOINT_URL_PATTERN,
+                                       description="Absolute http(s) URL, stored as sent")]
+    protocol_versions: list[NonEmpty] = Field(default_factory=list)
     framework: Framework | None = None
     capabilities: list[str] = Field(default_factory=list)
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
-class HeartbeatBody(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
-
+class HeartbeatBody(Body):
     service_id: NonEmpty | None = None
     status: Literal["starting", "healthy", "degraded", "unhealthy"] = "healthy"
     active_invocations: int = Field(default=0, ge=0)
@@ -60,32 +57,26 @@ class HeartbeatBody(BaseModel):
 
 
 @router.post("/zones/{zone_id}/agent-services", status_code=201, summary="Register or update a service agent")
-async def register_service(zone_id: str, request: Request, ident: Identity = Depends(identity),
-                           svc: Services = Depends(services)) -> JSONResponse:
-    data = await read_json(request, required=True)
-    parsed = validate_body(RegisterServiceBody, data)
-    if not authz.can_register_service(ident, parsed.application_id):
+async def register_service(zone_id: ZoneId, body: Annotated[RegisterServiceBody, BodyParam()], ident: Caller,
+                           svc: ServicesDep) -> JSONResponse:
+    if not authz.can_register_service(ident, body.application_id):
         raise CoordinatorError(403, "application_ownership_required")
-    body = parsed.model_dump()
-    body["endpoint_url"] = data["endpoint_url"]  # as sent: AnyUrl would normalise it
     async with svc.db.transaction() as conn:
-        row = await store.upsert_service(conn, zone_id, body)
+        row = await store.upsert_service(conn, zone_id, body.model_dump())
     return JSONResponse(store.service_projection(row), status_code=201)
 
 
 @router.get("/zones/{zone_id}/agent-services", summary="List service agents")
-async def list_services(zone_id: str, request: Request, ident: Identity = Depends(identity),
-                        svc: Services = Depends(services)) -> dict[str, Any]:
-    query = parse_query(request, PageQuery)
+async def list_services(zone_id: ZoneId, query: Annotated[PageQuery, Query()], ident: Caller,
+                        svc: ServicesDep) -> Page:
     return await list_page(svc.db, table="agent_services", zone_id=zone_id, limit=query.limit, cursor=query.cursor,
                            sql=f"SELECT {store.SERVICE_COLUMNS} FROM agent_services x WHERE x.zone_id = %s",
                            params=[zone_id], project=store.service_projection)
 
 
 @router.post("/zones/{zone_id}/agents/{session_id}/heartbeat", summary="Refresh a service-agent lease")
-async def heartbeat(zone_id: str, session_id: str, request: Request, ident: Identity = Depends(identity),
-                    svc: Services = Depends(services)) -> dict[str, Any]:
-    body = await parse_body(request, HeartbeatBody)
+async def heartbeat(zone_id: ZoneId, session_id: SessionId, body: Annotated[HeartbeatBody, BodyParam()],
+                    ident: Caller, svc: ServicesDep) -> dict[str, Any]:
     try:
         async with svc.db.transaction() as conn:
             row = await locked_managed_session(conn, ident, zone_id, session_id)
@@ -99,8 +90,8 @@ async def heartbeat(zone_id: str, session_id: str, request: Request, ident: Iden
 
 
 @router.post("/zones/{zone_id}/agents/{session_id}/lease", summary="Take over a service session's lease")
-async def take_lease(zone_id: str, session_id: str, ident: Identity = Depends(identity),
-                     svc: Services = Depends(services)) -> dict[str, Any]:
+async def take_lease(zone_id: ZoneId, session_id: SessionId, ident: Caller, svc: ServicesDep,
+                     body: IgnoredBody = None) -> dict[str, Any]:
     async def take(conn: Conn) -> dict[str, Any] | None:
         row = await locked_managed_session(conn, ident, zone_id, session_id)
         if row["status"] == "active" and row["lifecycle"] == "service" and await store.lease_lapsed(conn, session_id):
@@ -115,7 +106,7 @@ async def take_lease(zone_id: str, session_id: str, ident: Identity = Depends(id
     return answer
 
 
-async def _settle_lapsed_lease(svc: Services, zone_id: str, session_id: str) -> None:
+async def _settle_lapsed_lease(svc: ServicesDep, zone_id: str, session_id: str) -> None:
     """Settle the lapsed lease now (the workflow's timer may not have fired yet), then refuse."""
     await svc.db.run(lambda conn: session_store.settle_deadline(conn, zone_id, session_id))
     raise CoordinatorError(409, "session_lease_expired")

@@ -5,39 +5,47 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from fastapi import Body as BodyParam
+from fastapi import Header, Query, Request
+from fastapi.responses import Response
+from pydantic import BaseModel, Field, field_validator
+from pydantic.json_schema import SkipJsonSchema
 
-from api.auth import Identity
-from api.deps import Services, identity, services
-from api.http import no_content, parse_body, parse_query, read_json, validate_body
+from api.deps import Caller, ServicesDep
+from api.http import no_content
+from api.routes.common import (
+    NOT_NULL, Body, IdempotencyKeyHeader, IgnoredBody, NonEmpty, OptionalId, Page, PageQuery, QueryText, SessionId,
+    ZoneId, absent, created, idempotency_headers, locked_managed_session, make_router,
+)
 from rules import authz
 from rules.errors import CoordinatorError
-from rules.idempotency import parse_idempotency_key, request_digest
+from rules.idempotency import request_digest
 from rules.ids import new_id
-from rules.sessions import normalize_labels, resolve_ttl
+from rules.sessions import MAX_LABEL_LENGTH, MAX_LABELS, normalize_labels, resolve_ttl
 from storage import sessions as store
 from storage.idempotency import SESSION_START, IdempotencyRequest
 from storage.db import Conn
 from storage.pages import list_page
 
-router = APIRouter(tags=["sessions"])
+router = make_router("sessions")
 
-NonEmpty = Annotated[str, Field(min_length=1)]
+TtlSeconds = Annotated[int, Field(ge=1, le=86400)]
+# Trimmed (JavaScript trim), then 1-64 UTF-16 code units: normalize_labels checks; the schema says so.
+Label = Annotated[str, Field(json_schema_extra={"minLength": 1, "maxLength": MAX_LABEL_LENGTH,
+                                                "pattern": "[^\\s\ufeff]"})]
 
 
-class StartSessionBody(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
-
+class StartSessionBody(Body):
     application_id: NonEmpty
-    subject_session_id: NonEmpty | None = None
+    subject_session_id: OptionalId = absent(description="Authority record id; default: the mandate's sid")
     parent_id: NonEmpty | None = None
     lifecycle: Literal["task", "service"] = "task"
-    labels: list[str] = Field(default_factory=list, max_length=32)
-    ttl_seconds: int | None = Field(default=None, ge=1, le=86400)
+    labels: list[Label] = Field(default_factory=list, max_length=MAX_LABELS,
+                                description="Each trimmed, then 1-64 characters")
+    ttl_seconds: Annotated[TtlSeconds | SkipJsonSchema[None], NOT_NULL] = absent(
+        description="Default: 3600 for a task, none for a service")
     parent_authority: Literal["inherit", "none"] = "inherit"
-    inherit_parent_edge_id: NonEmpty | None = None
+    inherit_parent_edge_id: OptionalId = absent()
     metadata: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("labels")
@@ -46,43 +54,29 @@ class StartSessionBody(BaseModel):
         return normalize_labels(labels)
 
 
-class PageQuery(BaseModel):
-    limit: int = Field(default=100, ge=1, le=500)
-    cursor: NonEmpty | None = None
-
-
 class SessionListQuery(PageQuery):
     status: Literal["active", "suspended", "terminated", "expired"] | None = None
     lifecycle: Literal["task", "service"] | None = None
-    application_id: NonEmpty | None = None
-    label: NonEmpty | None = None
+    application_id: QueryText | None = None
+    label: QueryText | None = Field(default=None, description="Sessions carrying this label")
 
 
 class DeleteQuery(BaseModel):
-    reason: str = Field(default="requested", min_length=1, max_length=256)
+    reason: str = Field(default="requested", min_length=1, max_length=256, pattern=r"^[^\x00]+$")
 
 
-class DeleteBody(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
-
-    lease_generation: int | None = Field(default=None, ge=0)
-
-
-def idempotency_headers(request: Request) -> tuple[str | None, bool]:
-    key = parse_idempotency_key(request.headers.getlist("idempotency-key"))
-    generated = request.headers.get("idempotency-key-kind", "").strip().lower() == "generated"
-    return key, generated
-
-
-def created(result: dict[str, Any]) -> JSONResponse:
-    headers = {"Idempotency-Replayed": "true"} if result.get("replayed") else {}
-    return JSONResponse(result["body"], status_code=result["status"], headers=headers)
+class DeleteBody(Body):
+    lease_generation: int | None = Field(default=None, ge=0, description="Required for a service session "
+                                                                         "(unless coordinator.admin)")
 
 
 @router.post("/zones/{zone_id}/agents", status_code=201, summary="Create an agent session")
-async def start_session(zone_id: str, request: Request, ident: Identity = Depends(identity),
-                        svc: Services = Depends(services)) -> Response:
-    body = await parse_body(request, StartSessionBody)
+async def start_session(zone_id: ZoneId, body: Annotated[StartSessionBody, BodyParam()], request: Request,
+                        ident: Caller, svc: ServicesDep, idempotency_key: IdempotencyKeyHeader = None,
+                        idempotency_key_kind: Annotated[str | None, Header(
+                            alias="Idempotency-Key-Kind",
+                            description="`generated`: a client-generated key, kept 24 h instead of 7 days")] = None,
+                        ) -> Response:
     record_id = body.subject_session_id or ident.authority_record_id
     if not record_id:
         raise CoordinatorError(400, "subject_session_id_required")
@@ -110,9 +104,8 @@ async def start_session(zone_id: str, request: Request, ident: Identity = Depend
 
 
 @router.get("/zones/{zone_id}/agents", summary="List agent sessions")
-async def list_sessions(zone_id: str, request: Request, ident: Identity = Depends(identity),
-                        svc: Services = Depends(services)) -> dict[str, Any]:
-    query = parse_query(request, SessionListQuery)
+async def list_sessions(zone_id: ZoneId, query: Annotated[SessionListQuery, Query()], ident: Caller,
+                        svc: ServicesDep) -> Page:
     sql = f"SELECT {store.SESSION_COLUMNS.replace('s.', 'x.')} FROM sessions x WHERE x.zone_id = %s"
     params: list[Any] = [zone_id]
     for column in ("status", "lifecycle", "application_id"):
@@ -128,43 +121,28 @@ async def list_sessions(zone_id: str, request: Request, ident: Identity = Depend
 
 
 @router.get("/zones/{zone_id}/agents/{session_id}", summary="Inspect one session")
-async def get_session(zone_id: str, session_id: str, ident: Identity = Depends(identity),
-                      svc: Services = Depends(services)) -> dict[str, Any]:
-    return store.full_projection(await _session_or_404(svc, zone_id, session_id))
+async def get_session(zone_id: ZoneId, session_id: SessionId, ident: Caller, svc: ServicesDep) -> dict[str, Any]:
+    async with svc.db.connection() as conn:
+        row = await store.get_session(conn, zone_id, session_id)
+    if row is None:
+        raise CoordinatorError(404, "session_not_found")
+    return store.full_projection(row)
 
 
 @router.get("/zones/{zone_id}/agents/{session_id}/children", summary="List child sessions")
-async def list_children(zone_id: str, session_id: str, request: Request, ident: Identity = Depends(identity),
-                        svc: Services = Depends(services)) -> dict[str, Any]:
-    query = parse_query(request, SessionListQuery)  # filters validated, ignored (as the reference)
+async def list_children(zone_id: ZoneId, session_id: SessionId, query: Annotated[SessionListQuery, Query()],
+                        ident: Caller, svc: ServicesDep) -> Page:
+    # The filters are validated and ignored, as the reference does.
     sql = (f"SELECT {store.SESSION_COLUMNS.replace('s.', 'x.')} FROM agent_topology t "
            f"JOIN sessions x ON x.id = t.child_id WHERE t.parent_id = %s AND x.zone_id = %s")
     return await list_page(svc.db, table="sessions", zone_id=zone_id, limit=query.limit, cursor=query.cursor,
                            sql=sql, params=[session_id, zone_id], project=store.child_projection)
 
 
-async def _session_or_404(svc: Services, zone_id: str, session_id: str) -> dict[str, Any]:
-    async with svc.db.connection() as conn:
-        row = await store.get_session(conn, zone_id, session_id)
-    if row is None:
-        raise CoordinatorError(404, "session_not_found")
-    return row
-
-
-async def locked_managed_session(conn: Conn, ident: Identity, zone_id: str, session_id: str) -> dict[str, Any]:
-    """The session row, locked for the command's transaction: 404 when absent, 403 when not the caller's."""
-    row = await store.get_session(conn, zone_id, session_id, lock=True)
-    if row is None:
-        raise CoordinatorError(404, "session_not_found")
-    if not authz.can_manage_session(ident, row["application_id"]):
-        raise CoordinatorError(403, "application_ownership_required")
-    return row
-
-
 @router.patch("/zones/{zone_id}/agents/{session_id}/suspend", summary="Suspend a session subtree")
-async def suspend_session(zone_id: str, session_id: str, ident: Identity = Depends(identity),
-                          svc: Services = Depends(services)) -> dict[str, Any]:
-    async def suspend(conn: Conn) -> dict[str, Any]:
+async def suspend_session(zone_id: ZoneId, session_id: SessionId, ident: Caller, svc: ServicesDep,
+                          body: IgnoredBody = None) -> dict[str, int]:
+    async def suspend(conn: Conn) -> dict[str, int]:
         await locked_managed_session(conn, ident, zone_id, session_id)
         rows = await store.suspend_subtree(conn, zone_id, [session_id], "requested")
         if not rows:
@@ -174,9 +152,9 @@ async def suspend_session(zone_id: str, session_id: str, ident: Identity = Depen
 
 
 @router.patch("/zones/{zone_id}/agents/{session_id}/resume", summary="Resume a suspended session subtree")
-async def resume_session(zone_id: str, session_id: str, ident: Identity = Depends(identity),
-                         svc: Services = Depends(services)) -> dict[str, Any]:
-    async def resume(conn: Conn) -> dict[str, Any]:
+async def resume_session(zone_id: ZoneId, session_id: SessionId, ident: Caller, svc: ServicesDep,
+                         body: IgnoredBody = None) -> dict[str, int]:
+    async def resume(conn: Conn) -> dict[str, int]:
         await locked_managed_session(conn, ident, zone_id, session_id)
         rows = await store.resume_subtree(conn, svc.settings, zone_id, session_id)
         if not rows:
@@ -185,21 +163,21 @@ async def resume_session(zone_id: str, session_id: str, ident: Identity = Depend
     return await svc.db.run(resume)
 
 
-@router.delete("/zones/{zone_id}/agents/{session_id}", status_code=204, summary="Terminate a session")
-async def terminate_session(zone_id: str, session_id: str, request: Request, ident: Identity = Depends(identity),
-                            svc: Services = Depends(services)) -> Response:
-    query = parse_query(request, DeleteQuery)
-    data = await read_json(request, required=False)
-    body = DeleteBody() if data is None else validate_body(DeleteBody, data)
+@router.delete("/zones/{zone_id}/agents/{session_id}", status_code=204, summary="Terminate a session",
+               response_class=Response)
+async def terminate_session(zone_id: ZoneId, session_id: SessionId, query: Annotated[DeleteQuery, Query()],
+                            ident: Caller, svc: ServicesDep,
+                            body: Annotated[DeleteBody | None, BodyParam()] = None) -> Response:
+    lease_generation = body.lease_generation if body is not None else None
 
     async def terminate(conn: Conn) -> None:
         row = await locked_managed_session(conn, ident, zone_id, session_id)
         if row["status"] not in store.LIVE_STATUSES:
             raise CoordinatorError(404, "session_not_found")
         if row["lifecycle"] == "service":
-            if body.lease_generation is None and not authz.is_admin(ident):
+            if lease_generation is None and not authz.is_admin(ident):
                 raise CoordinatorError(400, "lease_generation_required")
-            if body.lease_generation is not None and body.lease_generation != row["lease_generation"]:
+            if lease_generation is not None and lease_generation != row["lease_generation"]:
                 raise CoordinatorError(409, "session_lease_fenced")
         await store.terminate_subtree(conn, zone_id, [session_id], query.reason)
     await svc.db.run(terminate)

@@ -18,26 +18,27 @@ import json
 from typing import Annotated, Any, Literal
 from urllib.parse import quote, urlencode
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import Body as BodyParam
+from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
-from api.auth import Identity
-from api.deps import Services, identity, services
-from api.http import read_json, request_id, validate_body
+from api.deps import Caller, ServicesDep
+from api.http import request_id
 from api.ratelimit import INTERNAL_DISPATCH
+from api.routes.common import ID_REGEX, Body, IdempotencyKeyHeader, NonEmpty, error_responses, make_router
 from rules.errors import CoordinatorError
 from rules.timefmt import is_iso_z
 
-router = APIRouter(tags=["v1"])
+router = make_router("v1")
 
-NonEmpty = Annotated[str, Field(min_length=1)]
 # Ids that become path segments of the inner request must be ids (§2), or they could change its route.
-PathId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.\-:]{1,128}$")]
+PathId = Annotated[str, StringConstraints(pattern=ID_REGEX)]
+ISO_Z = {"format": "date-time", "pattern": r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$"}
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+class _Body(Body):
+    pass
 
 
 class BeginBody(_Body):
@@ -80,7 +81,7 @@ class _EdgeBody(_Body):
     resource_id: NonEmpty | None = None
     scopes: list[str] = Field(default_factory=list)
     constraints_json: dict[str, Any] = Field(default_factory=dict)
-    expires_at: str
+    expires_at: Annotated[str, Field(json_schema_extra=ISO_Z)]
 
     @field_validator("expires_at")
     @classmethod
@@ -111,9 +112,7 @@ class RevokeDelegationBody(_Body):
     delegation_edge_id: PathId
 
 
-class VerifyBody(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
-
+class VerifyBody(Body):
     zone_id: NonEmpty
     token: str | None = None
     authorization: str | None = None
@@ -231,51 +230,50 @@ def _zone_path(zone_id: str, *rest: str) -> str:
     return "/".join(["", "zones", quote(zone_id, safe=""), *(quote(part, safe="") for part in rest)])
 
 
-async def _body(request: Request, model: type[_Body]) -> Any:
-    data = await read_json(request, required=True)
-    return validate_body(model, data)
-
-
 # ---------------------------------------------------------------------------------------------
 # Routes
 # ---------------------------------------------------------------------------------------------
 
 
-@router.post("/v1/begin", summary="Start a root agent session (façade over POST /zones/:z/agents)")
-async def begin(request: Request, ident: Identity = Depends(identity)) -> Response:
-    body: BeginBody = await _body(request, BeginBody)
-    inner = await dispatch(request, "POST", _zone_path(body.zone_id, "agents"), body=body.session_body(body.parent_id))
+@router.post("/v1/begin", status_code=201,
+             summary="Start a root agent session (façade over POST /zones/:z/agents)")
+async def begin(body: Annotated[BeginBody, BodyParam()], request: Request, ident: Caller,
+                idempotency_key: IdempotencyKeyHeader = None) -> Response:
+    inner = await dispatch(request, "POST", _zone_path(body.zone_id, "agents"),
+                           body=body.session_body(body.parent_id))
     return forward(inner, replayed_header=True)
 
 
-@router.post("/v1/spawn-child", summary="Start a child agent session (façade over POST /zones/:z/agents)")
-async def spawn_child(request: Request, ident: Identity = Depends(identity)) -> Response:
-    body: SpawnChildBody = await _body(request, SpawnChildBody)
+@router.post("/v1/spawn-child", status_code=201,
+             summary="Start a child agent session (façade over POST /zones/:z/agents)")
+async def spawn_child(body: Annotated[SpawnChildBody, BodyParam()], request: Request, ident: Caller,
+                      idempotency_key: IdempotencyKeyHeader = None) -> Response:
     inner = await dispatch(request, "POST", _zone_path(body.zone_id, "agents"),
                            body=body.session_body(body.parent_agent_session_id))
     return forward(inner, replayed_header=True)
 
 
-@router.post("/v1/end", summary="Terminate a session (façade over DELETE /zones/:z/agents/:id)")
-async def end(request: Request, ident: Identity = Depends(identity)) -> Response:
-    body: EndBody = await _body(request, EndBody)
+@router.post("/v1/end", status_code=204, response_class=Response,
+             summary="Terminate a session (façade over DELETE /zones/:z/agents/:id)")
+async def end(body: Annotated[EndBody, BodyParam()], request: Request, ident: Caller) -> Response:
     query = {"reason": body.reason} if body.reason is not None else None
     inner = await dispatch(request, "DELETE", _zone_path(body.zone_id, "agents", body.agent_session_id), query=query)
     return forward(inner, replayed_header=False)
 
 
-@router.post("/v1/exchange", summary="Create a delegation edge (façade over POST /zones/:z/delegations)")
-async def exchange(request: Request, ident: Identity = Depends(identity)) -> Response:
-    body: ExchangeBody = await _body(request, ExchangeBody)
+@router.post("/v1/exchange", status_code=201,
+             summary="Create a delegation edge (façade over POST /zones/:z/delegations)")
+async def exchange(body: Annotated[ExchangeBody, BodyParam()], request: Request, ident: Caller,
+                   idempotency_key: IdempotencyKeyHeader = None) -> Response:
     inner = await dispatch(request, "POST", _zone_path(body.zone_id, "delegations"),
                            body=body.edge_body(body.source_session_id, body.target_session_id))
     return forward(inner, replayed_header=True)
 
 
-@router.post("/v1/delegate-to-existing-agent",
+@router.post("/v1/delegate-to-existing-agent", status_code=201,
              summary="Delegate to an existing session (façade over POST /zones/:z/delegations)")
-async def delegate_to_existing_agent(request: Request, ident: Identity = Depends(identity)) -> Response:
-    body: DelegateToExistingBody = await _body(request, DelegateToExistingBody)
+async def delegate_to_existing_agent(body: Annotated[DelegateToExistingBody, BodyParam()], request: Request,
+                                     ident: Caller, idempotency_key: IdempotencyKeyHeader = None) -> Response:
     inner = await dispatch(request, "POST", _zone_path(body.zone_id, "delegations"),
                            body=body.edge_body(body.from_agent_session_id, body.to_agent_session_id))
     return forward(inner, replayed_header=True)
@@ -283,9 +281,10 @@ async def delegate_to_existing_agent(request: Request, ident: Identity = Depends
 
 @router.post("/v1/revoke-delegation",
              summary="Revoke a delegation edge (façade over PATCH /zones/:z/delegations/:id/revoke)")
-async def revoke_delegation(request: Request, ident: Identity = Depends(identity)) -> Response:
-    body: RevokeDelegationBody = await _body(request, RevokeDelegationBody)
-    inner = await dispatch(request, "PATCH", _zone_path(body.zone_id, "delegations", body.delegation_edge_id, "revoke"))
+async def revoke_delegation(body: Annotated[RevokeDelegationBody, BodyParam()], request: Request,
+                            ident: Caller) -> Response:
+    inner = await dispatch(request, "PATCH",
+                           _zone_path(body.zone_id, "delegations", body.delegation_edge_id, "revoke"))
     return forward(inner, replayed_header=False)
 
 
@@ -298,10 +297,21 @@ def _raw_token(body: VerifyBody) -> str | None:
     return authorization or None
 
 
-@router.post("/v1/verify", summary="Verify a mandate for a zone (public)")
-async def verify(request: Request, svc: Services = Depends(services)) -> Response:
-    data = await read_json(request, required=False)
-    body = validate_body(VerifyBody, {} if data is None else data)
+class VerifyAnswer(BaseModel):
+    """`{"valid": true, "claims": {…}}`, or `{"valid": false, "error"}` with 400/401/429."""
+
+    model_config = ConfigDict(extra="allow")
+
+    valid: bool
+    error: str | None = None
+    claims: dict[str, Any] | None = None
+
+
+@router.post("/v1/verify", summary="Verify a mandate for a zone (public)", response_model=VerifyAnswer,
+             responses={**error_responses(400, 413, 415),
+                        401: {"model": VerifyAnswer, "description": "`token_invalid`"},
+                        429: {"model": VerifyAnswer, "description": "`rate_limited`"}})
+async def verify(body: Annotated[VerifyBody, BodyParam()], svc: ServicesDep) -> Response:
     token = _raw_token(body)
     if token is None:
         return JSONResponse({"valid": False, "error": "missing_token"}, status_code=400)

@@ -1,0 +1,170 @@
+"""What the routers share: the router factory (the `CoordinatorRoute` class and the documented error
+answers), the parameter types, pagination, and the helpers more than one router uses."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Path, Request, params
+from fastapi import Body as BodyParam
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic.json_schema import SkipJsonSchema
+
+from api.auth import Identity
+from api.http import CoordinatorRoute
+from rules import authz
+from rules.errors import CoordinatorError
+from rules.idempotency import parse_idempotency_key
+from storage import sessions as session_store
+from storage.db import Conn
+
+# ---------------------------------------------------------------------------------------------
+# Documented error answers
+# ---------------------------------------------------------------------------------------------
+
+
+class ErrorIssue(BaseModel):
+    path: list[str | int]
+    message: str
+
+
+class ErrorDetails(BaseModel):
+    issues: list[ErrorIssue]
+
+
+class ErrorBody(BaseModel):
+    """Every error answer: `error` is the code; the other fields come with some codes."""
+
+    model_config = ConfigDict(extra="allow")
+
+    error: str = Field(description="The error code, e.g. invalid_body, session_not_found, rate_limited")
+    error_description: str | None = Field(default=None, description="invalid_body and internal_error")
+    requestId: str | None = Field(default=None, description="invalid_body and internal_error")  # noqa: N815
+    details: ErrorDetails | None = Field(default=None, description="invalid_body and invalid_query")
+    message: str | None = Field(default=None, description="idempotency errors")
+    request_id: str | None = Field(default=None, description="idempotency_key_invalid, idempotency_key_multiple")
+
+
+_DESCRIPTIONS = {
+    400: "Invalid path ids (`invalid_params`), query (`invalid_query`), body (`invalid_body`), malformed "
+         "JSON (`internal_error`), or a rule of the operation",
+    401: "Missing or invalid bearer (`missing_token`, `invalid_token`, `identity_revoked`)",
+    403: "Not allowed (`missing_scope`, `zone_mismatch`, ownership and consent codes)",
+    404: "Not found",
+    409: "Conflict with the current state",
+    413: "Body larger than COORDINATOR_BODY_LIMIT_BYTES (`internal_error`)",
+    415: "Body of an unsupported media type (`internal_error`)",
+    429: "Rate limited or over a capacity limit (`Retry-After` on rate limits)",
+    503: "Postgres unavailable (`postgres_unavailable`, `Retry-After`)",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": ErrorBody, "description": _DESCRIPTIONS[status]} for status in statuses}
+
+
+ZONE_ERRORS = (400, 401, 403, 404, 409, 413, 415, 429, 503)
+
+
+def make_router(tag: str, *, statuses: Sequence[int] = ZONE_ERRORS,
+                dependencies: Sequence[params.Depends] | None = None) -> APIRouter:
+    """A router whose routes read bodies the reference's way and document the error answers."""
+    return APIRouter(tags=[tag], route_class=CoordinatorRoute, responses=error_responses(*statuses),
+                     dependencies=dependencies, strict_content_type=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter types
+# ---------------------------------------------------------------------------------------------
+
+ID_REGEX = r"^[A-Za-z0-9_.\-:]{1,128}$"
+_ID_DOC = "An id: 1-128 characters of A-Z a-z 0-9 _ . - :"
+
+ZoneId = Annotated[str, Path(pattern=ID_REGEX, description="The zone")]
+SessionId = Annotated[str, Path(pattern=ID_REGEX, description="A session id")]
+EdgeId = Annotated[str, Path(pattern=ID_REGEX, description="A delegation edge id")]
+InvocationId = Annotated[str, Path(pattern=ID_REGEX, description="An invocation id")]
+ItemId = Annotated[str, Path(pattern=ID_REGEX, description=_ID_DOC)]
+
+NonEmpty = Annotated[str, Field(min_length=1)]
+# Query strings reach SQL as text parameters: no NUL (Postgres refuses it).
+QueryText = Annotated[str, Field(min_length=1, pattern=r"^[^\x00]+$")]
+IdempotencyKeyHeader = Annotated[str | None, Header(
+    alias="Idempotency-Key", description="1-255 UTF-8 bytes, no surrounding whitespace or control characters; "
+                                         "sent once")]
+
+
+def _not_null(value: Any) -> Any:
+    if value is None:
+        raise ValueError("Expected a value, received null")
+    return value
+
+
+# A body field that may be absent but not null (zod `.optional()`):
+# `x: Annotated[NonEmpty | SkipJsonSchema[None], NOT_NULL] = absent()`. The schema shows the type
+# alone; an explicit null is invalid_body.
+NOT_NULL = BeforeValidator(_not_null)
+OptionalId = Annotated[NonEmpty | SkipJsonSchema[None], NOT_NULL]
+
+
+def _drop_default(schema: dict[str, Any]) -> None:
+    schema.pop("default", None)
+
+
+def absent(**kw: Any) -> Any:
+    """`Field(default=None)` for a not-null optional field, without `default: null` in the schema."""
+    return Field(default=None, json_schema_extra=_drop_default, **kw)
+
+
+class Body(BaseModel):
+    """Request bodies: JSON types as sent (no coercion), unknown keys ignored (reference §2)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class NoFields(Body):
+    """This operation reads no field: send no body, or any JSON object (ignored)."""
+
+
+# For POST/PATCH routes that take no body, documented as an optional empty object.
+IgnoredBody = Annotated[NoFields | None, BodyParam(description="No fields; the body may be omitted")]
+
+
+class PageQuery(BaseModel):
+    """Pagination (reference §2): newest first; `cursor` is the last id of the previous page."""
+
+    limit: int = Field(default=100, ge=1, le=500, description="Page size, 1-500")
+    cursor: QueryText | None = Field(default=None, description="An id of this list from `next_cursor`")
+
+
+class Page(BaseModel):
+    items: list[dict[str, Any]]
+    next_cursor: str | None
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def idempotency_headers(request: Request) -> tuple[str | None, bool]:
+    key = parse_idempotency_key(request.headers.getlist("idempotency-key"))
+    generated = request.headers.get("idempotency-key-kind", "").strip().lower() == "generated"
+    return key, generated
+
+
+def created(result: dict[str, Any]) -> JSONResponse:
+    headers = {"Idempotency-Replayed": "true"} if result.get("replayed") else {}
+    return JSONResponse(result["body"], status_code=result["status"], headers=headers)
+
+
+async def locked_managed_session(conn: Conn, ident: Identity, zone_id: str, session_id: str) -> dict[str, Any]:
+    """The session row, locked for the command's transaction: 404 when absent, 403 when not the caller's."""
+    row = await session_store.get_session(conn, zone_id, session_id, lock=True)
+    if row is None:
+        raise CoordinatorError(404, "session_not_found")
+    if not authz.can_manage_session(ident, row["application_id"]):
+        raise CoordinatorError(403, "application_ownership_required")
+    return row
