@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import http.server
 import json
+import math
 import os
 import stat
 import subprocess
@@ -72,8 +73,9 @@ class FakeDb:
         self.calls.append((sql, params))
         zone, sid = params["zone_id"], params["sid"]
         return {
-            "application_live": (zone, params["client_id"]) in self.live_apps,
-            "authority_record_live": sid is None or (zone, sid) in self.live_records,
+            # Until when each stays live (epoch seconds), NULL when it is not live now.
+            "application_until": math.inf if (zone, params["client_id"]) in self.live_apps else None,
+            "authority_record_until": math.inf if sid is None or (zone, sid) in self.live_records else None,
         }
 
 
