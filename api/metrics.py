@@ -1,10 +1,18 @@
 """Prometheus series: requests by route template, workflow/activity outcomes, sessions by status,
-the workflow outbox and its dispatchers."""
+the workflow outbox and its dispatchers.
+
+With several API processes (api/server.py sets PROMETHEUS_MULTIPROC_DIR for them) the series live in
+shared files, so a scrape answered by any one process reports the whole API: counters and
+histograms summed over the processes, the gauges (read from Postgres at each scrape) as last set.
+"""
 
 from __future__ import annotations
 
+import os
+
 from fastapi import Request
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -15,35 +23,49 @@ LATENCY = Histogram("coordinator_http_request_duration_seconds", "HTTP request l
                     buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10))
 WORKFLOW_COMMANDS = Counter("coordinator_workflow_commands_total", "Workflow updates sent by the API",
                             ["command", "outcome"], registry=REGISTRY)
-SESSIONS = Gauge("coordinator_sessions", "Sessions by status", ["status"], registry=REGISTRY)
+SESSIONS = Gauge("coordinator_sessions", "Sessions by status", ["status"], registry=REGISTRY,
+        multiprocess_mode="mostrecent")
 INVOCATIONS = Gauge("caracal_invocations_total", "Invocations by status (current row count)", ["status"],
-                    registry=REGISTRY)
-OUTBOX = Gauge("caracal_outbox_total", "Coordinator outbox rows by status", ["status"], registry=REGISTRY)
+                    registry=REGISTRY,
+        multiprocess_mode="mostrecent")
+OUTBOX = Gauge("caracal_outbox_total", "Coordinator outbox rows by status", ["status"], registry=REGISTRY,
+        multiprocess_mode="mostrecent")
 ACTIVITY_ROWS = Gauge("coordinator_workflow_executions", "Workflow executions by type and status (Temporal)",
-                      ["workflow_type", "status"], registry=REGISTRY)
+                      ["workflow_type", "status"], registry=REGISTRY,
+        multiprocess_mode="mostrecent")
 
 # The workflow outbox and its dispatchers (storage/dispatch.py), read from Postgres at each scrape.
 WF_OUTBOX_BACKLOG = Gauge("coordinator_workflow_outbox_backlog", "Workflow-outbox rows waiting for delivery",
-                          registry=REGISTRY)
+                          registry=REGISTRY,
+        multiprocess_mode="mostrecent")
 WF_OUTBOX_OLDEST = Gauge("coordinator_workflow_outbox_oldest_age_seconds",
-                         "Age of the oldest undelivered workflow-outbox row", registry=REGISTRY)
+                         "Age of the oldest undelivered workflow-outbox row", registry=REGISTRY,
+        multiprocess_mode="mostrecent")
 WF_OUTBOX_DELIVERED = Gauge("coordinator_workflow_outbox_delivered_total",
-                            "Workflow-outbox rows delivered, summed over all dispatchers", registry=REGISTRY)
+                            "Workflow-outbox rows delivered, summed over all dispatchers", registry=REGISTRY,
+        multiprocess_mode="mostrecent")
 WF_OUTBOX_FAILED = Gauge("coordinator_workflow_outbox_failed_total",
-                         "Failed workflow-outbox deliveries (retried), summed over all dispatchers", registry=REGISTRY)
+                         "Failed workflow-outbox deliveries (retried), summed over all dispatchers", registry=REGISTRY,
+        multiprocess_mode="mostrecent")
 WF_OUTBOX_RATE = Gauge("coordinator_workflow_outbox_delivered_per_second",
-                       "Rows delivered per second by the running dispatchers (last 10 s)", registry=REGISTRY)
+                       "Rows delivered per second by the running dispatchers (last 10 s)", registry=REGISTRY,
+        multiprocess_mode="mostrecent")
 WF_OUTBOX_DISPATCHERS = Gauge("coordinator_workflow_outbox_dispatchers", "Running dispatchers (recent heartbeat)",
-                              registry=REGISTRY)
+                              registry=REGISTRY,
+        multiprocess_mode="mostrecent")
 WF_OUTBOX_TEMPORAL_UP = Gauge("coordinator_workflow_outbox_temporal_up",
-                              "1 when every running dispatcher reaches Temporal", registry=REGISTRY)
+                              "1 when every running dispatcher reaches Temporal", registry=REGISTRY,
+        multiprocess_mode="mostrecent")
 WF_SIGNAL_LAG_P50 = Gauge("coordinator_workflow_signal_lag_p50_ms",
-                          "Commit-to-signal lag, median of the recent deliveries (worst dispatcher)", registry=REGISTRY)
+                          "Commit-to-signal lag, median of the recent deliveries (worst dispatcher)", registry=REGISTRY,
+        multiprocess_mode="mostrecent")
 WF_SIGNAL_LAG_P95 = Gauge("coordinator_workflow_signal_lag_p95_ms",
                           "Commit-to-signal lag, 95th percentile of the recent deliveries (worst dispatcher)",
-                          registry=REGISTRY)
+                          registry=REGISTRY,
+        multiprocess_mode="mostrecent")
 RECONCILER_STARTED = Gauge("coordinator_reconciler_started_total",
-                           "Workflows the reconciler found missing and started", registry=REGISTRY)
+                           "Workflows the reconciler found missing and started", registry=REGISTRY,
+        multiprocess_mode="mostrecent")
 
 
 def set_workflow_outbox(backlog: dict, stats: dict, reconciler_started: int) -> None:
@@ -71,4 +93,8 @@ def observe_request(request: Request, status: int, seconds: float) -> None:
 
 
 def render() -> bytes:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        return generate_latest(registry)
     return generate_latest(REGISTRY)

@@ -12,8 +12,10 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import time
 from types import FrameType
 
@@ -77,6 +79,21 @@ class Supervisor:
 
     def run(self) -> None:
         logging.basicConfig(level=os.environ.get("LOG_LEVEL", "info").upper(), format="%(levelname)s:     %(message)s")
+        # The processes' Prometheus series go to shared files, so /metrics from any one of them
+        # reports the whole API (api/metrics.py). A directory we create is ours to delete.
+        own_metrics_dir = None
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            own_metrics_dir = tempfile.mkdtemp(prefix="coordinator-api-metrics-")
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = own_metrics_dir
+        try:
+            self._supervise()
+        finally:
+            if own_metrics_dir:
+                shutil.rmtree(own_metrics_dir, ignore_errors=True)
+
+    def _supervise(self) -> None:
+        from prometheus_client import multiprocess
+
         sock = self.config.bind_socket()
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
@@ -94,6 +111,7 @@ class Supervisor:
                     self.stopping = failed = True
                     break
                 log.warning("api process %d died (exit %s): starting another", proc.pid, proc.exitcode)
+                multiprocess.mark_process_dead(proc.pid)
                 procs[i] = self._start(sock)
         for proc, _ in procs:
             if proc.is_alive() and proc.pid is not None:
