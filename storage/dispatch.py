@@ -15,11 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import psycopg
-from psycopg.rows import dict_row
-
-from storage.db import Conn, Database
-from storage.workflow_outbox import NOTIFY_CHANNEL
+from storage.db import Conn, Database, one
 
 # Heads whose entity's deadline falls within this many seconds are claimed before older rows.
 DUE_SOON_SECONDS = 60
@@ -118,11 +114,11 @@ async def pending(db: Database, task_queue: str) -> int:
 
 async def backlog(db: Database) -> dict[str, Any]:
     """The whole outbox: rows waiting, age of the oldest (seconds), rows being retried."""
-    row = await db.fetchrow("""
+    row = one(await db.fetchrow("""
         SELECT count(*) AS backlog,
                COALESCE(GREATEST(EXTRACT(EPOCH FROM now() - min(created_at)), 0), 0)::float8 AS oldest_age_seconds,
                count(*) FILTER (WHERE attempts > 0) AS retrying
-        FROM workflow_outbox""")
+        FROM workflow_outbox"""))
     return {"backlog": int(row["backlog"]), "oldest_age_seconds": float(row["oldest_age_seconds"]),
             "retrying": int(row["retrying"])}
 
@@ -165,14 +161,14 @@ async def retire(conn: Conn, dispatcher_ids: Sequence[str] | None = None, *,
         SELECT n FROM totals""",
         {"ids": list(dispatcher_ids or []), "silent": silent_for_seconds,
          "delivered": RETIRED_DELIVERED, "failed": RETIRED_FAILED})
-    return int((await cur.fetchone())["n"])
+    return int(one(await cur.fetchone())["n"])
 
 
 async def dispatch_stats(db: Database, live_seconds: float = LIVE_SECONDS) -> dict[str, Any]:
     """Totals over every dispatcher that ever ran (delivered, failed; retired ones included) and
     the state of those with a recent heartbeat: how many, their summed rate, the worst lag
     percentiles, and whether all of them reach Temporal (None when none is running)."""
-    row = await db.fetchrow("""
+    row = one(await db.fetchrow("""
         WITH d AS (SELECT *, heartbeat_at > now() - make_interval(secs => %s) AS live FROM workflow_dispatchers),
              retired AS (SELECT COALESCE(sum(value) FILTER (WHERE name = %s), 0) AS delivered,
                                 COALESCE(sum(value) FILTER (WHERE name = %s), 0) AS failed
@@ -184,7 +180,7 @@ async def dispatch_stats(db: Database, live_seconds: float = LIVE_SECONDS) -> di
                max(lag_p50_ms) FILTER (WHERE live) AS lag_p50_ms,
                max(lag_p95_ms) FILTER (WHERE live) AS lag_p95_ms,
                bool_and(temporal_ok) FILTER (WHERE live) AS temporal_ok
-        FROM d""", (live_seconds, RETIRED_DELIVERED, RETIRED_FAILED, RETIRED_DELIVERED, RETIRED_FAILED))
+        FROM d""", (live_seconds, RETIRED_DELIVERED, RETIRED_FAILED, RETIRED_DELIVERED, RETIRED_FAILED)))
     return {"dispatchers": int(row["dispatchers"]), "delivered_total": int(row["delivered_total"]),
             "failed_total": int(row["failed_total"]), "delivered_per_second": float(row["delivered_per_second"]),
             "lag_p50_ms": row["lag_p50_ms"], "lag_p95_ms": row["lag_p95_ms"], "temporal_ok": row["temporal_ok"]}
@@ -194,30 +190,3 @@ async def counter(db: Database, name: str) -> int:
     """A `coordinator_counters` total (e.g. 'reconciler_started'); 0 when never counted."""
     return int(await db.fetchval("SELECT COALESCE((SELECT value FROM coordinator_counters WHERE name = %s), 0)",
                                  (name,)))
-
-
-# ------------------------------------------------------------------------------------------ wake-up
-
-
-async def listen(url: str, connect_timeout_s: float = 5.0) -> psycopg.AsyncConnection:
-    """A dedicated autocommit connection subscribed to the outbox channel (`enqueue` notifies at commit)."""
-    conn = await psycopg.AsyncConnection.connect(url, autocommit=True, row_factory=dict_row,
-                                                 connect_timeout=max(1, int(connect_timeout_s)))
-    try:
-        await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
-    except BaseException:
-        await conn.close()
-        raise
-    return conn
-
-
-async def wait_notify(conn: psycopg.AsyncConnection, timeout: float) -> int:
-    """Wait up to `timeout` seconds for a notification; return how many arrived (0 on timeout)."""
-    got = 0
-    async for _ in conn.notifies(timeout=timeout, stop_after=1):
-        got += 1
-    return got
-
-
-async def ping(conn: psycopg.AsyncConnection) -> None:
-    await conn.execute("SELECT 1")
