@@ -6,21 +6,17 @@ session, no service, no edge, no invocation) or, for reads, on the answer of the
 
 from __future__ import annotations
 
-import asyncio
 import json
-import socket
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
-import uvicorn
 
 from api.app import create_app
 from api.auth import Authenticator
 from api.deps import Services
 from api.http import MAX_JSON_DEPTH
 from tests.conftest import OPERATOR_TOKEN, Zone
+from tests.contract.server import serve
 
 DEEP = 10_000
 
@@ -287,31 +283,6 @@ async def test_repeated_query_key_first_value_wins(zone: Zone):
 
 
 # ---------------------------------------------------------------------------------------------- 500s
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@asynccontextmanager
-async def serve(app: Any) -> AsyncIterator[str]:
-    """The app on a real uvicorn server (httptools, keep-alive) on a free loopback port."""
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical",
-                                           lifespan="off"))
-    task = asyncio.create_task(server.serve())
-    try:
-        for _ in range(200):
-            if server.started:
-                break
-            await asyncio.sleep(0.02)
-        assert server.started
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 10)
 
 
 class _BrokenDatabase:

@@ -89,24 +89,29 @@ InvocationId = Annotated[str, Path(pattern=ID_REGEX, description="An invocation 
 ItemId = Annotated[str, Path(pattern=ID_REGEX, description=_ID_DOC)]
 
 NonEmpty = Annotated[str, Field(min_length=1)]
+
+
+def _integral(value: Any) -> Any:
+    # A JSON number is a double: 2.0 is the integer 2 (zod's .int() agrees); 2.5 stays a float and fails.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# Integers of a body: strict (no strings, no booleans), but an integral JSON number like 30.0 counts.
+# Constraints go before it (`Annotated[int, Field(ge=1), INTEGRAL]`) so that they stay in the schema.
+INTEGRAL = BeforeValidator(_integral)
+Int = Annotated[int, INTEGRAL]
 # Query strings reach SQL as text parameters: no NUL (Postgres refuses it).
 QueryText = Annotated[str, Field(min_length=1, pattern=r"^[^\x00]+$")]
-IdempotencyKeyHeader = Annotated[str | None, Header(
+IdempotencyKeyHeader = Annotated[str | SkipJsonSchema[None], Header(
     alias="Idempotency-Key", description="1-255 UTF-8 bytes, no surrounding whitespace or control characters; "
                                          "sent once")]
 
 
-def _not_null(value: Any) -> Any:
-    if value is None:
-        raise ValueError("Expected a value, received null")
-    return value
-
-
-# A body field that may be absent but not null (zod `.optional()`):
-# `x: Annotated[NonEmpty | SkipJsonSchema[None], NOT_NULL] = absent()`. The schema shows the type
-# alone; an explicit null is invalid_body.
-NOT_NULL = BeforeValidator(_not_null)
-OptionalId = Annotated[NonEmpty | SkipJsonSchema[None], NOT_NULL]
+# A body field that may be absent but not null (zod `.optional()`): `x: NonEmpty = absent()`. The
+# default (None) is not validated; an explicit null fails the type (invalid_body); the schema shows
+# the type alone.
 
 
 def _drop_default(schema: dict[str, Any]) -> None:

@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field, WithJsonSchema, field_validator
 
 from api.deps import Caller, ServicesDep
 from api.routes.common import (
-    Body, EdgeId, IdempotencyKeyHeader, NonEmpty, Page, PageQuery, SessionId, ZoneId, created, make_router,
+    INTEGRAL, Body, EdgeId, IdempotencyKeyHeader, NonEmpty, Page, PageQuery, SessionId, ZoneId, created, make_router,
 )
 from rules import authz
 from rules.constraints import MAX_BROAD_REASON, MAX_BUDGET, MAX_HOPS, MAX_RESOURCES, MAX_TTL_SECONDS, MISSING
@@ -63,7 +63,7 @@ class CreateDelegationBody(Body):
     constraints_json: Constraints = None
     expires_at: Annotated[str | None, Field(json_schema_extra={"format": "date-time", "pattern": ISO_Z})] = Field(
         default=None, description="ISO-8601 UTC (`Z`); else `ttl_seconds` or a constraint gives the expiry")
-    ttl_seconds: int | None = Field(default=None, ge=1, le=86400)
+    ttl_seconds: Annotated[int, Field(ge=1, le=86400), INTEGRAL] | None = None
 
     @field_validator("expires_at")
     @classmethod
@@ -77,7 +77,7 @@ class CreateDelegationBody(Body):
 
 
 class RevokeBody(Body):
-    expected_epoch: int | None = Field(default=None, ge=0)
+    expected_epoch: Annotated[int, Field(ge=0), INTEGRAL] | None = None
 
 
 class RevokeQuery(BaseModel):

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 from fastapi import Body as BodyParam
 from fastapi import Depends
 from psycopg import errors as pg_errors
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from api.deps import ServicesDep, operator
 from api.routes.common import Body, IgnoredBody, ItemId, NonEmpty, ZoneId, make_router
@@ -40,12 +40,6 @@ class ApplicationBody(BaseModel):
 
     _parse = field_validator("expires_at", mode="before")(classmethod(lambda cls, v: _iso(v)))
 
-    @model_validator(mode="after")
-    def _dcr_expires(self) -> "ApplicationBody":
-        if self.registration_method == "dcr" and self.expires_at is None:
-            raise ValueError("dcr applications need expires_at")
-        return self
-
 
 class ResourceBody(Body):
     identifier: NonEmpty
@@ -73,6 +67,8 @@ async def _one(svc: ServicesDep, sql: str, params: tuple[Any, ...], project: Any
 @router.put("/zones/{zone_id}/applications/{app_id}", summary="Create or update an application")
 async def put_application(zone_id: ZoneId, app_id: ItemId, body: Annotated[ApplicationBody, BodyParam()],
                           svc: ServicesDep) -> dict[str, Any]:
+    if body.registration_method == "dcr" and body.expires_at is None:
+        raise CoordinatorError(400, "dcr_expires_at_required")  # a rule across two fields, not a shape
     async with svc.db.transaction() as conn:
         row = await store.put_application(conn, zone_id, app_id, body.registration_method, body.expires_at)
     svc.auth.forget_identities()  # this process at once; the others on the NOTIFY of the change

@@ -73,8 +73,9 @@ class EventPage(BaseModel):
                              "description": "JSON page, or server-sent events with `Accept: text/event-stream`"}})
 async def zone_events(zone_id: ZoneId, query: Annotated[EventsQuery, Query()], request: Request, ident: Caller,
                       svc: ServicesDep,
-                      last_event_id: Annotated[str | None, Header(alias="Last-Event-ID",
-                                                                  description="Resume a stream")] = None) -> Response:
+                      last_event_id: Annotated[str, Header(
+                          alias="Last-Event-ID", pattern=r"^\s*[0-9]{0,18}\s*$",
+                          description="Resume after this cursor (when `after` is not given)")] = "") -> Response:
     after = _start_cursor(request, query)
     if _wants_stream(request):
         return StreamingResponse(_stream(request, svc, zone_id, after, query), media_type="text/event-stream",

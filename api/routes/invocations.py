@@ -16,7 +16,7 @@ from api import ratelimit
 from api.auth import Identity
 from api.deps import Caller, ServicesDep
 from api.routes.common import (
-    Body, IgnoredBody, InvocationId, NonEmpty, Page, PageQuery, QueryText, ZoneId, created, make_router,
+    INTEGRAL, Body, IgnoredBody, InvocationId, NonEmpty, Page, PageQuery, QueryText, ZoneId, created, make_router,
 )
 from rules import authz
 from rules.errors import CoordinatorError
@@ -31,8 +31,8 @@ router = make_router("invocations")
 
 
 class RetryPolicyBody(Body):
-    max_attempts: int = Field(default=3, ge=1, le=10)
-    backoff_ms: int = Field(default=1000, ge=0, le=300000)
+    max_attempts: Annotated[int, Field(ge=1, le=10), INTEGRAL] = 3
+    backoff_ms: Annotated[int, Field(ge=0, le=300000), INTEGRAL] = 1000
 
 
 class CreateInvocationBody(Body):
@@ -43,7 +43,7 @@ class CreateInvocationBody(Body):
     method: NonEmpty
     params: Any = Field(default_factory=dict, description="Any JSON value")
     metadata: dict[str, Any] = Field(default_factory=dict)
-    timeout_ms: int = Field(default=30000, ge=1, le=900000)
+    timeout_ms: Annotated[int, Field(ge=1, le=900000), INTEGRAL] = 30000
     retry_policy: RetryPolicyBody = Field(default_factory=RetryPolicyBody)
 
 

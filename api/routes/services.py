@@ -17,7 +17,7 @@ from pydantic import Field
 
 from api.deps import Caller, ServicesDep
 from api.routes.common import (
-    Body, IgnoredBody, NonEmpty, Page, PageQuery, SessionId, ZoneId, locked_managed_session, make_router,
+    INTEGRAL, Body, IgnoredBody, NonEmpty, Page, PageQuery, SessionId, ZoneId, locked_managed_session, make_router,
 )
 from rules import authz
 from rules.errors import CoordinatorError
@@ -51,9 +51,9 @@ class RegisterServiceBody(Body):
 class HeartbeatBody(Body):
     service_id: NonEmpty | None = None
     status: Literal["starting", "healthy", "degraded", "unhealthy"] = "healthy"
-    active_invocations: int = Field(default=0, ge=0)
+    active_invocations: Annotated[int, Field(ge=0), INTEGRAL] = 0
     metadata: dict[str, Any] = Field(default_factory=dict)
-    lease_generation: int | None = Field(default=None, ge=0)
+    lease_generation: Annotated[int, Field(ge=0), INTEGRAL] | None = None
 
 
 @router.post("/zones/{zone_id}/agent-services", status_code=201, summary="Register or update a service agent")

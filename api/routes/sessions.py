@@ -14,7 +14,7 @@ from pydantic.json_schema import SkipJsonSchema
 from api.deps import Caller, ServicesDep
 from api.http import no_content
 from api.routes.common import (
-    NOT_NULL, Body, IdempotencyKeyHeader, IgnoredBody, NonEmpty, OptionalId, Page, PageQuery, QueryText, SessionId,
+    INTEGRAL, Body, IdempotencyKeyHeader, IgnoredBody, NonEmpty, Page, PageQuery, QueryText, SessionId,
     ZoneId, absent, created, idempotency_headers, locked_managed_session, make_router,
 )
 from rules import authz
@@ -29,7 +29,7 @@ from storage.pages import list_page
 
 router = make_router("sessions")
 
-TtlSeconds = Annotated[int, Field(ge=1, le=86400)]
+TtlSeconds = Annotated[int, Field(ge=1, le=86400), INTEGRAL]
 # Trimmed (JavaScript trim), then 1-64 UTF-16 code units: normalize_labels checks; the schema says so.
 Label = Annotated[str, Field(json_schema_extra={"minLength": 1, "maxLength": MAX_LABEL_LENGTH,
                                                 "pattern": "[^\\s\ufeff]"})]
@@ -37,15 +37,15 @@ Label = Annotated[str, Field(json_schema_extra={"minLength": 1, "maxLength": MAX
 
 class StartSessionBody(Body):
     application_id: NonEmpty
-    subject_session_id: OptionalId = absent(description="Authority record id; default: the mandate's sid")
+    subject_session_id: NonEmpty = absent(description="Authority record id; default: the mandate's sid")
     parent_id: NonEmpty | None = None
     lifecycle: Literal["task", "service"] = "task"
     labels: list[Label] = Field(default_factory=list, max_length=MAX_LABELS,
                                 description="Each trimmed, then 1-64 characters")
-    ttl_seconds: Annotated[TtlSeconds | SkipJsonSchema[None], NOT_NULL] = absent(
+    ttl_seconds: TtlSeconds = absent(
         description="Default: 3600 for a task, none for a service")
     parent_authority: Literal["inherit", "none"] = "inherit"
-    inherit_parent_edge_id: OptionalId = absent()
+    inherit_parent_edge_id: NonEmpty = absent()
     metadata: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("labels")
@@ -66,14 +66,14 @@ class DeleteQuery(BaseModel):
 
 
 class DeleteBody(Body):
-    lease_generation: int | None = Field(default=None, ge=0, description="Required for a service session "
-                                                                         "(unless coordinator.admin)")
+    lease_generation: Annotated[int, Field(ge=0), INTEGRAL] | None = Field(
+        default=None, description="Required for a service session (unless coordinator.admin)")
 
 
 @router.post("/zones/{zone_id}/agents", status_code=201, summary="Create an agent session")
 async def start_session(zone_id: ZoneId, body: Annotated[StartSessionBody, BodyParam()], request: Request,
                         ident: Caller, svc: ServicesDep, idempotency_key: IdempotencyKeyHeader = None,
-                        idempotency_key_kind: Annotated[str | None, Header(
+                        idempotency_key_kind: Annotated[str | SkipJsonSchema[None], Header(
                             alias="Idempotency-Key-Kind",
                             description="`generated`: a client-generated key, kept 24 h instead of 7 days")] = None,
                         ) -> Response:

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 from api.deps import Caller, ServicesDep
 from api.http import request_id
 from api.ratelimit import INTERNAL_DISPATCH
-from api.routes.common import ID_REGEX, Body, IdempotencyKeyHeader, NonEmpty, error_responses, make_router
+from api.routes.common import ID_REGEX, Body, IdempotencyKeyHeader, Int, NonEmpty, error_responses, make_router
 from rules.errors import CoordinatorError
 from rules.timefmt import is_iso_z
 
@@ -48,7 +48,7 @@ class BeginBody(_Body):
     parent_id: NonEmpty | None = None
     lifecycle: Literal["task", "service"] | None = None
     labels: list[str] = Field(default_factory=list)
-    ttl_seconds: int | None = None
+    ttl_seconds: Int | None = None
     metadata: dict[str, Any] | None = None
 
     def session_body(self, parent_id: str | None) -> dict[str, Any]:
@@ -65,7 +65,7 @@ class BeginBody(_Body):
 
 
 class SpawnChildBody(BeginBody):
-    parent_agent_session_id: NonEmpty
+    parent_agent_session_id: PathId
 
 
 class EndBody(_Body):
@@ -227,7 +227,8 @@ def forward(inner: InnerResponse, *, replayed_header: bool) -> Response:
 
 
 def _zone_path(zone_id: str, *rest: str) -> str:
-    return "/".join(["", "zones", quote(zone_id, safe=""), *(quote(part, safe="") for part in rest)])
+    # Ids (PathId) need no escaping but ":", which stays as it is: the inner route reads raw paths.
+    return "/".join(["", "zones", quote(zone_id, safe=":"), *(quote(part, safe=":") for part in rest)])
 
 
 # ---------------------------------------------------------------------------------------------
