@@ -1,7 +1,10 @@
 """The API's process model: `python -m api` runs `run_api()`.
 
-With more than one process a small supervisor binds the socket once and runs that many uvicorn
-servers on it (the kernel spreads connections across them); it restarts a process that dies and
+With more than one process a small supervisor runs that many uvicorn servers, each listening on
+its own SO_REUSEPORT socket on PORT, so the kernel spreads new connections evenly across them (on
+one shared socket the least busy process wins the accept race, and one process ended up with 14 of
+16 keep-alive connections). The supervisor checks that the port is free and keeps it bound (not
+listening); it restarts a process that dies and
 passes SIGTERM/SIGINT on, so each process drains (see `DrainingServer`) and the supervisor exits
 once all have. Every process has its own connection pool (DB_POOL_MAX each); rate limits and
 `/metrics` hold for the whole deployment (api/ratelimit.py, api/metrics.py).
@@ -54,8 +57,20 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def serve_process(config: uvicorn.Config, sock: socket.socket) -> None:
-    """One API process: a draining uvicorn server on the supervisor's socket."""
+def reuse_port_socket(host: str, port: int, *, listen: bool) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    if listen:
+        sock.listen(2048)
+    return sock
+
+
+def serve_process(config: uvicorn.Config) -> None:
+    """One API process: a draining uvicorn server on its own socket of the port."""
+    sock = reuse_port_socket(config.host, config.port, listen=True)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the supervisor decides
     config.configure_logging()  # a spawned process starts with logging unconfigured
     DrainingServer(config).run(sockets=[sock])
@@ -69,8 +84,8 @@ class Supervisor:
         self.context = multiprocessing.get_context("spawn")
         self.stopping = False
 
-    def _start(self, sock: socket.socket) -> tuple[multiprocessing.process.BaseProcess, float]:
-        proc = self.context.Process(target=serve_process, args=(self.config, sock), name="coordinator-api")
+    def _start(self) -> tuple[multiprocessing.process.BaseProcess, float]:
+        proc = self.context.Process(target=serve_process, args=(self.config,), name="coordinator-api")
         proc.start()
         return proc, time.monotonic()
 
@@ -94,10 +109,16 @@ class Supervisor:
     def _supervise(self) -> None:
         from prometheus_client import multiprocess
 
-        sock = self.config.bind_socket()
+        # Fail now if anything holds the port, then keep it bound (not listening: no connection
+        # waits on the supervisor) while the processes come and go.
+        family = socket.AF_INET6 if ":" in self.config.host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((self.config.host, self.config.port))
+        sock = reuse_port_socket(self.config.host, self.config.port, listen=False)
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
-        procs = [self._start(sock) for _ in range(self.count)]
+        procs = [self._start() for _ in range(self.count)]
         log.info("api: %d processes on %s:%d (supervisor pid %d)", self.count, self.config.host, self.config.port,
                  os.getpid())
         failed = False
@@ -112,7 +133,7 @@ class Supervisor:
                     break
                 log.warning("api process %d died (exit %s): starting another", proc.pid, proc.exitcode)
                 multiprocess.mark_process_dead(proc.pid)
-                procs[i] = self._start(sock)
+                procs[i] = self._start()
         for proc, _ in procs:
             if proc.is_alive() and proc.pid is not None:
                 os.kill(proc.pid, signal.SIGTERM)
