@@ -18,14 +18,17 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
+from fastapi import routing
+from fastapi.routing import APIRoute
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import metrics
 from api.auth import Authenticator
-from api.deps import Services
+from api.deps import BEARER_SCHEME, Services, identity
 from api.http import (
     InvalidBody, adopt_request_id, error_response, internal_error, invalid_body_response, validation_error_response,
 )
@@ -146,6 +149,10 @@ refused with 400 `invalid_body`. Unknown body fields are ignored.
 """
 
 
+def _depends_on(dependant: Dependant, call: Any) -> bool:
+    return any(sub.call is call or _depends_on(sub, call) for sub in dependant.dependencies)
+
+
 class CoordinatorAPI(FastAPI):
     """The app, with `ContainErrors` around the whole middleware stack."""
 
@@ -174,6 +181,14 @@ class CoordinatorAPI(FastAPI):
                     operation.get("responses", {}).pop("422", None)
             for name in ("HTTPValidationError", "ValidationError"):
                 schema.get("components", {}).get("schemas", {}).pop(name, None)
+            secured = {(context.path_format, method.lower()) for context in routing.iter_route_contexts(self.routes)
+                       if isinstance(context.route, APIRoute) and _depends_on(context.route.dependant, identity)
+                       for method in context.methods or ()}
+            schema.setdefault("components", {}).setdefault("securitySchemes", {})["bearer"] = BEARER_SCHEME
+            for path, item in schema.get("paths", {}).items():
+                for method, operation in item.items():
+                    if (path, method) in secured:
+                        operation["security"] = [{"bearer": []}]
             self.openapi_schema = schema
         return self.openapi_schema
 

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from api.auth import Authenticator, Identity
 from api.http import path_ids
@@ -36,15 +35,14 @@ def _raw_path(request: Request) -> str:
     return raw.decode("latin-1") if raw else request.url.path
 
 
-# Documents the bearer in OpenAPI; never answers by itself (the Authenticator does, with the
-# reference's codes).
-bearer_scheme = HTTPBearer(auto_error=False, scheme_name="bearer",
-                           description="A zone mandate (ES256 JWT with the agent:lifecycle scope), or the "
-                                       "operator token on the operator and admin routes.")
+# The bearer as OpenAPI documents it, on every operation that depends on `identity` (added by the
+# app's openapi(): a security dependency would cost every request one more dependency to solve).
+BEARER_SCHEME = {"type": "http", "scheme": "bearer",
+                 "description": "A zone mandate (ES256 JWT with the agent:lifecycle scope), or the operator "
+                                "token on the operator and admin routes."}
 
 
-async def identity(request: Request,
-                   _: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]) -> Identity:
+async def identity(request: Request) -> Identity:
     """Path ids first (400 invalid_params, no database access), then the bearer (reference §3.1)."""
     params = path_ids(request)
     svc = request.app.state.services
