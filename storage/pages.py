@@ -4,14 +4,23 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from typing_extensions import TypedDict  # pydantic (the list routes' response model) needs it before 3.12
+
 from rules.errors import CoordinatorError
 from storage.db import Database
+
+class Page(TypedDict):
+    """One page of a list: the items, newest first, and the cursor of the next page (None at the end)."""
+
+    items: list[dict[str, Any]]
+    next_cursor: str | None
+
 
 _CURSOR_TABLES = {"sessions", "delegation_edges", "agent_services", "agent_invocations"}
 
 
 async def list_page(db: Database, *, table: str, zone_id: str, limit: int, cursor: str | None, sql: str,
-                    params: list[Any], project: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
+                    params: list[Any], project: Callable[[dict[str, Any]], dict[str, Any]]) -> Page:
     """Run `sql` (which must end in a WHERE clause over alias `x`) as one page of `table`.
 
     The cursor must be an existing row id of that table in the same zone, else 400 invalid_cursor.

@@ -19,6 +19,7 @@ from rules.errors import CoordinatorError
 from rules.idempotency import parse_idempotency_key
 from storage import sessions as session_store
 from storage.db import Conn
+from storage.pages import Page  # noqa: F401 (re-exported: the list routes' response model)
 
 # ---------------------------------------------------------------------------------------------
 # Documented error answers
@@ -144,9 +145,6 @@ class PageQuery(BaseModel):
     cursor: QueryText | None = Field(default=None, description="An id of this list from `next_cursor`")
 
 
-class Page(BaseModel):
-    items: list[dict[str, Any]]
-    next_cursor: str | None
 
 
 # ---------------------------------------------------------------------------------------------

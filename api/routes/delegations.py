@@ -115,8 +115,8 @@ async def create_delegation(zone_id: ZoneId, body: Annotated[CreateDelegationBod
             "receiver_application_id": body.receiver_application_id, "parent_edge_id": body.parent_edge_id,
             "resource_id": body.resource_id, "scopes": sorted(body.scopes), "constraints": constraints,
             "expires_at": requested, "ttl_seconds": ttl})
-    idem = None if key is None else IdempotencyRequest(DELEGATION_CREATE, zone_id, body.issuer_application_id, key,
-                                                       digest)
+    idem = None if key is None or digest is None else IdempotencyRequest(
+        DELEGATION_CREATE, zone_id, body.issuer_application_id, key, digest)
     cmd = store.CreateEdge(
         zone_id=zone_id, edge_id=new_id(), source_session_id=body.source_session_id,
         target_session_id=body.target_session_id, issuer_application_id=body.issuer_application_id,
@@ -127,7 +127,7 @@ async def create_delegation(zone_id: ZoneId, body: Annotated[CreateDelegationBod
 
 
 async def _edge_page(svc: ServicesDep, query: PageQuery, zone_id: str, where: str, params: list[Any],
-                     project: Any = store.edge_projection) -> dict[str, Any]:
+                     project: Any = store.edge_projection) -> Page:
     return await list_page(svc.db, table="delegation_edges", zone_id=zone_id, limit=query.limit, cursor=query.cursor,
                            sql=f"SELECT {store.EDGE_COLUMNS} FROM delegation_edges x WHERE x.zone_id = %s {where}",
                            params=[zone_id, *params], project=project)

@@ -26,6 +26,7 @@ from api.deps import Caller, Services, ServicesDep
 from api.routes.common import error_responses, make_router
 from rules.errors import CoordinatorError
 from storage import dispatch
+from storage.db import one
 
 # Public routes answer only the rate limits (and /ready its 503); /metrics and /stats document their own.
 router = make_router("health", statuses=(429,))
@@ -147,9 +148,9 @@ async def stats(ident: Caller, svc: ServicesDep) -> dict[str, Any]:
         rows = await svc.db.fetch(f"SELECT status, count(*) AS n FROM {table} GROUP BY status ORDER BY status")
         return {r["status"]: r["n"] for r in rows}
 
-    receipts = await svc.db.fetchrow("""SELECT count(*) AS rows,
+    receipts = one(await svc.db.fetchrow("""SELECT count(*) AS rows,
                                                COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)), 0) AS oldest
-                                        FROM coordinator_idempotency_receipts WHERE expires_at > now()""")
+                                        FROM coordinator_idempotency_receipts WHERE expires_at > now()"""))
     return {"sessions": await by_status("sessions"), "invocations": await by_status("agent_invocations"),
             "outbox": await by_status("caracal_outbox"), "delegations": await by_status("delegation_edges"),
             "idempotency": {"rows": receipts["rows"], "oldestSeconds": int(receipts["oldest"])}}

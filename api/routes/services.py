@@ -8,7 +8,7 @@ settles it (subtree suspended) in its own transaction and is refused.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NoReturn
 
 from fastapi import Body as BodyParam
 from fastapi import Query
@@ -106,7 +106,7 @@ async def take_lease(zone_id: ZoneId, session_id: SessionId, ident: Caller, svc:
     return answer
 
 
-async def _settle_lapsed_lease(svc: ServicesDep, zone_id: str, session_id: str) -> None:
+async def _settle_lapsed_lease(svc: ServicesDep, zone_id: str, session_id: str) -> NoReturn:
     """Settle the lapsed lease now (the workflow's timer may not have fired yet), then refuse."""
     await svc.db.run(lambda conn: session_store.settle_deadline(conn, zone_id, session_id))
     raise CoordinatorError(409, "session_lease_expired")

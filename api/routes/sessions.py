@@ -92,8 +92,8 @@ async def start_session(zone_id: ZoneId, body: Annotated[StartSessionBody, BodyP
             "parent_id": body.parent_id, "lifecycle": body.lifecycle, "labels": body.labels, "ttl_seconds": ttl,
             "parent_authority": body.parent_authority, "inherit_parent_edge_id": body.inherit_parent_edge_id,
             "metadata": body.metadata})
-    idem = None if key is None else IdempotencyRequest(SESSION_START, zone_id, body.application_id, key, digest,
-                                                       generated)
+    idem = None if key is None or digest is None else IdempotencyRequest(
+        SESSION_START, zone_id, body.application_id, key, digest, generated)
     cmd = store.StartSession(
         zone_id=zone_id, session_id=new_id(), application_id=body.application_id, authority_record_id=record_id,
         parent_id=body.parent_id, lifecycle=body.lifecycle, labels=body.labels, ttl_seconds=ttl,
