@@ -32,6 +32,7 @@ from fastapi.datastructures import Default, DefaultPlaceholder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
+from pydantic import BaseModel
 from starlette.datastructures import QueryParams
 
 from rules.errors import CoordinatorError
@@ -288,15 +289,39 @@ class CoordinatorRequest(Request):
         return self._first_query_params
 
 
+def query_parameters(model: type[BaseModel]) -> list[dict[str, Any]]:
+    """The OpenAPI query parameters of a query model, as FastAPI documents `Annotated[Model, Query()]`."""
+    properties = model.model_json_schema()["properties"]
+    parameters = []
+    for name, field in model.model_fields.items():
+        key = field.alias or name
+        schema = dict(properties[key])
+        if "default" in schema and schema["default"] is None:
+            del schema["default"]
+        parameter: dict[str, Any] = {"name": key, "in": "query", "required": field.is_required(), "schema": schema}
+        if field.description:
+            parameter["description"] = field.description
+        parameters.append(parameter)
+    return parameters
+
+
 class CoordinatorRoute(APIRoute):
     """Every route of the API: its handler gets a `CoordinatorRequest`. A body with no content type
     is read as JSON (the published SDK sends bodiless calls without one, and clients such as curl
-    -d send JSON without one)."""
+    -d send JSON without one). A dependency carrying a `query_model` (api/routes/common.py
+    `list_query`) has that model's fields documented as the operation's query parameters."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         if isinstance(kwargs.get("strict_content_type", Default(True)), DefaultPlaceholder):
             kwargs["strict_content_type"] = False
         super().__init__(*args, **kwargs)
+        documented = [parameter for sub in self.dependant.dependencies
+                      if (model := getattr(sub.call, "query_model", None)) is not None
+                      for parameter in query_parameters(model)]
+        if documented:
+            extra = dict(self.openapi_extra or {})
+            extra["parameters"] = [*extra.get("parameters", []), *documented]
+            self.openapi_extra = extra
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()

@@ -13,7 +13,8 @@ from pydantic import BaseModel, Field, WithJsonSchema, field_validator
 
 from api.deps import Caller, ServicesDep
 from api.routes.common import (
-    INTEGRAL, Body, EdgeId, IdempotencyKeyHeader, NonEmpty, Page, PageQuery, SessionId, ZoneId, created, make_router,
+    INTEGRAL, Body, EdgeId, IdempotencyKeyHeader, NonEmpty, Page, PageParams, PageQuery, SessionId, ZoneId, created,
+    make_router,
 )
 from rules import authz
 from rules.constraints import MAX_BROAD_REASON, MAX_BUDGET, MAX_HOPS, MAX_RESOURCES, MAX_TTL_SECONDS, MISSING
@@ -134,20 +135,20 @@ async def _edge_page(svc: ServicesDep, query: PageQuery, zone_id: str, where: st
 
 
 @router.get("/zones/{zone_id}/delegations/active", summary="List active delegation edges")
-async def active_edges(zone_id: ZoneId, query: Annotated[PageQuery, Query()], ident: Caller,
+async def active_edges(zone_id: ZoneId, query: PageParams, ident: Caller,
                        svc: ServicesDep) -> Page:
     return await _edge_page(svc, query, zone_id, "AND x.status = 'active' AND x.expires_at > now()", [],
                             store.active_projection)
 
 
 @router.get("/zones/{zone_id}/delegations/inbound/{session_id}", summary="List inbound edges for a session")
-async def inbound_edges(zone_id: ZoneId, session_id: SessionId, query: Annotated[PageQuery, Query()],
+async def inbound_edges(zone_id: ZoneId, session_id: SessionId, query: PageParams,
                         ident: Caller, svc: ServicesDep) -> Page:
     return await _edge_page(svc, query, zone_id, "AND x.target_session_id = %s", [session_id])
 
 
 @router.get("/zones/{zone_id}/delegations/outbound/{session_id}", summary="List outbound edges for a session")
-async def outbound_edges(zone_id: ZoneId, session_id: SessionId, query: Annotated[PageQuery, Query()],
+async def outbound_edges(zone_id: ZoneId, session_id: SessionId, query: PageParams,
                          ident: Caller, svc: ServicesDep) -> Page:
     return await _edge_page(svc, query, zone_id, "AND x.source_session_id = %s", [session_id])
 

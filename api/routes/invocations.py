@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import Body as BodyParam
-from fastapi import Depends, Query, Request
+from fastapi import Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import Field
 
@@ -16,6 +16,7 @@ from api import ratelimit
 from api.auth import Identity
 from api.deps import Caller, ServicesDep
 from api.routes.common import (
+    list_query,
     INTEGRAL, Body, IgnoredBody, InvocationId, NonEmpty, Page, PageQuery, QueryText, ZoneId, created, make_router,
 )
 from rules import authz
@@ -64,6 +65,9 @@ class InvocationListQuery(PageQuery):
     session_id: QueryText | None = Field(default=None, description="Source or target session")
 
 
+InvocationListParams = Annotated[InvocationListQuery, list_query(InvocationListQuery)]
+
+
 def _client_key(request: Request, ident: Identity) -> str:
     return ident.client_id or (request.client.host if request.client else "unknown")
 
@@ -108,7 +112,7 @@ async def create_invocation(zone_id: ZoneId, body: Annotated[CreateInvocationBod
 
 
 @router.get("/zones/{zone_id}/invocations", summary="List invocations")
-async def list_invocations(zone_id: ZoneId, query: Annotated[InvocationListQuery, Query()], ident: Caller,
+async def list_invocations(zone_id: ZoneId, query: InvocationListParams, ident: Caller,
                            svc: ServicesDep) -> Page:
     sql = f"SELECT {store.INVOCATION_COLUMNS} FROM agent_invocations x WHERE x.zone_id = %s"
     params: list[Any] = [zone_id]

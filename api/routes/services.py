@@ -11,13 +11,12 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, NoReturn
 
 from fastapi import Body as BodyParam
-from fastapi import Query
 from fastapi.responses import JSONResponse
 from pydantic import Field
 
 from api.deps import Caller, ServicesDep
 from api.routes.common import (
-    INTEGRAL, Body, IgnoredBody, NonEmpty, Page, PageQuery, SessionId, ZoneId, locked_managed_session, make_router,
+    INTEGRAL, Body, IgnoredBody, NonEmpty, Page, PageParams, SessionId, ZoneId, locked_managed_session, make_router,
 )
 from rules import authz
 from rules.errors import CoordinatorError
@@ -67,7 +66,7 @@ async def register_service(zone_id: ZoneId, body: Annotated[RegisterServiceBody,
 
 
 @router.get("/zones/{zone_id}/agent-services", summary="List service agents")
-async def list_services(zone_id: ZoneId, query: Annotated[PageQuery, Query()], ident: Caller,
+async def list_services(zone_id: ZoneId, query: PageParams, ident: Caller,
                         svc: ServicesDep) -> Page:
     return await list_page(svc.db, table="agent_services", zone_id=zone_id, limit=query.limit, cursor=query.cursor,
                            sql=f"SELECT {store.SERVICE_COLUMNS} FROM agent_services x WHERE x.zone_id = %s",

@@ -14,6 +14,7 @@ from pydantic.json_schema import SkipJsonSchema
 from api.deps import Caller, ServicesDep
 from api.http import no_content
 from api.routes.common import (
+    list_query,
     INTEGRAL, Body, IdempotencyKeyHeader, IgnoredBody, NonEmpty, Page, PageQuery, QueryText, SessionId,
     ZoneId, absent, created, idempotency_headers, locked_managed_session, make_router,
 )
@@ -61,6 +62,9 @@ class SessionListQuery(PageQuery):
     label: QueryText | None = Field(default=None, description="Sessions carrying this label")
 
 
+SessionListParams = Annotated[SessionListQuery, list_query(SessionListQuery)]
+
+
 class DeleteQuery(BaseModel):
     reason: str = Field(default="requested", min_length=1, max_length=256, pattern=r"^[^\x00]+$")
 
@@ -104,7 +108,7 @@ async def start_session(zone_id: ZoneId, body: Annotated[StartSessionBody, BodyP
 
 
 @router.get("/zones/{zone_id}/agents", summary="List agent sessions")
-async def list_sessions(zone_id: ZoneId, query: Annotated[SessionListQuery, Query()], ident: Caller,
+async def list_sessions(zone_id: ZoneId, query: SessionListParams, ident: Caller,
                         svc: ServicesDep) -> Page:
     sql = f"SELECT {store.SESSION_COLUMNS.replace('s.', 'x.')} FROM sessions x WHERE x.zone_id = %s"
     params: list[Any] = [zone_id]
@@ -130,7 +134,7 @@ async def get_session(zone_id: ZoneId, session_id: SessionId, ident: Caller, svc
 
 
 @router.get("/zones/{zone_id}/agents/{session_id}/children", summary="List child sessions")
-async def list_children(zone_id: ZoneId, session_id: SessionId, query: Annotated[SessionListQuery, Query()],
+async def list_children(zone_id: ZoneId, session_id: SessionId, query: SessionListParams,
                         ident: Caller, svc: ServicesDep) -> Page:
     # The filters are validated and ignored, as the reference does.
     sql = (f"SELECT {store.SESSION_COLUMNS.replace('s.', 'x.')} FROM agent_topology t "
