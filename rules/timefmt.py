@@ -27,12 +27,11 @@ def iso_ms(dt: datetime | None) -> str | None:
         return None
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=timezone.utc)
-    else:
+    elif dt.utcoffset():
         dt = dt.astimezone(timezone.utc)
-    return (
-        f"{dt.year:04d}-{dt.month:02d}-{dt.day:02d}T{dt.hour:02d}:{dt.minute:02d}:{dt.second:02d}"
-        f".{dt.microsecond // 1000:03d}Z"
-    )
+    # isoformat truncates to milliseconds and ends in "+00:00" here (C code: a list page renders
+    # hundreds of these).
+    return dt.isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
 def is_iso_z(value: object) -> bool:
