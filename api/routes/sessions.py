@@ -110,7 +110,7 @@ async def start_session(zone_id: ZoneId, body: Annotated[StartSessionBody, BodyP
 @router.get("/zones/{zone_id}/agents", summary="List agent sessions")
 async def list_sessions(zone_id: ZoneId, query: SessionListParams, ident: Caller,
                         svc: ServicesDep) -> Page:
-    sql = f"SELECT {store.SESSION_COLUMNS.replace('s.', 'x.')} FROM sessions x WHERE x.zone_id = %s"
+    sql = f"SELECT {store.LISTED_COLUMNS} FROM sessions x WHERE x.zone_id = %s"
     params: list[Any] = [zone_id]
     for column in ("status", "lifecycle", "application_id"):
         value = getattr(query, column)
@@ -137,7 +137,7 @@ async def get_session(zone_id: ZoneId, session_id: SessionId, ident: Caller, svc
 async def list_children(zone_id: ZoneId, session_id: SessionId, query: SessionListParams,
                         ident: Caller, svc: ServicesDep) -> Page:
     # The filters are validated and ignored, as the reference does.
-    sql = (f"SELECT {store.SESSION_COLUMNS.replace('s.', 'x.')} FROM agent_topology t "
+    sql = (f"SELECT {store.LISTED_COLUMNS} FROM agent_topology t "
            f"JOIN sessions x ON x.id = t.child_id WHERE t.parent_id = %s AND x.zone_id = %s")
     return await list_page(svc.db, table="sessions", zone_id=zone_id, limit=query.limit, cursor=query.cursor,
                            sql=sql, params=[session_id, zone_id], project=store.child_projection)
