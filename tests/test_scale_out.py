@@ -19,6 +19,7 @@ import pytest
 
 from devstack.postgres import free_port
 from tests.conftest import Stack, Zone
+from tests.procfs import api_processes, cpu_ticks
 
 REPO = Path(__file__).resolve().parents[1]
 RATE_LIMIT = 300
@@ -26,25 +27,6 @@ RATE_LIMIT = 300
 
 def _env_value(value: Any) -> str:
     return ("true" if value else "false") if isinstance(value, bool) else str(value)
-
-
-def _cpu_ticks(pid: int) -> int:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"resource_tracker" not in cmdline:
-                found.append(int(entry.name))
-    return found
 
 
 class ApiProcesses:
@@ -65,7 +47,7 @@ class ApiProcesses:
                 assert self.proc.poll() is None, self.log.read_text()
                 try:
                     if (await http.get(f"{self.base_url}/health")).status_code == 200 and \
-                            len(_children(self.proc.pid)) == 2:
+                            len(api_processes(self.proc.pid)) == 2:
                         return
                 except httpx.HTTPError:
                     pass
@@ -99,8 +81,8 @@ async def test_two_api_processes_admit_the_configured_rate_limit_together(api: A
     left = 60 - time.time() % 60
     if left < 15:  # the count must stay in one window
         await asyncio.sleep(left + 0.1)
-    workers = _children(api.proc.pid)
-    cpu_before = {pid: _cpu_ticks(pid) for pid in workers}
+    workers = api_processes(api.proc.pid)
+    cpu_before = {pid: cpu_ticks(pid) for pid in workers}
     statuses: Counter[int] = Counter()
     sem = asyncio.Semaphore(8)
 
@@ -114,7 +96,7 @@ async def test_two_api_processes_admit_the_configured_rate_limit_together(api: A
     # Together the two processes admit the configured limit, never more, at most 10 % less.
     assert RATE_LIMIT * 0.9 <= statuses[200] <= RATE_LIMIT, statuses
     # Both processes served (each burnt CPU time on the requests).
-    assert all(_cpu_ticks(pid) - cpu_before[pid] >= 5 for pid in workers), (cpu_before, workers)
+    assert all(cpu_ticks(pid) - cpu_before[pid] >= 5 for pid in workers), (cpu_before, workers)
 
 
 async def test_an_identity_revoked_through_one_process_is_refused_by_both(api: ApiProcesses, zone: Zone):

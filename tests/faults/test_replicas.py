@@ -8,39 +8,17 @@ import os
 import signal
 import time
 from collections import Counter
-from pathlib import Path
 
 import httpx
 import pytest
 from temporalio.client import Client
 
 from tests.faults.conftest import FaultStack
+from tests.procfs import api_processes, cpu_ticks
 from tests.faults.test_faults import _converged
 from workflows.models import session_workflow_id
 
 pytestmark = pytest.mark.faults
-
-
-def _cpu_ticks(pid: int) -> int:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
-
-
-def api_processes(supervisor_pid: int) -> list[int]:
-    """The supervisor's API processes (its children, less multiprocessing's resource tracker)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == supervisor_pid and b"resource_tracker" not in cmdline:
-            pids.append(int(entry.name))
-    return sorted(pids)
 
 
 @pytest.mark.parametrize("fault_stack", [{"API_PROCESSES": "2"}], indirect=True)
@@ -92,9 +70,9 @@ async def test_one_api_process_worker_and_dispatcher_killed_under_load(fault_sta
     async def killer() -> None:
         await asyncio.sleep(2)
         # Kill the process that is serving more of the load right now: it has requests in flight.
-        before = {pid: _cpu_ticks(pid) for pid in api_pids}
+        before = {pid: cpu_ticks(pid) for pid in api_pids}
         await asyncio.sleep(1)
-        busier = max(api_pids, key=lambda pid: _cpu_ticks(pid) - before[pid])
+        busier = max(api_pids, key=lambda pid: cpu_ticks(pid) - before[pid])
         killed["api"] = busier
         os.kill(busier, signal.SIGKILL)
         s.kill_worker()
