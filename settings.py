@@ -96,7 +96,7 @@ class Settings(BaseSettings):
     COORDINATOR_BODY_LIMIT_BYTES: int = Field(262144, ge=1024)
     TRUST_PROXY: bool = False
 
-    # --- rate limits per minute, per replica (0 disables) (§10) ---
+    # --- rate limits per minute, for the whole deployment (0 disables) (§10; api/ratelimit.py) ---
     COORDINATOR_RATE_LIMIT_PER_MIN: int = Field(600, ge=0)
     READY_RATE_LIMIT_PER_MIN: int = Field(120, ge=0)
     V1_RATE_LIMIT_PER_MIN: int = Field(300, ge=0)

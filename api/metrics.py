@@ -21,51 +21,36 @@ REQUESTS = Counter("coordinator_http_requests_total", "HTTP requests", ["method"
 LATENCY = Histogram("coordinator_http_request_duration_seconds", "HTTP request latency", ["method", "route"],
                     registry=REGISTRY,
                     buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10))
-WORKFLOW_COMMANDS = Counter("coordinator_workflow_commands_total", "Workflow updates sent by the API",
-                            ["command", "outcome"], registry=REGISTRY)
-SESSIONS = Gauge("coordinator_sessions", "Sessions by status", ["status"], registry=REGISTRY,
-        multiprocess_mode="mostrecent")
-INVOCATIONS = Gauge("caracal_invocations_total", "Invocations by status (current row count)", ["status"],
-                    registry=REGISTRY,
-        multiprocess_mode="mostrecent")
-OUTBOX = Gauge("caracal_outbox_total", "Coordinator outbox rows by status", ["status"], registry=REGISTRY,
-        multiprocess_mode="mostrecent")
-ACTIVITY_ROWS = Gauge("coordinator_workflow_executions", "Workflow executions by type and status (Temporal)",
-                      ["workflow_type", "status"], registry=REGISTRY,
-        multiprocess_mode="mostrecent")
+
+
+def _gauge(name: str, documentation: str, labels: tuple[str, ...] = ()) -> Gauge:
+    """A gauge set from Postgres at each scrape: across API processes the last value set counts."""
+    return Gauge(name, documentation, labels, registry=REGISTRY, multiprocess_mode="mostrecent")
+
+
+SESSIONS = _gauge("coordinator_sessions", "Sessions by status", ("status",))
+INVOCATIONS = _gauge("caracal_invocations_total", "Invocations by status (current row count)", ("status",))
+OUTBOX = _gauge("caracal_outbox_total", "Coordinator outbox rows by status", ("status",))
 
 # The workflow outbox and its dispatchers (storage/dispatch.py), read from Postgres at each scrape.
-WF_OUTBOX_BACKLOG = Gauge("coordinator_workflow_outbox_backlog", "Workflow-outbox rows waiting for delivery",
-                          registry=REGISTRY,
-        multiprocess_mode="mostrecent")
-WF_OUTBOX_OLDEST = Gauge("coordinator_workflow_outbox_oldest_age_seconds",
-                         "Age of the oldest undelivered workflow-outbox row", registry=REGISTRY,
-        multiprocess_mode="mostrecent")
-WF_OUTBOX_DELIVERED = Gauge("coordinator_workflow_outbox_delivered_total",
-                            "Workflow-outbox rows delivered, summed over all dispatchers", registry=REGISTRY,
-        multiprocess_mode="mostrecent")
-WF_OUTBOX_FAILED = Gauge("coordinator_workflow_outbox_failed_total",
-                         "Failed workflow-outbox deliveries (retried), summed over all dispatchers", registry=REGISTRY,
-        multiprocess_mode="mostrecent")
-WF_OUTBOX_RATE = Gauge("coordinator_workflow_outbox_delivered_per_second",
-                       "Rows delivered per second by the running dispatchers (last 10 s)", registry=REGISTRY,
-        multiprocess_mode="mostrecent")
-WF_OUTBOX_DISPATCHERS = Gauge("coordinator_workflow_outbox_dispatchers", "Running dispatchers (recent heartbeat)",
-                              registry=REGISTRY,
-        multiprocess_mode="mostrecent")
-WF_OUTBOX_TEMPORAL_UP = Gauge("coordinator_workflow_outbox_temporal_up",
-                              "1 when every running dispatcher reaches Temporal", registry=REGISTRY,
-        multiprocess_mode="mostrecent")
-WF_SIGNAL_LAG_P50 = Gauge("coordinator_workflow_signal_lag_p50_ms",
-                          "Commit-to-signal lag, median of the recent deliveries (worst dispatcher)", registry=REGISTRY,
-        multiprocess_mode="mostrecent")
-WF_SIGNAL_LAG_P95 = Gauge("coordinator_workflow_signal_lag_p95_ms",
-                          "Commit-to-signal lag, 95th percentile of the recent deliveries (worst dispatcher)",
-                          registry=REGISTRY,
-        multiprocess_mode="mostrecent")
-RECONCILER_STARTED = Gauge("coordinator_reconciler_started_total",
-                           "Workflows the reconciler found missing and started", registry=REGISTRY,
-        multiprocess_mode="mostrecent")
+WF_OUTBOX_BACKLOG = _gauge("coordinator_workflow_outbox_backlog", "Workflow-outbox rows waiting for delivery")
+WF_OUTBOX_OLDEST = _gauge("coordinator_workflow_outbox_oldest_age_seconds",
+                          "Age of the oldest undelivered workflow-outbox row")
+WF_OUTBOX_DELIVERED = _gauge("coordinator_workflow_outbox_delivered_total",
+                             "Workflow-outbox rows delivered, summed over all dispatchers")
+WF_OUTBOX_FAILED = _gauge("coordinator_workflow_outbox_failed_total",
+                          "Failed workflow-outbox deliveries (retried), summed over all dispatchers")
+WF_OUTBOX_RATE = _gauge("coordinator_workflow_outbox_delivered_per_second",
+                        "Rows delivered per second by the running dispatchers (last 10 s)")
+WF_OUTBOX_DISPATCHERS = _gauge("coordinator_workflow_outbox_dispatchers", "Running dispatchers (recent heartbeat)")
+WF_OUTBOX_TEMPORAL_UP = _gauge("coordinator_workflow_outbox_temporal_up",
+                               "1 when every running dispatcher reaches Temporal")
+WF_SIGNAL_LAG_P50 = _gauge("coordinator_workflow_signal_lag_p50_ms",
+                           "Commit-to-signal lag, median of the recent deliveries (worst dispatcher)")
+WF_SIGNAL_LAG_P95 = _gauge("coordinator_workflow_signal_lag_p95_ms",
+                           "Commit-to-signal lag, 95th percentile of the recent deliveries (worst dispatcher)")
+RECONCILER_STARTED = _gauge("coordinator_reconciler_started_total",
+                            "Workflows the reconciler found missing and started")
 
 
 def set_workflow_outbox(backlog: dict, stats: dict, reconciler_started: int) -> None:
