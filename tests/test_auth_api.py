@@ -356,3 +356,47 @@ async def test_malformed_json_and_invalid_body(zone: Zone):
     r = await zone.http.post(url, content=chunked(), headers={**zone.headers(), "content-type": "application/json"})
     assert r.status_code == 413 and r.json()["error"] == "internal_error", r.text
     assert await zone.stack.db.fetchval("SELECT count(*) FROM sessions WHERE zone_id = %s", (zone.id,)) == 0
+
+
+class _CountingDatabase:
+    """The stack's database, counting identity reads; `change_during_read` makes a directory
+    change land while a read is in flight (as a revocation committed by another process would)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db, self.url, self.reads = db, db.url, 0
+        self.change_during_read = None
+
+    async def fetchrow(self, sql, params):
+        self.reads += 1
+        row = await self.db.fetchrow(sql, params)
+        if self.change_during_read is not None:
+            self.change_during_read()
+        return row
+
+
+async def test_identity_cache_answers_repeats_but_never_caches_a_read_overtaken_by_a_change(stack, zone: Zone):
+    from tests.conftest import eventually
+
+    db = _CountingDatabase(stack.db)
+    auth = Authenticator(stack.settings, db)
+    try:
+        auth._caching()  # starts the directory listener
+        await eventually(lambda: _true(auth._caching()))
+        ask = dict(method="GET", path=f"/zones/{zone.id}/agents", authorization=f"Bearer {zone.token()}",
+                   route_zone_id=zone.id)
+        await auth.authenticate(**ask)
+        await auth.authenticate(**ask)
+        assert db.reads == 1  # the second request was answered from the cache
+
+        auth.forget_identities()
+        db.change_during_read = auth.forget_identities
+        await auth.authenticate(**ask)
+        db.change_during_read = None
+        await auth.authenticate(**ask)
+        assert db.reads == 3  # the read overtaken by a change was not cached: the next one asked again
+    finally:
+        await auth.aclose()
+
+
+async def _true(value: bool) -> bool:
+    return value

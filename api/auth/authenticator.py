@@ -77,6 +77,9 @@ class Authenticator:
         self._live_seconds: float = getattr(settings, "IDENTITY_CACHE_SECONDS", 0)
         self._directory: ChannelListener | None = None
         self._directory_task: asyncio.Task[None] | None = None
+        # Counts directory changes: an answer read before a change is not cached after it.
+        self._directory_changes = 0
+        self._directory_warned = False
 
     async def aclose(self) -> None:
         if self._directory_task is not None:
@@ -87,6 +90,7 @@ class Authenticator:
 
     def forget_identities(self) -> None:
         """The directory changed: check every identity against Postgres again."""
+        self._directory_changes += 1
         self._live.clear()
 
     # -- §3.1 ------------------------------------------------------------------------------------
@@ -210,11 +214,12 @@ class Authenticator:
             until = self._live.get(key)
             if until is not None and until > now:
                 return True
+        changes = self._directory_changes
         row = await self.db.fetchrow(_IDENTITY_SQL, {"zone_id": zone_id, "client_id": client_id, "sid": sid})
         if row is None or row["application_until"] is None or row["authority_record_until"] is None:
             self._live.pop(key, None)
             return False
-        if self._caching():
+        if self._caching() and changes == self._directory_changes:
             self._live[key] = min(now + self._live_seconds, row["application_until"], row["authority_record_until"])
             self._live.move_to_end(key)
             while len(self._live) > IDENTITY_CACHE_SIZE:
@@ -227,15 +232,21 @@ class Authenticator:
             return False
         if self._directory_task is None:
             self._directory = ChannelListener(self.db.url, DIRECTORY_CHANNEL, on_notify=self.forget_identities,
-                                              on_connect=self.forget_identities, on_lost=self._directory_lost)
+                                              on_connect=self._directory_connected, on_lost=self._directory_lost)
             self._directory_task = asyncio.get_running_loop().create_task(self._directory.run(),
                                                                           name="directory-listener")
         return self._directory is not None and self._directory.listening
 
+    def _directory_connected(self) -> None:
+        self._directory_warned = False
+        self.forget_identities()  # changes made while nobody listened were missed
+
     def _directory_lost(self, exc: Exception) -> None:
         self.forget_identities()
-        log.warning("directory listener lost (%s: %s): identities are checked on every request until it is back",
-                    type(exc).__name__, exc)
+        if not self._directory_warned:  # once per outage, not at every reconnect attempt
+            self._directory_warned = True
+            log.warning("directory listener lost (%s: %s): identities are checked on every request until it is "
+                        "back", type(exc).__name__, exc)
 
     # -- §4.25.1 (/v1/verify) ----------------------------------------------------------------------
 
