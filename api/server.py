@@ -1,13 +1,13 @@
 """The API's process model: `python -m api` runs `run_api()`.
 
 With more than one process a small supervisor runs that many uvicorn servers, each listening on
-its own SO_REUSEPORT socket on PORT, so the kernel spreads new connections evenly across them (on
-one shared socket the least busy process wins the accept race, and one process ended up with 14 of
-16 keep-alive connections). The supervisor checks that the port is free and keeps it bound (not
-listening); it restarts a process that dies and
-passes SIGTERM/SIGINT on, so each process drains (see `DrainingServer`) and the supervisor exits
-once all have. Every process has its own connection pool (DB_POOL_MAX each); rate limits and
-`/metrics` hold for the whole deployment (api/ratelimit.py, api/metrics.py).
+its own SO_REUSEPORT socket on PORT: the kernel spreads new connections across them by a hash of
+the connection (on one shared socket the least busy process won the accept race and took 14 of 16
+keep-alive connections; with few long-lived connections a hash can still split them unevenly).
+The supervisor checks that the port is free and keeps it bound (not listening), restarts a process
+that dies, and passes SIGTERM/SIGINT on, so each process drains (see `DrainingServer`) and the
+supervisor exits once all have. Every process has its own connection pool (DB_POOL_MAX each);
+rate limits and `/metrics` hold for the whole deployment (api/ratelimit.py, api/metrics.py).
 """
 
 from __future__ import annotations

@@ -146,7 +146,10 @@ def list_query(model: type[Q]) -> Any:
     """`Annotated[Model, list_query(Model)]`: a list route's query as `model`, validated in one call
     (FastAPI's per-field query parsing cost a list request a third of its CPU), after authentication
     as a `Query()` model is, first value of a repeated key wins; errors are 400 `invalid_query` with
-    the issues. `CoordinatorRoute` documents the model's fields as the query parameters."""
+    the issues. `CoordinatorRoute` documents the model's fields as the query parameters.
+
+    Only for bodiless routes: a dependency answers before the body's own refusal would, so routes
+    with a body keep `Annotated[Model, Query()]`, validated with the body in FastAPI's one pass."""
 
     async def parse(request: Request, _: Caller) -> Q:
         try:
