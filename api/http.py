@@ -89,6 +89,12 @@ def no_content() -> Response:
     return Response(status_code=204)
 
 
+def rendered_json(body: str | bytes) -> Response:
+    """A 200 whose JSON body Postgres rendered (`storage.pages.json_page`, `storage.sessions.session_body`):
+    sent as it is, without decoding and validating it again. The route declares its `response_model`."""
+    return Response(body, media_type="application/json")
+
+
 # ---------------------------------------------------------------------------------------------
 # Refused bodies
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,9 @@ import pytest
 from temporalio.client import WorkflowExecutionStatus
 
 from rules.idempotency import key_digest
+from rules.timefmt import iso_ms
 from settings import DEV_IDEMPOTENCY_HMAC_KEY
+from storage.pages import iso_ms_sql
 from storage.outbox import AGENTS_LIFECYCLE, DELEGATIONS_INVALIDATE, SESSIONS_REVOKE
 from tests.conftest import Zone, eventually, seed_zone
 
@@ -143,6 +145,55 @@ async def test_start_task_defaults_and_spawn_event(zone: Zone):  # 19
 
     r = await zone.http.get(url(zone, "unknown-session"), headers=zone.headers())
     assert r.status_code == 404 and r.json() == {"error": "session_not_found"}
+
+
+async def test_read_bodies_rendered_by_postgres(zone: Zone):
+    """GET, list and children are rendered as JSON by Postgres: the reference's fields, timestamps as
+    `iso_ms` renders them (UTC, milliseconds truncated), metadata and labels as stored."""
+    metadata = {"k": [1, {"x": None, "é": "日本\u2028"}], "big": 2**53, "f": 1.5, "nested": {"a": {"b": []}}}
+    parent = await zone.start(lifecycle="service", labels=["blue"], metadata=metadata)
+    child = await zone.start(parent_id=sid(parent), lifecycle="service")
+    await zone.stack.db.execute(
+        "UPDATE sessions SET started_at = %s, last_heartbeat_at = %s, heartbeat_deadline_at = %s WHERE id = %s",
+        (datetime(2026, 6, 1, 12, 34, 56, 789999, tzinfo=timezone.utc),
+         datetime(999, 1, 2, 3, 4, 5, 6000, tzinfo=timezone.utc),
+         datetime(2024, 2, 29, 23, 59, 59, 999999, tzinfo=timezone(timedelta(hours=-5))), sid(child)))
+    created = {k: v for k, v in child.items() if k != "delegation_edge_id"}
+    expected = {**created, "metadata": {}, "terminated_at": None, "termination_reason": None,
+                "started_at": "2026-06-01T12:34:56.789Z", "last_heartbeat_at": "0999-01-02T03:04:05.006Z",
+                "heartbeat_deadline_at": "2024-03-01T04:59:59.999Z"}
+    r = await zone.http.get(url(zone, sid(child)), headers=zone.headers())
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json", r.text
+    assert r.json() == expected and list(r.json()) == [
+        "agent_session_id", "zone_id", "application_id", "parent_id", "subject_authority_record_id", "lifecycle",
+        "labels", "status", "depth", "ttl_seconds", "metadata", "started_at", "terminated_at", "termination_reason",
+        "last_heartbeat_at", "heartbeat_deadline_at", "lease_generation"]
+
+    r = await zone.http.get(url(zone), params={"limit": 2}, headers=zone.headers())
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json", r.text
+    page = r.json()
+    assert page["items"][0] == expected and page["next_cursor"] == sid(parent)
+    assert page["items"][1]["metadata"] == metadata and page["items"][1]["labels"] == ["blue"]
+    r = await zone.http.get(url(zone), params={"limit": 2, "cursor": sid(parent)}, headers=zone.headers())
+    assert r.json() == {"items": [], "next_cursor": None}
+
+    r = await zone.http.get(url(zone, sid(parent), "children"), headers=zone.headers())
+    assert r.status_code == 200 and r.json() == {"items": [
+        {k: v for k, v in expected.items() if k not in ("terminated_at", "termination_reason")}], "next_cursor": None}
+
+
+async def test_iso_ms_sql_renders_like_iso_ms(zone: Zone):
+    """The SQL rendering of timestamps agrees with `rules.timefmt.iso_ms`, whatever the connection's time zone."""
+    instants = [datetime(2026, 6, 1, 12, 34, 56, 789999, tzinfo=timezone.utc), datetime(999, 1, 2, tzinfo=timezone.utc),
+                datetime(2024, 2, 29, 23, 59, 59, 999999, tzinfo=timezone(timedelta(hours=-5))),
+                datetime(2026, 1, 1, 0, 0, 0, 999, tzinfo=timezone(timedelta(hours=2)))]
+    async with zone.stack.db.transaction() as conn:
+        await conn.execute("SET LOCAL TimeZone = 'Asia/Kolkata'")
+        for instant in instants:
+            cur = await conn.execute(f"SELECT {iso_ms_sql('%s::timestamptz')} AS text", (instant,))
+            assert (await cur.fetchone()) == {"text": iso_ms(instant)}
+        cur = await conn.execute(f"SELECT {iso_ms_sql('NULL::timestamptz')} AS text")
+        assert (await cur.fetchone()) == {"text": None}
 
 
 async def test_start_service_lease(zone: Zone):  # 20

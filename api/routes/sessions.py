@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field, field_validator
 from pydantic.json_schema import SkipJsonSchema
 
 from api.deps import Caller, ServicesDep
-from api.http import no_content
+from api.http import no_content, rendered_json
 from api.routes.common import (
     list_query,
     INTEGRAL, Body, IdempotencyKeyHeader, IgnoredBody, NonEmpty, Page, PageQuery, QueryText, SessionId,
@@ -26,7 +26,7 @@ from rules.sessions import MAX_LABEL_LENGTH, MAX_LABELS, normalize_labels, resol
 from storage import sessions as store
 from storage.idempotency import SESSION_START, IdempotencyRequest
 from storage.db import Conn
-from storage.pages import list_page
+from storage.pages import json_page
 
 router = make_router("sessions")
 
@@ -107,10 +107,10 @@ async def start_session(zone_id: ZoneId, body: Annotated[StartSessionBody, BodyP
     return created({"status": result.status, "body": result.body, "replayed": result.replayed})
 
 
-@router.get("/zones/{zone_id}/agents", summary="List agent sessions")
+@router.get("/zones/{zone_id}/agents", summary="List agent sessions", response_model=Page)
 async def list_sessions(zone_id: ZoneId, query: SessionListParams, ident: Caller,
-                        svc: ServicesDep) -> Page:
-    sql = f"SELECT {store.LISTED_COLUMNS} FROM sessions x WHERE x.zone_id = %s"
+                        svc: ServicesDep) -> Response:
+    sql = "FROM sessions x WHERE x.zone_id = %s"
     params: list[Any] = [zone_id]
     for column in ("status", "lifecycle", "application_id"):
         value = getattr(query, column)
@@ -120,27 +120,27 @@ async def list_sessions(zone_id: ZoneId, query: SessionListParams, ident: Caller
     if query.label is not None:
         sql += " AND %s = ANY(x.labels)"
         params.append(query.label)
-    return await list_page(svc.db, table="sessions", zone_id=zone_id, limit=query.limit, cursor=query.cursor,
-                           sql=sql, params=params, project=store.full_projection)
+    return rendered_json(await json_page(
+        svc.db, table="sessions", zone_id=zone_id, limit=query.limit, cursor=query.cursor,
+        body=store.SESSION_BODY, id_key="agent_session_id", sql_from=sql, params=params))
 
 
-@router.get("/zones/{zone_id}/agents/{session_id}", summary="Inspect one session")
-async def get_session(zone_id: ZoneId, session_id: SessionId, ident: Caller, svc: ServicesDep) -> dict[str, Any]:
-    async with svc.db.connection() as conn:
-        row = await store.get_session(conn, zone_id, session_id)
-    if row is None:
+@router.get("/zones/{zone_id}/agents/{session_id}", summary="Inspect one session", response_model=dict[str, Any])
+async def get_session(zone_id: ZoneId, session_id: SessionId, ident: Caller, svc: ServicesDep) -> Response:
+    body = await store.session_body(svc.db, zone_id, session_id)
+    if body is None:
         raise CoordinatorError(404, "session_not_found")
-    return store.full_projection(row)
+    return rendered_json(body)
 
 
-@router.get("/zones/{zone_id}/agents/{session_id}/children", summary="List child sessions")
+@router.get("/zones/{zone_id}/agents/{session_id}/children", summary="List child sessions", response_model=Page)
 async def list_children(zone_id: ZoneId, session_id: SessionId, query: SessionListParams,
-                        ident: Caller, svc: ServicesDep) -> Page:
+                        ident: Caller, svc: ServicesDep) -> Response:
     # The filters are validated and ignored, as the reference does.
-    sql = (f"SELECT {store.LISTED_COLUMNS} FROM agent_topology t "
-           f"JOIN sessions x ON x.id = t.child_id WHERE t.parent_id = %s AND x.zone_id = %s")
-    return await list_page(svc.db, table="sessions", zone_id=zone_id, limit=query.limit, cursor=query.cursor,
-                           sql=sql, params=[session_id, zone_id], project=store.child_projection)
+    sql = "FROM agent_topology t JOIN sessions x ON x.id = t.child_id WHERE t.parent_id = %s AND x.zone_id = %s"
+    return rendered_json(await json_page(
+        svc.db, table="sessions", zone_id=zone_id, limit=query.limit, cursor=query.cursor,
+        body=store.CHILD_BODY, id_key="agent_session_id", sql_from=sql, params=[session_id, zone_id]))
 
 
 @router.patch("/zones/{zone_id}/agents/{session_id}/suspend", summary="Suspend a session subtree")
