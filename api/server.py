@@ -12,6 +12,7 @@ rate limits and `/metrics` hold for the whole deployment (api/ratelimit.py, api/
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import multiprocessing
 import os
@@ -21,8 +22,10 @@ import socket
 import tempfile
 import time
 from types import FrameType
+from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from settings import get_settings
 from storage.migrate import require_migrated
@@ -37,12 +40,50 @@ def run_api() -> None:
     settings = get_settings()
     require_migrated(settings.DATABASE_URL, "api")
     config = uvicorn.Config("api.app:create_app", factory=True, host=settings.HOST, port=settings.PORT,
-                            log_level=os.environ.get("LOG_LEVEL", "info").lower(), access_log=False)
+                            log_level=os.environ.get("LOG_LEVEL", "info").lower(), access_log=False,
+                            http=CoalescingHttpProtocol)
     processes = settings.API_PROCESSES or os.cpu_count() or 1
     if processes == 1:
         DrainingServer(config).run()
     else:
         Supervisor(config, processes).run()
+
+
+class CoalescingTransport:
+    """A transport whose writes made in one turn of the event loop leave in one send. uvicorn writes
+    an answer's head and its body separately: two system calls and two TCP segments per answer,
+    about a tenth of the API's CPU on a small GET, and as much again for the client to receive."""
+
+    __slots__ = ("_transport", "_loop", "_pending")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._pending: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not self._pending:
+            self._loop.call_soon(self._flush)
+        self._pending.append(data)
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        if pending and not self._transport.is_closing():
+            self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:  # everything else is the socket transport's
+        return getattr(self._transport, name)
+
+
+class CoalescingHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol on a `CoalescingTransport`."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
 
 
 class DrainingServer(uvicorn.Server):
