@@ -38,7 +38,8 @@ _OUTAGE_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
 
 
 def is_outage(exc: BaseException) -> bool:
-    return isinstance(exc, _OUTAGE_ERRORS)
+    # A deadlock or serialization failure is an OperationalError too, but Postgres is up.
+    return isinstance(exc, _OUTAGE_ERRORS) and not isinstance(exc, _RETRYABLE)
 
 
 class Database:
@@ -88,17 +89,38 @@ class Database:
                     # returned connection to a worker task (about 40 us of CPU per checkout).
                     self._returned_at[conn] = time.monotonic()
         except _OUTAGE_ERRORS as exc:
+            if not is_outage(exc):
+                raise  # a deadlock: `run` retries it
             raise postgres_unavailable() from exc
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[Conn]:
-        """A connection inside BEGIN ... COMMIT; any exception rolls everything back."""
-        async with self.connection() as conn:
+        """A connection inside BEGIN ... COMMIT; any exception rolls everything back.
+
+        Statements given to `at_commit` travel with the COMMIT in one pipelined round trip: a
+        command's events and workflow notices cost no round trip of their own, and the locks it
+        holds are released one round trip sooner (creates of one zone queue on its capacity lock).
+        BEGIN and COMMIT are plain statements (not psycopg's `transaction()`) so that an error in a
+        pipelined statement surfaces as itself, a deadlock included (`run` retries those)."""
+        async with self.connection() as conn:  # which turns an outage into postgres_unavailable
+            pending: list[tuple[str, Any]] = []
+            _AT_COMMIT[conn] = pending
             try:
-                async with conn.transaction():
+                await conn.execute("BEGIN")
+                try:
                     yield conn
-            except _OUTAGE_ERRORS as exc:
-                raise postgres_unavailable() from exc
+                    async with conn.pipeline():
+                        for sql, params in pending:
+                            await conn.execute(sql, params)
+                        await conn.execute("COMMIT")
+                except BaseException:
+                    if not conn.closed and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                        # Best effort: a connection it fails on is discarded by the pool on return.
+                        with contextlib.suppress(Exception):
+                            await conn.execute("ROLLBACK")
+                    raise
+            finally:
+                _AT_COMMIT.pop(conn, None)
 
     async def run(self, command: Callable[[Conn], Awaitable[T]], attempts: int = 3) -> T:
         """Run `command` as one transaction; again (from scratch) after a deadlock or serialization
@@ -107,9 +129,9 @@ class Database:
             try:
                 async with self.transaction() as conn:
                     return await command(conn)
-            except _RETRYABLE:
+            except _RETRYABLE as exc:
                 if attempt == attempts - 1:
-                    raise
+                    raise postgres_unavailable() from exc  # 503: the client may try again
                 await asyncio.sleep(0.01 * (attempt + 1))
         raise AssertionError("unreachable")
 
@@ -131,6 +153,21 @@ class Database:
         async with self.connection() as conn:
             cur = await conn.execute(sql, params)
             return cur.rowcount
+
+
+# The statements each open `Database.transaction` runs with its COMMIT (see `at_commit`).
+_AT_COMMIT: weakref.WeakKeyDictionary[Conn, list[tuple[str, Any]]] = weakref.WeakKeyDictionary()
+
+
+async def at_commit(conn: Conn, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> None:
+    """Run a write whose result nobody reads with the COMMIT of the `Database.transaction` holding
+    `conn` (in order, after everything else the transaction runs); at once outside one. An error
+    in it fails the commit, and the whole transaction rolls back."""
+    pending = _AT_COMMIT.get(conn)
+    if pending is None:
+        await conn.execute(sql, params)
+    else:
+        pending.append((sql, params))
 
 
 async def q(conn: Conn, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[dict[str, Any]]:

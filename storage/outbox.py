@@ -8,7 +8,7 @@ from typing import Any
 from psycopg.types.json import Jsonb
 
 from rules.ids import new_id
-from storage.db import Conn, one
+from storage.db import Conn, at_commit, one
 
 AGENTS_LIFECYCLE = "caracal.agents.lifecycle"
 SESSIONS_REVOKE = "caracal.sessions.revoke"
@@ -29,7 +29,8 @@ async def emit(conn: Conn, zone_id: str, events: list[Event]) -> None:
     The events travel as one JSON document (cheap to encode, however many)."""
     if not events:
         return
-    await conn.execute(
+    await at_commit(
+        conn,
         """
         INSERT INTO caracal_outbox (id, producer, zone_id, topic, dedupe_key, payload_json)
         SELECT e->>'id', 'coordinator', %s, e->>'topic', e->>'key', e->'payload'

@@ -19,7 +19,7 @@ from psycopg.types.json import Jsonb
 from rules import workflow_contract as wc
 from rules.sessions import DEFAULT_TASK_TTL_SECONDS
 from rules.timefmt import iso_ms
-from storage.db import Conn, one
+from storage.db import Conn, at_commit, one
 from storage.outbox import Event, emit
 
 NOTIFY_CHANNEL = "workflow_outbox"
@@ -43,7 +43,8 @@ async def enqueue(conn: Conn, notices: list[WorkflowNotice]) -> None:
     thousands of escaped strings is not)."""
     if not notices:
         return
-    await conn.execute(
+    await at_commit(
+        conn,
         f"""
         WITH rows AS (
             INSERT INTO workflow_outbox (workflow_id, workflow_type, signal, payload, start_args,
@@ -74,10 +75,9 @@ def _due_at(payload: dict[str, Any]) -> str | None:
 
 
 async def publish(conn: Conn, zone_id: str, events: list[Event], notices: list[WorkflowNotice]) -> None:
-    """A change's events and workflow notices, both written in one round trip (pipelined)."""
-    async with conn.pipeline():
-        await emit(conn, zone_id, events)
-        await enqueue(conn, notices)
+    """A change's events and workflow notices, written with the transaction's COMMIT (`at_commit`)."""
+    await emit(conn, zone_id, events)
+    await enqueue(conn, notices)
 
 
 # ---------------------------------------------------------------------------------------- sessions

@@ -96,7 +96,9 @@ async def test_concurrent_writers_no_gap_no_duplicate(stack):
 
     async def writer(batch: list[str]) -> None:
         await asyncio.sleep(random.random() * 0.2)
-        async with writers.transaction() as conn:
+        # psycopg's own transaction, not `Database.transaction` (which sends events with the COMMIT):
+        # the rows must hold their seqs, uncommitted, during the sleep.
+        async with writers.connection() as conn, conn.transaction():
             await emit(conn, zone_id, [Event(AGENTS_LIFECYCLE, k, {"key": k}) for k in batch])
             cur = await conn.execute("SELECT seq FROM caracal_outbox WHERE dedupe_key = ANY(%s)", (batch,))
             seqs = [r["seq"] for r in await cur.fetchall()]

@@ -1,0 +1,79 @@
+"""storage.db.Database.transaction: writes given to `at_commit` travel with the COMMIT, in order;
+one that fails rolls the whole transaction back, raises its own error and leaves the pool usable."""
+
+from __future__ import annotations
+
+import uuid
+
+import psycopg
+import pytest
+
+from storage.db import Database, at_commit
+
+
+@pytest.fixture
+async def scratch(stack):
+    table = f"scratch_{uuid.uuid4().hex[:8]}"
+    await stack.db.execute(f"CREATE TABLE {table} (n int PRIMARY KEY, tag text)")
+    yield table
+    await stack.db.execute(f"DROP TABLE {table}")
+
+
+async def rows(db: Database, table: str) -> list[tuple[int, str]]:
+    return [(r["n"], r["tag"]) for r in await db.fetch(f"SELECT n, tag FROM {table} ORDER BY n")]
+
+
+async def test_at_commit_writes_go_with_the_commit_in_order(stack, scratch):
+    async with stack.db.transaction() as conn:
+        await at_commit(conn, f"INSERT INTO {scratch} VALUES (2, 'second')")
+        await at_commit(conn, f"UPDATE {scratch} SET tag = tag || '+' WHERE n = 1")  # after the insert of 1 below
+        await conn.execute(f"INSERT INTO {scratch} VALUES (1, 'first')")
+        cur = await conn.execute(f"SELECT count(*) AS n FROM {scratch}")
+        assert (await cur.fetchone())["n"] == 1  # not yet written
+        assert await rows(stack.db, scratch) == []  # nothing visible outside before the commit
+    assert await rows(stack.db, scratch) == [(1, "first+"), (2, "second")]
+
+
+async def test_a_failing_at_commit_write_rolls_back_everything(stack, scratch):
+    await stack.db.execute(f"INSERT INTO {scratch} VALUES (7, 'taken')")
+    for _ in range(3):  # the same pooled connections serve again afterwards
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            async with stack.db.transaction() as conn:
+                await conn.execute(f"INSERT INTO {scratch} VALUES (1, 'rolled back')")
+                await at_commit(conn, f"INSERT INTO {scratch} VALUES (2, 'rolled back')")
+                await at_commit(conn, f"INSERT INTO {scratch} VALUES (7, 'duplicate')")
+                await at_commit(conn, f"INSERT INTO {scratch} VALUES (3, 'rolled back')")
+        assert await rows(stack.db, scratch) == [(7, "taken")]
+    async with stack.db.transaction() as conn:
+        await at_commit(conn, f"INSERT INTO {scratch} VALUES (8, 'after')")
+    assert await rows(stack.db, scratch) == [(7, "taken"), (8, "after")]
+
+
+async def test_an_exception_in_the_block_discards_the_at_commit_writes(stack, scratch):
+    with pytest.raises(RuntimeError):
+        async with stack.db.transaction() as conn:
+            await conn.execute(f"INSERT INTO {scratch} VALUES (1, 'x')")
+            await at_commit(conn, f"INSERT INTO {scratch} VALUES (2, 'y')")
+            raise RuntimeError("the command failed")
+    assert await rows(stack.db, scratch) == []
+
+
+async def test_outside_a_database_transaction_at_commit_runs_at_once(stack, scratch):
+    async with stack.db.connection() as conn:
+        await at_commit(conn, f"INSERT INTO {scratch} VALUES (5, 'now')")
+    assert await rows(stack.db, scratch) == [(5, "now")]
+
+
+async def test_run_retries_a_deadlock_raised_by_an_at_commit_write(stack, scratch):
+    attempts = 0
+
+    async def command(conn):
+        nonlocal attempts
+        attempts += 1
+        await conn.execute(f"INSERT INTO {scratch} VALUES (%s, 'attempt')", (attempts,))
+        if attempts == 1:  # a deadlock reported by the deferred write itself
+            await at_commit(conn, "DO $$ BEGIN RAISE EXCEPTION 'boom' USING ERRCODE = '40P01'; END $$")
+        return attempts
+
+    assert await stack.db.run(command) == 2
+    assert await rows(stack.db, scratch) == [(2, "attempt")]
