@@ -154,26 +154,28 @@ async def start_session(conn: Conn, settings: Settings, cmd: StartSession,
         if replay is not None:
             return replay
 
-    # Capacity lock: serialises starts of one zone only while counting and inserting (no zone-wide
-    # lock over the whole request as in the reference). One round trip: the lock is taken first
-    # (each lateral subquery reads `lock`), then the application, the authority record and the
-    # zone's capacity counts are read under it.
-    found = one(await q1(conn, """
-        WITH lock AS MATERIALIZED (
-            SELECT true AS held FROM (SELECT pg_advisory_xact_lock(hashtextextended(%(lock_key)s, 0))) taken)
-        SELECT app.registration_method, record.live AS record_live, live.zone_n, live.app_n
-        FROM lock
-        LEFT JOIN LATERAL (SELECT registration_method FROM applications
-                           WHERE lock.held AND zone_id = %(zone)s AND id = %(app)s AND archived_at IS NULL
-                             AND (expires_at IS NULL OR expires_at > now())) app ON true
-        LEFT JOIN LATERAL (SELECT true AS live FROM authority_records
-                           WHERE lock.held AND zone_id = %(zone)s AND id = %(record)s AND status = 'active'
-                             AND expires_at > now()) record ON true
-        CROSS JOIN LATERAL (SELECT COALESCE(sum(live), 0) AS zone_n,
-                                   COALESCE(sum(live) FILTER (WHERE application_id = %(app)s), 0) AS app_n
-                            FROM session_capacity WHERE lock.held AND zone_id = %(zone)s) live""",
-                     {"lock_key": f"coordinator:session_capacity:{cmd.zone_id}", "zone": cmd.zone_id,
-                      "app": cmd.application_id, "record": cmd.authority_record_id}))
+    # Capacity lock: serialises the starts of one zone from counting to commit (not over the whole
+    # request as in the reference). The lock and the reads travel in one round trip, as two
+    # statements: a statement's snapshot is taken when it begins, so counts read by the statement
+    # that waited for the lock would miss the starts committed while it waited.
+    async with conn.pipeline():
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
+                           (f"coordinator:session_capacity:{cmd.zone_id}",))
+        checked = await conn.execute("""
+            SELECT app.registration_method, record.live AS record_live, live.zone_n, live.app_n
+            FROM (SELECT 1) one
+            LEFT JOIN LATERAL (SELECT registration_method FROM applications
+                               WHERE zone_id = %(zone)s AND id = %(app)s AND archived_at IS NULL
+                                 AND (expires_at IS NULL OR expires_at > now())) app ON true
+            LEFT JOIN LATERAL (SELECT true AS live FROM authority_records
+                               WHERE zone_id = %(zone)s AND id = %(record)s AND status = 'active'
+                                 AND expires_at > now()) record ON true
+            CROSS JOIN LATERAL (SELECT COALESCE(sum(live), 0) AS zone_n,
+                                       COALESCE(sum(live) FILTER (WHERE application_id = %(app)s), 0) AS app_n
+                                FROM session_capacity WHERE zone_id = %(zone)s) live""",
+                                     {"zone": cmd.zone_id, "app": cmd.application_id,
+                                      "record": cmd.authority_record_id})
+        found = one(await checked.fetchone())  # (q1 cannot tell a result from a pending one in a pipeline)
     if found["registration_method"] is None:
         raise CoordinatorError(404, "application_not_found")
     dcr = found["registration_method"] == "dcr"

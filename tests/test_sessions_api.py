@@ -318,6 +318,17 @@ async def test_zone_capacity(zone: Zone):  # 28
     assert await session_count(zone) == 50
 
 
+async def test_concurrent_starts_stop_at_the_zone_capacity(zone: Zone):
+    """Starts racing for the last places: exactly the free places are taken. (Counts read by the
+    statement that waited for the capacity lock missed the starts committed while it waited.)"""
+    await bulk_sessions(zone, 40, "app-2")
+    answers = await asyncio.gather(*(post_start(zone, {"application_id": "app-1", "subject_session_id": "ar-1"})
+                                     for _ in range(30)))
+    statuses = sorted(r.status_code for r in answers)
+    assert statuses == [201] * 10 + [429] * 20, statuses
+    assert await session_count(zone) == 50
+
+
 async def test_application_capacity(zone: Zone, wide_stack):  # 29 (zone cap raised to 250)
     http = wide_stack.http
     await bulk_sessions(zone, 199, "app-1")
