@@ -176,6 +176,17 @@ async def q(conn: Conn, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -
     return await cur.fetchall() if _returns_rows(cur) else []
 
 
+async def q_batch(conn: Conn, *statements: tuple[str, Sequence[Any] | dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Several statements in one round trip (pipelined; Postgres runs them in order, each with its
+    own snapshot): the rows of each. The first error raises as itself, and the transaction is
+    failed as after any error. What a statement locks is held by the ones after it, so a lock
+    taken here costs no round trip of its own."""
+    async with conn.pipeline() as pipeline:
+        cursors = [await conn.execute(sql, params) for sql, params in statements]
+        await pipeline.sync()
+    return [await cur.fetchall() if _returns_rows(cur) else [] for cur in cursors]
+
+
 def one(row: T | None) -> T:
     """The row of a statement that always returns one (an aggregate, INSERT ... RETURNING, an UPDATE
     of a row the transaction holds locked): no row there is a bug, not a missing entity."""

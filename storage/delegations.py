@@ -16,9 +16,9 @@ from rules.errors import CoordinatorError
 from rules.narrowing import check_narrowing
 from rules.timefmt import iso_ms, parse_iso_z
 from settings import Settings
-from storage.db import Conn, one, q, q1
+from storage.db import Conn, q, q1, q_batch
 from storage.idempotency import IdempotencyRequest, find_receipt, inactive_result, store_receipt
-from storage.outbox import DELEGATIONS_INVALIDATE, SESSIONS_REVOKE, Event, bump_epoch
+from storage.outbox import BUMP_EPOCH_SQL, DELEGATIONS_INVALIDATE, SESSIONS_REVOKE, Event, bump_epoch
 from rules import workflow_contract as wc
 from storage.sessions import edge_end_notices, terminate_subtree
 from storage.workflow_outbox import SNAPSHOT_COLUMNS, publish, session_notice
@@ -125,10 +125,18 @@ async def create_edge(conn: Conn, settings: Settings, cmd: CreateEdge,
         if replay is not None:
             return replay
 
-    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"delegation:{cmd.zone_id}",))
-    endpoints = await q(conn, f"""SELECT {SNAPSHOT_COLUMNS} FROM sessions s WHERE s.zone_id = %s AND s.id = ANY(%s)
-                                  AND {ENDPOINT_LIVE_SQL} FOR SHARE""",
-                        (cmd.zone_id, [cmd.source_session_id, cmd.target_session_id]))
+    # The zone's delegation lock, then every read the checks need, in one round trip (each statement
+    # after the lock has a snapshot taken under it); the checks then run in the reference's order.
+    _, endpoints, parents, (cycle,) = await q_batch(
+        conn,
+        ("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"delegation:{cmd.zone_id}",)),
+        (f"""SELECT {SNAPSHOT_COLUMNS} FROM sessions s WHERE s.zone_id = %s AND s.id = ANY(%s)
+             AND {ENDPOINT_LIVE_SQL} FOR SHARE""", (cmd.zone_id, [cmd.source_session_id, cmd.target_session_id])),
+        (f"""SELECT {EDGE_COLUMNS}, r.identifier AS resource_identifier
+             FROM delegation_edges x LEFT JOIN resources r ON r.zone_id = x.zone_id AND r.id = x.resource_id
+             WHERE x.zone_id = %s AND x.target_session_id = %s AND x.status = 'active'
+               AND x.expires_at > now() ORDER BY x.id""", (cmd.zone_id, cmd.source_session_id)),
+        (CYCLE_SQL, cycle_params(cmd.zone_id, cmd.source_session_id, cmd.target_session_id)))
     by_id = {r["id"]: r for r in endpoints}
     apps = {r["id"]: r["application_id"] for r in endpoints}
     if cmd.source_session_id not in apps or cmd.target_session_id not in apps:
@@ -143,11 +151,6 @@ async def create_edge(conn: Conn, settings: Settings, cmd: CreateEdge,
         if not set(cmd.scopes) <= allowed:
             raise CoordinatorError(403, "delegation_scopes_exceed_resource")
 
-    parents = await q(conn, f"""SELECT {EDGE_COLUMNS}, r.identifier AS resource_identifier
-                                FROM delegation_edges x LEFT JOIN resources r
-                                  ON r.zone_id = x.zone_id AND r.id = x.resource_id
-                                WHERE x.zone_id = %s AND x.target_session_id = %s AND x.status = 'active'
-                                  AND x.expires_at > now() ORDER BY x.id""", (cmd.zone_id, cmd.source_session_id))
     parent = None
     if parents:
         if cmd.parent_edge_id is not None:
@@ -168,10 +171,11 @@ async def create_edge(conn: Conn, settings: Settings, cmd: CreateEdge,
         if not narrowed:
             raise CoordinatorError(403, "delegation_exceeds_parent_authority")
 
-    if await creates_cycle(conn, cmd.zone_id, cmd.source_session_id, cmd.target_session_id):
+    if cycle["cycle"]:
         raise CoordinatorError(409, "delegation_cycle_denied")
 
-    row = await q1(conn, f"""
+    # The insert and the epoch bump in one round trip (no edge: the bump rolls back with the refusal).
+    inserted, epochs = await q_batch(conn, (f"""
         INSERT INTO delegation_edges AS x (id, zone_id, source_session_id, target_session_id, issuer_application_id,
             receiver_application_id, parent_edge_id, resource_id, scopes, constraints_json, expires_at)
         SELECT %(id)s, %(zone)s, %(source)s, %(target)s, %(issuer)s, %(receiver)s, %(parent)s, %(resource)s,
@@ -179,18 +183,18 @@ async def create_edge(conn: Conn, settings: Settings, cmd: CreateEdge,
         FROM (SELECT COALESCE(%(requested)s::timestamptz, now() + make_interval(secs => %(ttl)s)) AS expiry) e
         WHERE e.expiry > now() AND (%(parent_expiry)s::timestamptz IS NULL OR e.expiry <= %(parent_expiry)s)
         RETURNING {EDGE_COLUMNS}""",
-                   {"id": cmd.edge_id, "zone": cmd.zone_id, "source": cmd.source_session_id,
-                    "target": cmd.target_session_id, "issuer": cmd.issuer_application_id,
-                    "receiver": cmd.receiver_application_id, "parent": parent["id"] if parent else None,
-                    "resource": resource_id, "scopes": cmd.scopes, "constraints": Jsonb(cmd.constraints),
-                    "requested": requested, "ttl": cmd.ttl_seconds or 0,
-                    "parent_expiry": parent["expires_at"] if parent else None})
-    if row is None:
+        {"id": cmd.edge_id, "zone": cmd.zone_id, "source": cmd.source_session_id,
+         "target": cmd.target_session_id, "issuer": cmd.issuer_application_id,
+         "receiver": cmd.receiver_application_id, "parent": parent["id"] if parent else None,
+         "resource": resource_id, "scopes": cmd.scopes, "constraints": Jsonb(cmd.constraints),
+         "requested": requested, "ttl": cmd.ttl_seconds or 0,
+         "parent_expiry": parent["expires_at"] if parent else None}),
+        (BUMP_EPOCH_SQL, (cmd.zone_id,)))
+    if not inserted:
         if parent is not None:
             raise CoordinatorError(403, "delegation_exceeds_parent_authority")
         raise CoordinatorError(400, "delegation_expired")
-
-    epoch = await bump_epoch(conn, cmd.zone_id)
+    row, epoch = inserted[0], int(epochs[0]["epoch"])
 
     body = edge_projection(row)
     body["delegation_edge_id"] = body.pop("id")
@@ -223,23 +227,24 @@ async def create_edge(conn: Conn, settings: Settings, cmd: CreateEdge,
     return {"status": 201, "body": body, "replayed": False}
 
 
-async def creates_cycle(conn: Conn, zone_id: str, source: str, target: str) -> bool:
-    """§6.6: does a live path lead from the proposed target back to the proposed source?"""
-    row = await q1(conn, """
-        WITH RECURSIVE walk AS (
-            SELECT e.id, e.target_session_id, 1 AS depth, ARRAY[e.id] AS path
-            FROM delegation_edges e
-            WHERE e.zone_id = %(zone)s AND e.source_session_id = %(target)s
-              AND e.status = 'active' AND e.expires_at > now()
-            UNION ALL
-            SELECT n.id, n.target_session_id, w.depth + 1, w.path || n.id
-            FROM walk w JOIN delegation_edges n ON n.source_session_id = w.target_session_id
-            WHERE n.status = 'active' AND n.expires_at > now() AND n.zone_id = %(zone)s
-              AND NOT n.id = ANY(w.path) AND w.depth < %(max)s
-        )
-        SELECT EXISTS (SELECT 1 FROM walk WHERE target_session_id = %(source)s) AS cycle""",
-                   {"zone": zone_id, "source": source, "target": target, "max": MAX_WALK_DEPTH})
-    return bool(one(row)["cycle"])
+# §6.6: does a live path lead from the proposed target back to the proposed source? (column `cycle`)
+CYCLE_SQL = """
+    WITH RECURSIVE walk AS (
+        SELECT e.id, e.target_session_id, 1 AS depth, ARRAY[e.id] AS path
+        FROM delegation_edges e
+        WHERE e.zone_id = %(zone)s AND e.source_session_id = %(target)s
+          AND e.status = 'active' AND e.expires_at > now()
+        UNION ALL
+        SELECT n.id, n.target_session_id, w.depth + 1, w.path || n.id
+        FROM walk w JOIN delegation_edges n ON n.source_session_id = w.target_session_id
+        WHERE n.status = 'active' AND n.expires_at > now() AND n.zone_id = %(zone)s
+          AND NOT n.id = ANY(w.path) AND w.depth < %(max)s
+    )
+    SELECT EXISTS (SELECT 1 FROM walk WHERE target_session_id = %(source)s) AS cycle"""
+
+
+def cycle_params(zone_id: str, source: str, target: str) -> dict[str, Any]:
+    return {"zone": zone_id, "source": source, "target": target, "max": MAX_WALK_DEPTH}
 
 
 WALK_SQL = """

@@ -43,14 +43,14 @@ async def emit(conn: Conn, zone_id: str, events: list[Event]) -> None:
     )
 
 
+# Advance the zone's delegation graph epoch (1 on first use), returning the new value.
+BUMP_EPOCH_SQL = """
+    INSERT INTO delegation_graph_epochs (zone_id, epoch, updated_at) VALUES (%s, 1, now())
+    ON CONFLICT (zone_id) DO UPDATE SET epoch = delegation_graph_epochs.epoch + 1, updated_at = now()
+    RETURNING epoch"""
+
+
 async def bump_epoch(conn: Conn, zone_id: str) -> int:
     """Advance the zone's delegation graph epoch (1 on first use) and return the new value."""
-    cur = await conn.execute(
-        """
-        INSERT INTO delegation_graph_epochs (zone_id, epoch, updated_at) VALUES (%s, 1, now())
-        ON CONFLICT (zone_id) DO UPDATE SET epoch = delegation_graph_epochs.epoch + 1, updated_at = now()
-        RETURNING epoch
-        """,
-        (zone_id,),
-    )
+    cur = await conn.execute(BUMP_EPOCH_SQL, (zone_id,))
     return int(one(await cur.fetchone())["epoch"])

@@ -17,7 +17,7 @@ from rules.errors import CoordinatorError
 from rules.ids import new_id
 from rules.timefmt import iso_ms
 from settings import Settings
-from storage.db import Conn, Database, one, q, q1
+from storage.db import Conn, Database, one, q, q1, q_batch
 from storage.pages import body_columns, iso_ms_sql
 from storage.idempotency import IdempotencyRequest, find_receipt, inactive_result, store_receipt
 from rules import workflow_contract as wc
@@ -146,36 +146,46 @@ async def replay_start(conn: Conn, settings: Settings, req: IdempotencyRequest, 
     return StartResult(receipt.response_status, receipt.response_json, replayed=True)
 
 
-async def start_session(conn: Conn, settings: Settings, cmd: StartSession,
-                        idempotency: IdempotencyRequest | None) -> StartResult:
-    """Steps 5-15 of reference §4.4 in one transaction."""
-    if idempotency is not None:
-        replay = await replay_start(conn, settings, idempotency, cmd.zone_id, cmd.application_id)
-        if replay is not None:
-            return replay
+# The checks of a session start (application, authority record, upper-bound capacity counts) and,
+# when `insert` is set and they pass, the insert itself: one statement, so a root start needs no
+# second round trip under the capacity lock. `start_session` reads the checks in the reference's
+# order to answer a refusal; the guard below lets through only what those checks let through
+# (`capacity_counted`: the exact count near a limit was taken instead).
+_START_SQL = f"""
+    WITH checks AS MATERIALIZED (
+        SELECT app.registration_method, record.live AS record_live, live.zone_n, live.app_n
+        FROM (SELECT 1) one
+        LEFT JOIN LATERAL (SELECT registration_method FROM applications
+                           WHERE zone_id = %(zone)s AND id = %(app)s AND archived_at IS NULL
+                             AND (expires_at IS NULL OR expires_at > now())) app ON true
+        LEFT JOIN LATERAL (SELECT true AS live FROM authority_records
+                           WHERE zone_id = %(zone)s AND id = %(record)s AND status = 'active'
+                             AND expires_at > now()) record ON true
+        CROSS JOIN LATERAL (SELECT COALESCE(sum(live), 0) AS zone_n,
+                                   COALESCE(sum(live) FILTER (WHERE application_id = %(app)s), 0) AS app_n
+                            FROM session_capacity WHERE zone_id = %(zone)s) live
+    ), inserted AS (
+        INSERT INTO sessions AS s (id, zone_id, application_id, parent_id, root_id, subject_authority_record_id,
+            status, depth, labels, max_children, ttl_seconds, metadata_json, lifecycle,
+            last_heartbeat_at, heartbeat_deadline_at, lease_generation)
+        SELECT %(id)s::text, %(zone)s::text, %(app)s::text, %(parent)s::text, %(root)s::text, %(ar)s::text,
+            'active', %(depth)s::int, %(labels)s::text[], %(max_children)s::int, %(ttl)s::int, %(metadata)s::jsonb,
+            %(lifecycle)s::text,
+            CASE WHEN %(service)s THEN now() END,
+            CASE WHEN %(service)s THEN now() + make_interval(secs => %(lease)s) END,
+            CASE WHEN %(service)s THEN 1 ELSE 0 END
+        FROM checks c
+        WHERE %(insert)s AND c.registration_method IS NOT NULL AND c.record_live
+          AND (c.registration_method <> 'dcr' OR (%(lifecycle)s = 'task' AND %(parent)s::text IS NULL))
+          AND (%(capacity_counted)s OR (c.zone_n < %(max_zone)s AND c.app_n < %(max_app)s
+                                        AND (c.registration_method <> 'dcr' OR c.app_n = 0)))
+        RETURNING {SESSION_COLUMNS}
+    )
+    SELECT c.*, s.* FROM checks c LEFT JOIN inserted s ON true"""
 
-    # Capacity lock: serialises the starts of one zone from counting to commit (not over the whole
-    # request as in the reference). The lock and the reads travel in one round trip, as two
-    # statements: a statement's snapshot is taken when it begins, so counts read by the statement
-    # that waited for the lock would miss the starts committed while it waited.
-    async with conn.pipeline():
-        await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
-                           (f"coordinator:session_capacity:{cmd.zone_id}",))
-        checked = await conn.execute("""
-            SELECT app.registration_method, record.live AS record_live, live.zone_n, live.app_n
-            FROM (SELECT 1) one
-            LEFT JOIN LATERAL (SELECT registration_method FROM applications
-                               WHERE zone_id = %(zone)s AND id = %(app)s AND archived_at IS NULL
-                                 AND (expires_at IS NULL OR expires_at > now())) app ON true
-            LEFT JOIN LATERAL (SELECT true AS live FROM authority_records
-                               WHERE zone_id = %(zone)s AND id = %(record)s AND status = 'active'
-                                 AND expires_at > now()) record ON true
-            CROSS JOIN LATERAL (SELECT COALESCE(sum(live), 0) AS zone_n,
-                                       COALESCE(sum(live) FILTER (WHERE application_id = %(app)s), 0) AS app_n
-                                FROM session_capacity WHERE zone_id = %(zone)s) live""",
-                                     {"zone": cmd.zone_id, "app": cmd.application_id,
-                                      "record": cmd.authority_record_id})
-        found = one(await checked.fetchone())  # (q1 cannot tell a result from a pending one in a pipeline)
+
+def _check_application_and_record(found: dict[str, Any], cmd: StartSession) -> None:
+    """Steps 5-7 of reference §4.4 on the columns of `_START_SQL`'s checks."""
     if found["registration_method"] is None:
         raise CoordinatorError(404, "application_not_found")
     dcr = found["registration_method"] == "dcr"
@@ -186,6 +196,33 @@ async def start_session(conn: Conn, settings: Settings, cmd: StartSession,
     if not found["record_live"]:
         raise CoordinatorError(404, "session_not_found",
                                detail="subject authority record is not active in this zone")
+
+
+async def start_session(conn: Conn, settings: Settings, cmd: StartSession,
+                        idempotency: IdempotencyRequest | None) -> StartResult:
+    """Steps 5-15 of reference §4.4 in one transaction."""
+    if idempotency is not None:
+        replay = await replay_start(conn, settings, idempotency, cmd.zone_id, cmd.application_id)
+        if replay is not None:
+            return replay
+
+    # Capacity lock: serialises the starts of one zone from counting to commit (not over the whole
+    # request as in the reference). It is taken by its own statement, pipelined with the checks: a
+    # statement's snapshot is taken when it begins, so counts read by the statement that waited
+    # for the lock would miss the starts committed while it waited. A root start also inserts in
+    # that round trip when every check passes, so the lock is held for one round trip and the
+    # commit only.
+    params = {"lock_key": f"coordinator:session_capacity:{cmd.zone_id}", "zone": cmd.zone_id,
+              "app": cmd.application_id, "record": cmd.authority_record_id, "id": cmd.session_id,
+              "parent": cmd.parent_id or None, "root": cmd.session_id, "depth": 0, "labels": cmd.labels,
+              "ar": cmd.authority_record_id, "max_children": settings.MAX_CHILDREN, "ttl": cmd.ttl_seconds,
+              "metadata": Jsonb(cmd.metadata), "lifecycle": cmd.lifecycle, "service": cmd.lifecycle == "service",
+              "lease": settings.SERVICE_AGENT_LEASE_SECONDS, "max_zone": settings.MAX_AGENTS_PER_ZONE,
+              "max_app": settings.MAX_AGENTS_PER_APP, "insert": not cmd.parent_id, "capacity_counted": False}
+    _, (found,) = await q_batch(conn, ("SELECT pg_advisory_xact_lock(hashtextextended(%(lock_key)s, 0))", params),
+                                (_START_SQL, params))
+    _check_application_and_record(found, cmd)
+    dcr = found["registration_method"] == "dcr"
     counts = found
     if (found["zone_n"] >= settings.MAX_AGENTS_PER_ZONE or found["app_n"] >= settings.MAX_AGENTS_PER_APP
             or (dcr and found["app_n"] > 0)):
@@ -201,7 +238,7 @@ async def start_session(conn: Conn, settings: Settings, cmd: StartSession,
     if counts["app_n"] >= settings.MAX_AGENTS_PER_APP:
         raise CoordinatorError(429, "session_limit_exceeded")
 
-    depth, root_id, parent = 0, cmd.session_id, None
+    parent = None
     if cmd.parent_id:
         parent = await q1(conn, f"""SELECT {SNAPSHOT_COLUMNS}, s.child_count, s.max_children, s.depth,
                                           a.registration_method
@@ -223,23 +260,14 @@ async def start_session(conn: Conn, settings: Settings, cmd: StartSession,
         depth = parent["depth"] + 1
         if depth > settings.MAX_SESSION_DEPTH:
             raise CoordinatorError(429, "session_depth_limit_exceeded")
-        root_id = parent["root_id"]
+        params.update(depth=depth, root=parent["root_id"])
 
-    service = cmd.lifecycle == "service"
-    row = one(await q1(conn, f"""
-        INSERT INTO sessions AS s (id, zone_id, application_id, parent_id, root_id, subject_authority_record_id,
-            status, depth, labels, max_children, ttl_seconds, metadata_json, lifecycle,
-            last_heartbeat_at, heartbeat_deadline_at, lease_generation)
-        VALUES (%(id)s, %(zone)s, %(app)s, %(parent)s, %(root)s, %(ar)s, 'active', %(depth)s, %(labels)s,
-            %(max_children)s, %(ttl)s, %(metadata)s, %(lifecycle)s,
-            CASE WHEN %(service)s THEN now() END,
-            CASE WHEN %(service)s THEN now() + make_interval(secs => %(lease)s) END,
-            CASE WHEN %(service)s THEN 1 ELSE 0 END)
-        RETURNING {SESSION_COLUMNS}""",
-        {"id": cmd.session_id, "zone": cmd.zone_id, "app": cmd.application_id, "parent": cmd.parent_id or None,
-         "root": root_id, "ar": cmd.authority_record_id, "depth": depth, "labels": cmd.labels,
-         "max_children": settings.MAX_CHILDREN, "ttl": cmd.ttl_seconds, "metadata": Jsonb(cmd.metadata),
-         "lifecycle": cmd.lifecycle, "service": service, "lease": settings.SERVICE_AGENT_LEASE_SECONDS}))
+    row = found
+    if row["id"] is None:  # a child, or a root whose upper-bound count was near a limit: checked above
+        row = one(await q1(conn, _START_SQL, {**params, "insert": True, "capacity_counted": True}))
+        _check_application_and_record(row, cmd)  # archived or revoked since (not under this lock)
+        assert row["id"] is not None
+    root_id = row["root_id"]
 
     events: list[Event] = []
     edge_id = None
