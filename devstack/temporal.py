@@ -251,6 +251,14 @@ def parent_death_signal(sig: int = signal.SIGTERM, nice: int = 0):
         prctl(pr_set_pdeathsig, int(sig), 0, 0, 0)
         if nice:
             os.nice(nice)
+            # With autogroup scheduling (kernel.sched_autogroup_enabled, on by default) the CPU is
+            # shared between sessions first, and a nice value only ranks a process inside its own
+            # session. The child leads a new session (start_new_session): lower the session too.
+            try:
+                with open("/proc/self/autogroup", "w") as autogroup:
+                    autogroup.write(str(nice))
+            except OSError:
+                pass
 
     return preexec
 
