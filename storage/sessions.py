@@ -374,11 +374,10 @@ async def suspend_subtree(conn: Conn, zone_id: str, root_ids: list[str], reason:
         WITH RECURSIVE tree AS (
             SELECT id FROM sessions WHERE zone_id = %(zone)s AND id = ANY(%(roots)s) AND status = 'active'
             UNION
-            SELECT s.id FROM sessions s JOIN tree t ON s.parent_id = t.id
-            WHERE s.zone_id = %(zone)s AND s.status = 'active'
+            SELECT s.id FROM sessions s JOIN tree t ON s.parent_id = t.id WHERE s.status = 'active'
         )
         UPDATE sessions s SET status = 'suspended', updated_at = now(), state_version = s.state_version + 1
-        WHERE s.id = ANY(ARRAY(SELECT id FROM tree)) AND s.status = 'active'
+        FROM tree WHERE s.id = tree.id AND s.status = 'active'
         RETURNING {SNAPSHOT_COLUMNS}, s.subject_authority_record_id
         """, {"zone": zone_id, "roots": root_ids})
     rows = _roots_first(rows, root_ids)
@@ -397,13 +396,12 @@ async def resume_subtree(conn: Conn, settings: Settings, zone_id: str, root_id: 
         WITH RECURSIVE tree AS (
             SELECT id FROM sessions WHERE zone_id = %(zone)s AND id = %(root)s AND status = 'suspended'
             UNION
-            SELECT s.id FROM sessions s JOIN tree t ON s.parent_id = t.id
-            WHERE s.zone_id = %(zone)s AND s.status = 'suspended'
+            SELECT s.id FROM sessions s JOIN tree t ON s.parent_id = t.id WHERE s.status = 'suspended'
         )
         UPDATE sessions s SET status = 'active', updated_at = now(), state_version = s.state_version + 1,
             heartbeat_deadline_at = CASE WHEN s.lifecycle = 'service'
                 THEN now() + make_interval(secs => %(lease)s) ELSE s.heartbeat_deadline_at END
-        WHERE s.id = ANY(ARRAY(SELECT id FROM tree)) AND s.status = 'suspended'
+        FROM tree WHERE s.id = tree.id AND s.status = 'suspended'
         RETURNING {SNAPSHOT_COLUMNS}
         """, {"zone": zone_id, "root": root_id, "lease": settings.SERVICE_AGENT_LEASE_SECONDS})
     rows = _roots_first(rows, [root_id])
@@ -422,13 +420,15 @@ async def terminate_subtree(conn: Conn, zone_id: str, root_ids: list[str], reaso
             WHERE zone_id = %(zone)s AND id = ANY(%(roots)s) AND status IN ('active', 'suspended')
             UNION
             SELECT s.id, false FROM sessions s JOIN tree t ON s.parent_id = t.id
-            WHERE s.zone_id = %(zone)s AND s.status IN ('active', 'suspended')
+            WHERE s.status IN ('active', 'suspended')
+        ), collected AS (
+            SELECT id, bool_or(is_root) AS is_root FROM tree GROUP BY id
         )
         UPDATE sessions s SET
-            status = CASE WHEN s.id = ANY(%(roots)s) THEN %(root_status)s ELSE 'terminated' END,
-            termination_reason = CASE WHEN s.id = ANY(%(roots)s) THEN %(reason)s ELSE 'parent_terminated' END,
+            status = CASE WHEN c.is_root THEN %(root_status)s ELSE 'terminated' END,
+            termination_reason = CASE WHEN c.is_root THEN %(reason)s ELSE 'parent_terminated' END,
             terminated_at = now(), updated_at = now(), state_version = s.state_version + 1
-        WHERE s.id = ANY(ARRAY(SELECT id FROM tree)) AND s.status IN ('active', 'suspended')
+        FROM collected c WHERE s.id = c.id AND s.status IN ('active', 'suspended')
         RETURNING {SNAPSHOT_COLUMNS}, s.subject_authority_record_id
         """, {"zone": zone_id, "roots": root_ids, "reason": reason, "root_status": root_status})
     if not rows:
