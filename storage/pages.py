@@ -39,11 +39,13 @@ async def json_page(db: Database, *, table: str, zone_id: str, limit: int, curso
     `body_columns`) whose key `id_key` is `x.id`, and `sql_from` a FROM ... WHERE clause. Returns the
     page as JSON bytes, ready to send."""
     sql_from, params = await _after_cursor(db, table, zone_id, cursor, sql_from, params)
+    # string_agg, not json_agg: json_agg puts a newline between the items.
     page = one(await db.fetchrow(
-        f"SELECT json_agg(b ORDER BY b.{id_key} DESC)::text AS items, count(*) AS n, min(b.{id_key}) AS last_id "
-        f"FROM (SELECT {body} {sql_from} ORDER BY x.id DESC LIMIT %s) b", [*params, limit]))
+        f"SELECT string_agg(row_to_json(b)::text, ',' ORDER BY b.{id_key} DESC) AS items, count(*) AS n, "
+        f"min(b.{id_key}) AS last_id FROM (SELECT {body} {sql_from} ORDER BY x.id DESC LIMIT %s) b",
+        [*params, limit]))
     next_cursor = json.dumps(page["last_id"]) if page["n"] == limit and limit else "null"
-    return f'{{"items":{page["items"] or "[]"},"next_cursor":{next_cursor}}}'.encode()
+    return f'{{"items":[{page["items"] or ""}],"next_cursor":{next_cursor}}}'.encode()
 
 
 async def _after_cursor(db: Database, table: str, zone_id: str, cursor: str | None, sql: str,

@@ -173,6 +173,7 @@ async def test_read_bodies_rendered_by_postgres(zone: Zone):
     assert r.status_code == 200 and r.headers["content-type"] == "application/json", r.text
     page = r.json()
     assert page["items"][0] == expected and page["next_cursor"] == sid(parent)
+    assert b"\n" not in r.content  # one line, like every other answer
     assert page["items"][1]["metadata"] == metadata and page["items"][1]["labels"] == ["blue"]
     r = await zone.http.get(url(zone), params={"limit": 2, "cursor": sid(parent)}, headers=zone.headers())
     assert r.json() == {"items": [], "next_cursor": None}
