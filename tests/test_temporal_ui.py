@@ -85,13 +85,17 @@ async def test_session_suspend_and_resume_are_traceable_in_the_temporal_ui(postg
         zone = await seed_zone(stack, signing_key)
         session = await zone.start(ttl_seconds=600)
         session_id = session["agent_session_id"]
+        workflow_id = f"session/{zone.id}/{session_id}"
         for action, expected in (("suspend", {"suspended": 1}), ("resume", {"resumed": 1})):
-            # Delivered one by one (rows claimed together would travel as one `notices` signal).
-            await stack.workflows_caught_up()
+            # Delivered one by one (rows claimed together would travel as one `notices` signal). Only
+            # this workflow's rows: the outbox is shared with the session's other stacks, whose
+            # dispatchers may still be working through what earlier tests left.
+            await eventually(lambda: stack.db.fetchval(
+                "SELECT NOT EXISTS (SELECT 1 FROM workflow_outbox WHERE workflow_id = %s)", (workflow_id,)),
+                timeout=15)
             r = await zone.http.patch(f"/zones/{zone.id}/agents/{session_id}/{action}", headers=zone.headers())
             assert r.status_code == 200, r.text
             assert r.json() == expected
-        workflow_id = f"session/{zone.id}/{session_id}"
         # Visibility is eventually consistent: wait until the UI's own query finds the workflow.
         await eventually(lambda: _listed(stack, zone.id, workflow_id), timeout=15)
 
