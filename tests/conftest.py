@@ -117,9 +117,11 @@ class Stack:
             self.dispatcher_task = None
 
     async def workflows_caught_up(self, timeout: float = 15.0) -> None:
-        """Every workflow-outbox row written so far has been delivered (any dispatcher)."""
-        await eventually(lambda: self.db.fetchval("SELECT NOT EXISTS (SELECT 1 FROM workflow_outbox)"),
-                         timeout=timeout)
+        """Every workflow-outbox row of this stack's task queue written so far has been delivered
+        (rows of a closed extra stack stay behind: nobody dispatches its queue)."""
+        await eventually(lambda: self.db.fetchval(
+            "SELECT NOT EXISTS (SELECT 1 FROM workflow_outbox WHERE task_queue IN ('', %s))",
+            (self.settings.TEMPORAL_TASK_QUEUE,)), timeout=timeout)
 
     async def start_worker(self) -> None:
         self._worker = build_worker(self.client, self.db, self.settings)
