@@ -109,9 +109,12 @@ class Database:
                 await conn.execute("BEGIN")
                 try:
                     yield conn
-                    async with conn.pipeline():
-                        for sql, params in pending:
-                            await conn.execute(sql, params)
+                    if pending:
+                        async with conn.pipeline():
+                            for sql, params in pending:
+                                await conn.execute(sql, params)
+                            await conn.execute("COMMIT")
+                    else:
                         await conn.execute("COMMIT")
                 except BaseException:
                     if not conn.closed and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:

@@ -67,6 +67,6 @@ def iso_ms_sql(column: str) -> str:
 
 
 def body_columns(fields: Iterable[tuple[str, str]]) -> str:
-    """A select list from (JSON key, SQL expression) pairs: `row_to_json` and `json_agg` of it render
-    the keys in this order."""
+    """A select list from (JSON key, SQL expression) pairs: `row_to_json` of it renders the keys in
+    this order."""
     return ", ".join(f'{expr} AS "{key}"' for key, expr in fields)
