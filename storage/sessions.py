@@ -30,8 +30,10 @@ from storage.workflow_outbox import (
 LIVE_STATUSES = wc.SESSION_LIVE
 
 # "capacity-live" (reference §4): counts against zone and application caps. Takes %(default_ttl)s.
+# `terminated_at IS NULL` says what the status does (a check constraint keeps them equal); it lets
+# the zone's count read the partial index `sessions_zone_live` (migration 0005).
 CAPACITY_LIVE_SQL = """
-    s.status IN ('active', 'suspended') AND (
+    s.terminated_at IS NULL AND s.status IN ('active', 'suspended') AND (
       (s.lifecycle = 'service' AND (s.status = 'suspended' OR s.heartbeat_deadline_at > now()))
       OR (s.lifecycle = 'task'
           AND s.started_at + make_interval(secs => COALESCE(s.ttl_seconds, %(default_ttl)s)) > now()))

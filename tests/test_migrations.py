@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import psycopg
+import pytest
 from alembic import command
 
 from storage.migrate import alembic_config, head_revision, upgrade
@@ -22,7 +23,7 @@ def test_downgrade_to_0004_and_back_to_head(postgres):
     url = postgres.url("migrations_roundtrip")
     upgrade(url)
     assert set(indexes(url, "sessions")) == LEAN_SESSION_INDEXES
-    assert "(zone_id, id)" in indexes(url, "sessions")["sessions_zone_live"]
+    assert indexes(url, "sessions")["sessions_zone_live"].endswith("(zone_id, id) WHERE (terminated_at IS NULL)")
     assert "caracal_outbox_topic_status" not in indexes(url, "caracal_outbox")
 
     command.downgrade(alembic_config(url), "0004_scale_out")
@@ -51,3 +52,24 @@ def test_a_session_lookup_without_statistics_is_keyed_by_id(postgres):
             "EXPLAIN SELECT id FROM sessions s WHERE s.zone_id = 'z' AND s.id = ANY(ARRAY['a', 'b'])"
             " AND s.status = 'active'").fetchall())
     assert "Index Cond: ((zone_id = 'z'::text) AND (id = ANY" in plan or "Index Cond: (id = ANY" in plan, plan
+
+
+def test_a_session_row_ends_exactly_when_it_has_terminated_at(postgres):
+    """The check constraint behind `sessions_zone_live`'s predicate: a live status without
+    `terminated_at`, an ended one with it."""
+    postgres.create_database("migrations_check")
+    url = postgres.url("migrations_check")
+    upgrade(url)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("INSERT INTO zones (id) VALUES ('z')")
+        conn.execute("INSERT INTO applications (zone_id, id) VALUES ('z', 'a')")
+        conn.execute("INSERT INTO authority_records (zone_id, id, session_type, subject_id, expires_at) "
+                     "VALUES ('z', 'r', 'application', 'a', now() + interval '1 hour')")
+        conn.execute("INSERT INTO sessions (id, zone_id, application_id, root_id, subject_authority_record_id, status) "
+                     "VALUES ('s', 'z', 'a', 's', 'r', 'active')")
+        conn.execute("UPDATE sessions SET status = 'suspended' WHERE id = 's'")
+        for bad in ("UPDATE sessions SET status = 'terminated' WHERE id = 's'",
+                    "UPDATE sessions SET terminated_at = now() WHERE id = 's'"):
+            with pytest.raises(psycopg.errors.CheckViolation):
+                conn.execute(bad)
+        conn.execute("UPDATE sessions SET status = 'expired', terminated_at = now() WHERE id = 's'")

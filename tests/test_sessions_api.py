@@ -58,11 +58,13 @@ async def bulk_sessions(zone: Zone, n: int, app: str = "app-1", *, status: str =
     """`n` session rows written directly (no workflow): preconditions for capacity counts."""
     await zone.stack.db.execute("""
         INSERT INTO sessions (id, zone_id, application_id, root_id, subject_authority_record_id, status, lifecycle,
-                              started_at, ttl_seconds, last_heartbeat_at, heartbeat_deadline_at, metadata_json)
+                              started_at, ttl_seconds, last_heartbeat_at, heartbeat_deadline_at, metadata_json,
+                              terminated_at)
         SELECT x.id, %(zone)s, %(app)s, x.id, %(ar)s, %(status)s, %(lifecycle)s,
                now() - make_interval(secs => %(age)s), %(ttl)s,
                CASE WHEN %(deadline)s::float8 IS NOT NULL THEN now() END,
-               now() + make_interval(secs => %(deadline)s::float8), '{}'
+               now() + make_interval(secs => %(deadline)s::float8), '{}',
+               CASE WHEN %(status)s IN ('terminated', 'expired') THEN now() END
         FROM (SELECT 'bulk-' || gen_random_uuid()::text AS id FROM generate_series(1, %(n)s)) x""",
         {"zone": zone.id, "app": app, "ar": ar, "status": status, "lifecycle": lifecycle, "age": age_s,
          "ttl": ttl, "deadline": deadline_in, "n": n})
