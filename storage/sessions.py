@@ -368,16 +368,30 @@ async def _revocation_events(conn: Conn, zone_id: str, rows: list[dict[str, Any]
     return events
 
 
+def _subtree(statuses: str, root_flag: bool = False) -> str:
+    """`tree`: the roots `%(roots)s` of zone `%(zone)s` in one of `statuses` (an SQL list), and their
+    descendants in one of them, reached through parents in one of them (`is_root` with root_flag).
+
+    Each step looks up the children of one node through `sessions_parent` (the LATERAL subquery,
+    kept apart by OFFSET 0). Left to join the whole step, the planner cannot know how few rows the
+    walk holds, and without statistics (a fresh deployment) it read every session per node:
+    85 ms for a 200-descendant tree among 5,000 sessions, against 1 ms."""
+    flag = (", true AS is_root", ", false") if root_flag else ("", "")
+    return f"""tree AS (
+            SELECT id{flag[0]} FROM sessions
+            WHERE zone_id = %(zone)s AND id = ANY(%(roots)s) AND status IN {statuses}
+            UNION
+            SELECT c.id{flag[1]} FROM tree t CROSS JOIN LATERAL (
+                SELECT s.id FROM sessions s WHERE s.parent_id = t.id AND s.status IN {statuses} OFFSET 0) c
+        )"""
+
+
 async def suspend_subtree(conn: Conn, zone_id: str, root_ids: list[str], reason: str) -> list[dict[str, Any]]:
     """Suspend active roots and their active descendants (descent stops at non-active nodes).
 
     Returns the changed rows (SNAPSHOT_COLUMNS), roots first."""
     rows = await q(conn, f"""
-        WITH RECURSIVE tree AS (
-            SELECT id FROM sessions WHERE zone_id = %(zone)s AND id = ANY(%(roots)s) AND status = 'active'
-            UNION
-            SELECT s.id FROM sessions s JOIN tree t ON s.parent_id = t.id WHERE s.status = 'active'
-        )
+        WITH RECURSIVE {_subtree("('active')")}
         UPDATE sessions s SET status = 'suspended', updated_at = now(), state_version = s.state_version + 1
         FROM tree WHERE s.id = tree.id AND s.status = 'active'
         RETURNING {SNAPSHOT_COLUMNS}, s.subject_authority_record_id
@@ -395,17 +409,13 @@ async def suspend_subtree(conn: Conn, zone_id: str, root_ids: list[str], reason:
 async def resume_subtree(conn: Conn, settings: Settings, zone_id: str, root_id: str) -> list[dict[str, Any]]:
     """Resume a suspended root and its suspended descendants; services get a fresh lease deadline."""
     rows = await q(conn, f"""
-        WITH RECURSIVE tree AS (
-            SELECT id FROM sessions WHERE zone_id = %(zone)s AND id = %(root)s AND status = 'suspended'
-            UNION
-            SELECT s.id FROM sessions s JOIN tree t ON s.parent_id = t.id WHERE s.status = 'suspended'
-        )
+        WITH RECURSIVE {_subtree("('suspended')")}
         UPDATE sessions s SET status = 'active', updated_at = now(), state_version = s.state_version + 1,
             heartbeat_deadline_at = CASE WHEN s.lifecycle = 'service'
                 THEN now() + make_interval(secs => %(lease)s) ELSE s.heartbeat_deadline_at END
         FROM tree WHERE s.id = tree.id AND s.status = 'suspended'
         RETURNING {SNAPSHOT_COLUMNS}
-        """, {"zone": zone_id, "root": root_id, "lease": settings.SERVICE_AGENT_LEASE_SECONDS})
+        """, {"zone": zone_id, "roots": [root_id], "lease": settings.SERVICE_AGENT_LEASE_SECONDS})
     rows = _roots_first(rows, [root_id])
     await publish(conn, zone_id, [Event(AGENTS_LIFECYCLE, f"resume:{r['id']}:{r['state_version']}", {
         "event": "resume", "zone_id": zone_id, "agent_session_id": r["id"], "parent_id": r["parent_id"]})
@@ -417,13 +427,7 @@ async def terminate_subtree(conn: Conn, zone_id: str, root_ids: list[str], reaso
                             root_status: str = "terminated") -> list[dict[str, Any]]:
     """Reference §5.2: end the roots (status `root_status`) and their live descendants."""
     rows = await q(conn, f"""
-        WITH RECURSIVE tree AS (
-            SELECT id, true AS is_root FROM sessions
-            WHERE zone_id = %(zone)s AND id = ANY(%(roots)s) AND status IN ('active', 'suspended')
-            UNION
-            SELECT s.id, false FROM sessions s JOIN tree t ON s.parent_id = t.id
-            WHERE s.status IN ('active', 'suspended')
-        ), collected AS (
+        WITH RECURSIVE {_subtree("('active', 'suspended')", root_flag=True)}, collected AS (
             SELECT id, bool_or(is_root) AS is_root FROM tree GROUP BY id
         )
         UPDATE sessions s SET
