@@ -25,6 +25,24 @@ from rules.errors import CoordinatorError
 
 __all__ = ["Database", "Jsonb", "Conn", "one", "postgres_unavailable"]
 
+
+
+class _Connection(psycopg.AsyncConnection[DictRow]):
+    """The pool's connections. Inside `Database.transaction` the BEGIN is not a round trip of its
+    own: it travels with the transaction's first statement (or batch, see `q_batch`)."""
+
+    begin_pending = False
+
+    async def execute(self, query: Any, params: Any = None, *, prepare: bool | None = None,
+                      binary: bool = False) -> Any:
+        if not self.begin_pending:
+            return await super().execute(query, params, prepare=prepare, binary=binary)
+        self.begin_pending = False
+        async with self.pipeline():
+            await super().execute("BEGIN")
+            return await super().execute(query, params, prepare=prepare, binary=binary)
+
+
 Conn = psycopg.AsyncConnection[DictRow]
 T = TypeVar("T")
 
@@ -71,6 +89,7 @@ class Database:
             max_size=max_size,
             open=False,
             timeout=connect_timeout_s,
+            connection_class=_Connection,
             kwargs={"row_factory": dict_row, "autocommit": True, "options": options,
                     "connect_timeout": max(1, int(connect_timeout_s))},
             check=self._check_if_idle,
@@ -115,13 +134,14 @@ class Database:
         Statements given to `at_commit` travel with the COMMIT in one pipelined round trip: a
         command's events and workflow notices cost no round trip of their own, and the locks it
         holds are released one round trip sooner (creates of one zone queue on its capacity lock).
-        BEGIN and COMMIT are plain statements (not psycopg's `transaction()`) so that an error in a
-        pipelined statement surfaces as itself, a deadlock included (`run` retries those)."""
+        Likewise the BEGIN travels with the first statement. BEGIN and COMMIT are plain
+        statements (not psycopg's `transaction()`) so that an error in a pipelined statement
+        surfaces as itself, a deadlock included (`run` retries those)."""
         async with self.connection() as conn:  # which turns an outage into postgres_unavailable
             pending: list[tuple[str, Any]] = []
             _AT_COMMIT[conn] = pending
             try:
-                await conn.execute("BEGIN")
+                await _begin(conn)
                 try:
                     yield conn
                     if pending:
@@ -129,9 +149,10 @@ class Database:
                             for sql, params in pending:
                                 await conn.execute(sql, params)
                             await conn.execute("COMMIT")
-                    else:
+                    elif not _cancel_pending_begin(conn):  # a transaction that ran nothing commits nothing
                         await conn.execute("COMMIT")
                 except BaseException:
+                    _cancel_pending_begin(conn)
                     if not conn.closed and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
                         # Best effort: a connection it fails on is discarded by the pool on return.
                         with contextlib.suppress(Exception):
@@ -177,6 +198,22 @@ class Database:
 _AT_COMMIT: weakref.WeakKeyDictionary[Conn, list[tuple[str, Any]]] = weakref.WeakKeyDictionary()
 
 
+async def _begin(conn: Conn) -> None:
+    """BEGIN, sent with the transaction's first statement (by a connection of the pool)."""
+    if isinstance(conn, _Connection):
+        conn.begin_pending = True
+    else:
+        await conn.execute("BEGIN")
+
+
+def _cancel_pending_begin(conn: Conn) -> bool:
+    """True when the transaction never began (its BEGIN was still waiting for a statement)."""
+    if isinstance(conn, _Connection) and conn.begin_pending:
+        conn.begin_pending = False
+        return True
+    return False
+
+
 async def at_commit(conn: Conn, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> None:
     """Run a write whose result nobody reads with the COMMIT of the `Database.transaction` holding
     `conn` (in order, after everything else the transaction runs); at once outside one. An error
@@ -200,6 +237,8 @@ async def q_batch(conn: Conn, *statements: tuple[str, Sequence[Any] | dict[str, 
     failed as after any error. What a statement locks is held by the ones after it, so a lock
     taken here costs no round trip of its own."""
     async with conn.pipeline() as pipeline:
+        if _cancel_pending_begin(conn):  # the transaction's BEGIN goes first, in this round trip
+            await conn.execute("BEGIN")
         cursors = [await conn.execute(sql, params) for sql, params in statements]
         await pipeline.sync()
     return [await cur.fetchall() if _returns_rows(cur) else [] for cur in cursors]

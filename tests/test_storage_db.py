@@ -8,7 +8,7 @@ import uuid
 import psycopg
 import pytest
 
-from storage.db import Database, at_commit
+from storage.db import Database, at_commit, q_batch
 
 
 @pytest.fixture
@@ -77,3 +77,40 @@ async def test_run_retries_a_deadlock_raised_by_an_at_commit_write(stack, scratc
 
     assert await stack.db.run(command) == 2
     assert await rows(stack.db, scratch) == [(2, "attempt")]
+
+
+async def test_the_first_statement_runs_inside_the_transaction(stack, scratch):
+    """BEGIN travels with the first statement (a plain one or a `q_batch`): that statement is part
+    of the transaction, so a later failure takes it back too."""
+    async def first_plain(conn):
+        await conn.execute(f"INSERT INTO {scratch} VALUES (1, 'plain')")
+
+    async def first_batch(conn):
+        await q_batch(conn, (f"INSERT INTO {scratch} VALUES (1, 'batch')", ()),
+                      (f"INSERT INTO {scratch} VALUES (2, 'batch')", ()))
+
+    for first in (first_plain, first_batch):
+        with pytest.raises(RuntimeError):
+            async with stack.db.transaction() as conn:
+                await first(conn)
+                assert conn.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+                raise RuntimeError("the command failed")
+        assert await rows(stack.db, scratch) == []
+    async with stack.db.transaction() as conn:
+        await first_batch(conn)
+    assert await rows(stack.db, scratch) == [(1, "batch"), (2, "batch")]
+
+
+async def test_a_failing_first_statement_raises_itself_and_writes_nothing(stack, scratch):
+    await stack.db.execute(f"INSERT INTO {scratch} VALUES (7, 'taken')")
+    for _ in range(3):
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            async with stack.db.transaction() as conn:
+                await conn.execute(f"INSERT INTO {scratch} VALUES (7, 'duplicate')")
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            async with stack.db.transaction() as conn:  # only writes at the commit, one failing
+                await at_commit(conn, f"INSERT INTO {scratch} VALUES (1, 'rolled back')")
+                await at_commit(conn, f"INSERT INTO {scratch} VALUES (7, 'duplicate')")
+    async with stack.db.transaction():
+        pass  # runs nothing: commits nothing, and leaves the connection idle
+    assert await rows(stack.db, scratch) == [(7, "taken")]
