@@ -21,6 +21,11 @@ def session_workflow_id(zone_id: str, session_id: str) -> str:
     return f"session/{zone_id}/{session_id}"
 
 
+def session_workflow_id_sql(zone_sql: str, session_sql: str) -> str:
+    """`session_workflow_id` as an SQL expression over two SQL expressions."""
+    return f"'session/' || {zone_sql} || '/' || {session_sql}"
+
+
 def invocation_workflow_id(zone_id: str, invocation_id: str) -> str:
     return f"invocation/{zone_id}/{invocation_id}"
 

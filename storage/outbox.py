@@ -17,6 +17,13 @@ DELEGATIONS_INVALIDATE = "caracal.delegations.invalidate"
 TOPICS = (AGENTS_LIFECYCLE, SESSIONS_REVOKE, INVOCATIONS_LIFECYCLE, DELEGATIONS_INVALIDATE)
 
 
+# `rules.ids.new_id` in SQL, for events written by a statement: a UUIDv7 (a random UUID whose
+# first 48 bits are the Unix time in milliseconds and whose version nibble is 7).
+NEW_ID_SQL = """encode(set_bit(set_bit(overlay(uuid_send(gen_random_uuid()) PLACING
+    substring(int8send(floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint) FROM 3) FROM 1 FOR 6),
+    52, 1), 53, 1), 'hex')::uuid::text"""
+
+
 @dataclass(frozen=True)
 class Event:
     topic: str

@@ -22,9 +22,10 @@ from storage.pages import body_columns, iso_ms_sql
 from storage.idempotency import IdempotencyRequest, find_receipt, inactive_result, store_receipt
 from rules import workflow_contract as wc
 from rules.sessions import DEFAULT_TASK_TTL_SECONDS
-from storage.outbox import AGENTS_LIFECYCLE, DELEGATIONS_INVALIDATE, SESSIONS_REVOKE, Event, bump_epoch
+from storage.outbox import AGENTS_LIFECYCLE, DELEGATIONS_INVALIDATE, NEW_ID_SQL, SESSIONS_REVOKE, Event, bump_epoch
 from storage.workflow_outbox import (
-    SNAPSHOT_COLUMNS, WorkflowNotice, enqueue, publish, session_notice, session_notices,
+    OUTBOX_COLUMNS, SNAPSHOT_COLUMNS, WorkflowNotice, enqueue, notify_sql, publish, session_notice,
+    session_notice_sql, session_notices,
 )
 
 LIVE_STATUSES = wc.SESSION_LIVE
@@ -344,18 +345,23 @@ async def _inherit_parent_edge(conn: Conn, cmd: StartSession, events: list[Event
 # suspend / resume / terminate subtrees
 
 
+def _exempt_record_sql(ar: str, affected: str) -> str:
+    """§5.3: authority record `ar` loses nothing when the sessions of the SQL set `affected` stop:
+    an application record, or one with another live session."""
+    return f"""({ar}.session_type = 'application' OR EXISTS (
+        SELECT 1 FROM sessions o WHERE o.zone_id = {ar}.zone_id AND o.subject_authority_record_id = {ar}.id
+          AND o.status IN ('active', 'suspended') AND o.id NOT IN ({affected})))"""
+
+
 async def _revocation_events(conn: Conn, zone_id: str, rows: list[dict[str, Any]], kind: str,
                              reason: str, versioned: bool) -> list[Event]:
     """`caracal.sessions.revoke` events for the affected sessions, minus exempt records (§5.3)."""
-    affected = [r["id"] for r in rows]
-    records = sorted({r["subject_authority_record_id"] for r in rows})
-    exempt_rows = await q(conn, """
+    exempt_rows = await q(conn, f"""
         SELECT ar.id FROM authority_records ar
-        WHERE ar.zone_id = %s AND ar.id = ANY(%s) AND (
-            ar.session_type = 'application' OR EXISTS (
-                SELECT 1 FROM sessions o WHERE o.zone_id = ar.zone_id AND o.subject_authority_record_id = ar.id
-                  AND o.status IN ('active', 'suspended') AND NOT (o.id = ANY(%s))))""",
-                          (zone_id, records, affected))
+        WHERE ar.zone_id = %(zone)s AND ar.id = ANY(%(records)s)
+          AND {_exempt_record_sql("ar", "SELECT unnest(%(affected)s::text[])")}""",
+                          {"zone": zone_id, "records": sorted({r["subject_authority_record_id"] for r in rows}),
+                           "affected": [r["id"] for r in rows]})
     exempt = {r["id"] for r in exempt_rows}
     events = []
     for r in rows:
@@ -386,41 +392,79 @@ def _subtree(statuses: str, root_flag: bool = False) -> str:
         )"""
 
 
-async def suspend_subtree(conn: Conn, zone_id: str, root_ids: list[str], reason: str) -> list[dict[str, Any]]:
-    """Suspend active roots and their active descendants (descent stops at non-active nodes).
+async def _change_subtree(conn: Conn, statuses: str, update: str, events: str, params: dict[str, Any]) -> int:
+    """Run a subtree status change `update` (an UPDATE ... FROM tree ... RETURNING SNAPSHOT_COLUMNS,
+    subject_authority_record_id) and write its events and workflow notices in the same statement:
+    the rows of a 1,000-session cascade never travel to Python and back. `events` selects (part,
+    topic, key, payload) from `changed`; the outbox rows of events and notices go roots first.
+    The number of sessions changed."""
+    order = "array_position(%(roots)s::text[], c.id) NULLS LAST, c.id"
+    cur = await conn.execute(f"""
+        WITH RECURSIVE {_subtree(statuses)},
+        changed AS ({update}),
+        written_events AS (
+            INSERT INTO caracal_outbox (id, producer, zone_id, topic, dedupe_key, payload_json)
+            SELECT {NEW_ID_SQL}, 'coordinator', %(zone)s, e.topic, e.key, e.payload
+            FROM ({events}) e ORDER BY e.part, e.rank
+            ON CONFLICT (producer, topic, dedupe_key) DO NOTHING
+        ),
+        notices AS (
+            INSERT INTO workflow_outbox ({OUTBOX_COLUMNS})
+            SELECT {session_notice_sql("c")} FROM changed c ORDER BY {order}
+            RETURNING 1
+        )
+        SELECT (SELECT count(*) FROM changed) AS n, {notify_sql("notices")} AS notified""",
+                             {**params, "default_ttl": DEFAULT_TASK_TTL_SECONDS})
+    return int(one(await cur.fetchone())["n"])
 
-    Returns the changed rows (SNAPSHOT_COLUMNS), roots first."""
-    rows = await q(conn, f"""
-        WITH RECURSIVE {_subtree("('active')")}
+
+def _event_rank() -> str:
+    """Within a part of a cascade's events: roots first (in the order given), then by id."""
+    return "row_number() OVER (ORDER BY array_position(%(roots)s::text[], c.id) NULLS LAST, c.id)"
+
+
+async def suspend_subtree(conn: Conn, zone_id: str, root_ids: list[str], reason: str) -> int:
+    """Suspend active roots and their active descendants (descent stops at non-active nodes), with
+    a lifecycle event for each and a revocation event where the subject record loses its last
+    live session (§5.3). The number suspended."""
+    return await _change_subtree(conn, "('active')", f"""
         UPDATE sessions s SET status = 'suspended', updated_at = now(), state_version = s.state_version + 1
         FROM tree WHERE s.id = tree.id AND s.status = 'active'
-        RETURNING {SNAPSHOT_COLUMNS}, s.subject_authority_record_id
-        """, {"zone": zone_id, "roots": root_ids})
-    rows = _roots_first(rows, root_ids)
-    events = [Event(AGENTS_LIFECYCLE, f"suspend:{r['id']}:{r['state_version']}", {
-        "event": "suspend", "zone_id": zone_id, "agent_session_id": r["id"], "parent_id": r["parent_id"],
-        "reason": reason}) for r in rows]
-    events += await _revocation_events(conn, zone_id, rows, "agent_suspend", reason, versioned=True) if rows else []
-    await publish(conn, zone_id, events, session_notices(
-        rows, wc.SESSION_SUSPENDED, _subtree_summary("suspended", root_ids, reason), reason))
-    return rows
+        RETURNING {SNAPSHOT_COLUMNS}, s.subject_authority_record_id""", f"""
+        SELECT 1 AS part, {_event_rank()} AS rank, '{AGENTS_LIFECYCLE}' AS topic,
+               'suspend:' || c.id || ':' || c.state_version AS key,
+               jsonb_build_object('event', 'suspend', 'zone_id', %(zone)s::text, 'agent_session_id', c.id,
+                                  'parent_id', c.parent_id, 'reason', %(reason)s::text) AS payload
+        FROM changed c
+        UNION ALL
+        SELECT 2, {_event_rank()}, '{SESSIONS_REVOKE}', 'agent_suspend:' || c.id || ':' || c.state_version,
+               jsonb_build_object('zone_id', %(zone)s::text, 'session_id', c.subject_authority_record_id,
+                                  'agent_session_id', c.id, 'reason', %(reason)s::text)
+        FROM changed c
+        WHERE NOT EXISTS (SELECT 1 FROM authority_records ar
+                          WHERE ar.zone_id = %(zone)s AND ar.id = c.subject_authority_record_id
+                            AND {_exempt_record_sql("ar", "SELECT id FROM changed")})""",
+        {"zone": zone_id, "roots": root_ids, "reason": reason,
+         "signal": wc.SESSION_SUSPENDED, "summary": _subtree_summary("suspended", root_ids, reason)})
 
 
-async def resume_subtree(conn: Conn, settings: Settings, zone_id: str, root_id: str) -> list[dict[str, Any]]:
-    """Resume a suspended root and its suspended descendants; services get a fresh lease deadline."""
-    rows = await q(conn, f"""
-        WITH RECURSIVE {_subtree("('suspended')")}
+async def resume_subtree(conn: Conn, settings: Settings, zone_id: str, root_id: str) -> int:
+    """Resume a suspended root and its suspended descendants; services get a fresh lease deadline.
+    The number resumed."""
+    return await _change_subtree(conn, "('suspended')", f"""
         UPDATE sessions s SET status = 'active', updated_at = now(), state_version = s.state_version + 1,
             heartbeat_deadline_at = CASE WHEN s.lifecycle = 'service'
                 THEN now() + make_interval(secs => %(lease)s) ELSE s.heartbeat_deadline_at END
         FROM tree WHERE s.id = tree.id AND s.status = 'suspended'
-        RETURNING {SNAPSHOT_COLUMNS}
-        """, {"zone": zone_id, "roots": [root_id], "lease": settings.SERVICE_AGENT_LEASE_SECONDS})
-    rows = _roots_first(rows, [root_id])
-    await publish(conn, zone_id, [Event(AGENTS_LIFECYCLE, f"resume:{r['id']}:{r['state_version']}", {
-        "event": "resume", "zone_id": zone_id, "agent_session_id": r["id"], "parent_id": r["parent_id"]})
-        for r in rows], session_notices(rows, wc.SESSION_RESUMED, _subtree_summary("resumed", [root_id], None)))
-    return rows
+        RETURNING {SNAPSHOT_COLUMNS}, s.subject_authority_record_id""", f"""
+        SELECT 1 AS part, {_event_rank()} AS rank, '{AGENTS_LIFECYCLE}' AS topic,
+               'resume:' || c.id || ':' || c.state_version AS key,
+               jsonb_build_object('event', 'resume', 'zone_id', %(zone)s::text, 'agent_session_id', c.id,
+                                  'parent_id', c.parent_id) AS payload
+        FROM changed c""",
+        {"zone": zone_id, "roots": [root_id], "reason": None,
+         "lease": settings.SERVICE_AGENT_LEASE_SECONDS, "signal": wc.SESSION_RESUMED,
+         "summary": _subtree_summary("resumed", [root_id], None)})
 
 
 async def terminate_subtree(conn: Conn, zone_id: str, root_ids: list[str], reason: str,

@@ -21,6 +21,7 @@ from rules.sessions import DEFAULT_TASK_TTL_SECONDS
 from rules.timefmt import iso_ms
 from storage.db import Conn, at_commit, one
 from storage.outbox import Event, emit
+from storage.pages import iso_ms_sql
 
 NOTIFY_CHANNEL = "workflow_outbox"
 
@@ -128,6 +129,48 @@ def session_notices(rows: list[dict[str, Any]], signal: str, summary: str, reaso
     return [session_notice(r, signal, summary, reason=reason) for r in rows]
 
 
+# The columns `enqueue` writes, in the order of `session_notice_sql`.
+OUTBOX_COLUMNS = "workflow_id, workflow_type, signal, payload, start_args, search_attributes, summary, due_at"
+
+
+def session_notice_sql(a: str) -> str:
+    """`session_notice` (no edge, no peer) rendered by Postgres for the rows of alias `a` (with
+    SNAPSHOT_COLUMNS): the OUTBOX_COLUMNS of their workflow-outbox rows. A cascade writes the
+    notices of hundreds of sessions this way without the rows going to Python and back as JSON.
+    Takes %(signal)s, %(summary)s, %(reason)s and %(default_ttl)s; tests/test_notice_sql.py holds
+    it to `session_notice` and `enqueue`."""
+    expires = (f"CASE WHEN {a}.lifecycle = 'task' THEN {a}.started_at + make_interval("
+               f"secs => COALESCE(NULLIF({a}.ttl_seconds, 0), %(default_ttl)s)) END")
+    live, ended = (", ".join(f"'{x}'" for x in statuses) for statuses in (wc.SESSION_LIVE, wc.SESSION_TERMINAL))
+    snapshot = f"""jsonb_build_object(
+        'zone_id', {a}.zone_id, 'session_id', {a}.id, 'application_id', {a}.application_id,
+        'lifecycle', {a}.lifecycle, 'status', {a}.status, 'state_version', {a}.state_version,
+        'parent_id', {a}.parent_id, 'root_id', {a}.root_id, 'expires_at', {iso_ms_sql(expires)},
+        'heartbeat_deadline_at', {iso_ms_sql(f"{a}.heartbeat_deadline_at")},
+        'lease_generation', COALESCE({a}.lease_generation, 0),
+        'reason', CASE WHEN {a}.status IN ({ended}) THEN {a}.termination_reason ELSE %(reason)s::text END)"""
+    attrs = f"""jsonb_build_object(
+        '{wc.SA_ZONE}', {a}.zone_id, '{wc.SA_SESSION}', {a}.id, '{wc.SA_APPLICATION}', {a}.application_id,
+        '{wc.SA_LIFECYCLE}', {a}.lifecycle, '{wc.SA_SESSION_STATUS}', {a}.status,
+        '{wc.SA_ROOT}', COALESCE({a}.root_id, {a}.id))
+        || CASE WHEN {a}.parent_id IS NOT NULL THEN jsonb_build_object('{wc.SA_PARENT}', {a}.parent_id)
+                ELSE '{{}}'::jsonb END"""
+    due = f"""date_trunc('milliseconds', CASE
+        WHEN {a}.lifecycle = 'task' AND {a}.status IN ({live}) THEN {expires}
+        WHEN {a}.lifecycle = 'service' AND {a}.status = 'active' THEN {a}.heartbeat_deadline_at END)"""
+    return f"""{wc.session_workflow_id_sql(f"{a}.zone_id", f"{a}.id")}, '{wc.SESSION_WORKFLOW}', %(signal)s::text,
+        jsonb_build_object('session', {snapshot}, 'summary', %(summary)s::text, 'edge_id', NULL,
+                           'peer_session_id', NULL),
+        jsonb_build_object('zone_id', {a}.zone_id, 'session_id', {a}.id), {attrs},
+        {a}.lifecycle || ' session ' || {a}.id || ' of ' || {a}.application_id, {due}"""
+
+
+def notify_sql(inserted_cte: str) -> str:
+    """A scalar subquery that wakes the dispatchers when the CTE `inserted_cte` (an INSERT INTO
+    workflow_outbox ... RETURNING) wrote a row."""
+    return f"(SELECT pg_notify('{NOTIFY_CHANNEL}', '') FROM (SELECT 1 FROM {inserted_cte} LIMIT 1) x)"
+
+
 # ------------------------------------------------------------------------------------- invocations
 
 SNAPSHOT_INVOCATION_COLUMNS = """x.id, x.zone_id, x.service_id, x.method, x.status, x.attempts, x.max_attempts,
@@ -174,7 +217,7 @@ async def start_missing(conn: Conn, running_session_ids: set[str], running_invoc
         SELECT {SNAPSHOT_COLUMNS} FROM sessions s
         WHERE s.status IN ('active', 'suspended') AND s.updated_at < now() - make_interval(secs => %s)
           AND NOT EXISTS (SELECT 1 FROM workflow_outbox o
-                          WHERE o.workflow_id = 'session/' || s.zone_id || '/' || s.id)
+                          WHERE o.workflow_id = {wc.session_workflow_id_sql("s.zone_id", "s.id")})
         ORDER BY s.id""", (grace_seconds,))
     notices = [session_notice(r, wc.SESSION_SYNC, "reconciler: workflow was missing, started from the row")
                for r in await sessions.fetchall()

@@ -148,10 +148,10 @@ async def suspend_session(zone_id: ZoneId, session_id: SessionId, ident: Caller,
                           body: IgnoredBody = None) -> dict[str, int]:
     async def suspend(conn: Conn) -> dict[str, int]:
         await locked_managed_session(conn, ident, zone_id, session_id)
-        rows = await store.suspend_subtree(conn, zone_id, [session_id], "requested")
-        if not rows:
+        suspended = await store.suspend_subtree(conn, zone_id, [session_id], "requested")
+        if not suspended:
             raise CoordinatorError(409, "session_not_found_or_not_active")
-        return {"suspended": len(rows)}
+        return {"suspended": suspended}
     return await svc.db.run(suspend)
 
 
@@ -160,10 +160,10 @@ async def resume_session(zone_id: ZoneId, session_id: SessionId, ident: Caller, 
                          body: IgnoredBody = None) -> dict[str, int]:
     async def resume(conn: Conn) -> dict[str, int]:
         await locked_managed_session(conn, ident, zone_id, session_id)
-        rows = await store.resume_subtree(conn, svc.settings, zone_id, session_id)
-        if not rows:
+        resumed = await store.resume_subtree(conn, svc.settings, zone_id, session_id)
+        if not resumed:
             raise CoordinatorError(409, "session_not_found_or_not_suspended")
-        return {"resumed": len(rows)}
+        return {"resumed": resumed}
     return await svc.db.run(resume)
 
 

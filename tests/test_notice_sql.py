@@ -1,0 +1,81 @@
+"""`session_notice_sql` (a cascade's notices, rendered by Postgres) writes what `session_notice` and
+`enqueue` write for the same row."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+
+from rules import workflow_contract as wc
+from rules.sessions import DEFAULT_TASK_TTL_SECONDS
+from storage.workflow_outbox import OUTBOX_COLUMNS, _due_at, session_notice, session_notice_sql
+
+T0 = datetime(2026, 11, 30, 9, 0, 1, 123456, tzinfo=timezone.utc)
+NOW = datetime.now(timezone.utc).replace(microsecond=987654)
+
+
+def row(**over):
+    base = {"id": "s1", "zone_id": "z", "application_id": "app-1", "lifecycle": "task", "status": "suspended",
+            "state_version": 3, "parent_id": "p1", "root_id": "r1", "started_at": T0, "ttl_seconds": 60,
+            "heartbeat_deadline_at": None, "lease_generation": 0, "termination_reason": None}
+    return {**base, **over}
+
+
+CASES = [
+    ("suspended task with a parent", row(), wc.SESSION_SUSPENDED, "requested"),
+    ("active root task, default TTL", row(status="active", parent_id=None, root_id="s1", ttl_seconds=None,
+                                          started_at=NOW), wc.SESSION_RESUMED, None),
+    ("task with TTL 0", row(status="active", ttl_seconds=0, started_at=NOW), wc.SESSION_RESUMED, None),
+    ("active service", row(lifecycle="service", status="active", ttl_seconds=None, lease_generation=2,
+                           heartbeat_deadline_at=NOW + timedelta(seconds=30)), wc.SESSION_RESUMED, None),
+    ("suspended service", row(lifecycle="service", heartbeat_deadline_at=NOW - timedelta(seconds=5),
+                              lease_generation=3), wc.SESSION_SUSPENDED, "service_heartbeat_lost"),
+    ("ended task keeps its own reason", row(status="terminated", termination_reason="parent_terminated"),
+     wc.SESSION_TERMINATED, "requested"),
+]
+
+
+@pytest.mark.parametrize("name,session,signal,reason", CASES, ids=[c[0] for c in CASES])
+def test_sql_rendering_matches_session_notice(postgres, name, session, signal, reason):
+    summary = f"{signal} with the subtree of r1" + (f" ({reason})" if reason else "")
+    notice = session_notice(session, signal, summary, reason=reason)
+    expected = {"workflow_id": notice.workflow_id, "workflow_type": notice.workflow_type, "signal": notice.signal,
+                "payload": notice.payload, "start_args": notice.start_args,
+                "search_attributes": notice.search_attributes, "summary": notice.summary,
+                "due_at": _due_at(notice.payload)}
+    with psycopg.connect(postgres.url("coordinator"), row_factory=dict_row) as conn:
+        conn.execute("CREATE TEMP TABLE t (LIKE sessions INCLUDING DEFAULTS)")
+        conn.execute("""INSERT INTO t (id, zone_id, application_id, lifecycle, status, state_version, parent_id,
+                            root_id, started_at, ttl_seconds, heartbeat_deadline_at, lease_generation,
+                            termination_reason, subject_authority_record_id)
+                        VALUES (%(id)s, %(zone_id)s, %(application_id)s, %(lifecycle)s, %(status)s,
+                                %(state_version)s, %(parent_id)s, %(root_id)s, %(started_at)s, %(ttl_seconds)s,
+                                %(heartbeat_deadline_at)s, %(lease_generation)s, %(termination_reason)s, 'ar')""",
+                     session)
+        names = [c.strip() for c in OUTBOX_COLUMNS.split(",")]
+        exprs = _split(session_notice_sql("t"))
+        selected = ", ".join(f"{expr} AS {name}" for expr, name in zip(exprs, names, strict=True))
+        got = conn.execute(f"SELECT {selected} FROM t", {"signal": signal, "summary": summary, "reason": reason,
+                                                        "default_ttl": DEFAULT_TASK_TTL_SECONDS}).fetchone()
+    due = got.pop("due_at")
+    assert (due.isoformat(timespec="milliseconds").replace("+00:00", "Z") if due else None) == expected.pop("due_at")
+    assert got == expected
+
+
+def _split(select_list: str) -> list[str]:
+    """The top-level expressions of a select list (commas inside parentheses or quotes stay)."""
+    parts, depth, quoted, start = [], 0, False, 0
+    for i, ch in enumerate(select_list):
+        if ch == "'":
+            quoted = not quoted
+        elif not quoted and ch == "(":
+            depth += 1
+        elif not quoted and ch == ")":
+            depth -= 1
+        elif not quoted and depth == 0 and ch == ",":
+            parts.append(select_list[start:i])
+            start = i + 1
+    return [*parts, select_list[start:]]
