@@ -393,8 +393,9 @@ def _subtree(statuses: str, root_flag: bool = False) -> str:
 
 
 async def _change_subtree(conn: Conn, statuses: str, update: str, events: str, params: dict[str, Any]) -> int:
-    """Run a subtree status change `update` (an UPDATE ... FROM tree ... RETURNING SNAPSHOT_COLUMNS,
-    subject_authority_record_id) and write its events and workflow notices in the same statement:
+    """Run a subtree status change `update` (an UPDATE of the sessions in `tree`, RETURNING
+    SNAPSHOT_COLUMNS, subject_authority_record_id) and write its events and workflow notices in the
+    same statement:
     the rows of a 1,000-session cascade never travel to Python and back. `events` selects (part,
     topic, key, payload) from `changed`; the outbox rows of events and notices go roots first.
     The number of sessions changed."""
@@ -429,7 +430,7 @@ async def suspend_subtree(conn: Conn, zone_id: str, root_ids: list[str], reason:
     live session (§5.3). The number suspended."""
     return await _change_subtree(conn, "('active')", f"""
         UPDATE sessions s SET status = 'suspended', updated_at = now(), state_version = s.state_version + 1
-        FROM tree WHERE s.id = tree.id AND s.status = 'active'
+        WHERE s.id = ANY(ARRAY(SELECT id FROM tree)) AND s.status = 'active'
         RETURNING {SNAPSHOT_COLUMNS}, s.subject_authority_record_id""", f"""
         SELECT 1 AS part, {_event_rank()} AS rank, '{AGENTS_LIFECYCLE}' AS topic,
                'suspend:' || c.id || ':' || c.state_version AS key,
@@ -455,7 +456,7 @@ async def resume_subtree(conn: Conn, settings: Settings, zone_id: str, root_id: 
         UPDATE sessions s SET status = 'active', updated_at = now(), state_version = s.state_version + 1,
             heartbeat_deadline_at = CASE WHEN s.lifecycle = 'service'
                 THEN now() + make_interval(secs => %(lease)s) ELSE s.heartbeat_deadline_at END
-        FROM tree WHERE s.id = tree.id AND s.status = 'suspended'
+        WHERE s.id = ANY(ARRAY(SELECT id FROM tree)) AND s.status = 'suspended'
         RETURNING {SNAPSHOT_COLUMNS}, s.subject_authority_record_id""", f"""
         SELECT 1 AS part, {_event_rank()} AS rank, '{AGENTS_LIFECYCLE}' AS topic,
                'resume:' || c.id || ':' || c.state_version AS key,

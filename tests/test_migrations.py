@@ -18,6 +18,12 @@ def indexes(url: str, table: str) -> dict[str, str]:
     return {name: definition for name, definition in rows}
 
 
+def triggers(url: str) -> set[str]:
+    with psycopg.connect(url) as conn:
+        rows = conn.execute("SELECT tgname FROM pg_trigger WHERE tgrelid = 'sessions'::regclass AND NOT tgisinternal")
+        return {r[0] for r in rows.fetchall()}
+
+
 def test_downgrade_to_0004_and_back_to_head(postgres):
     postgres.create_database("migrations_roundtrip")
     url = postgres.url("migrations_roundtrip")
@@ -25,6 +31,7 @@ def test_downgrade_to_0004_and_back_to_head(postgres):
     assert set(indexes(url, "sessions")) == LEAN_SESSION_INDEXES
     assert indexes(url, "sessions")["sessions_zone_live"].endswith("(zone_id, id) WHERE (terminated_at IS NULL)")
     assert "caracal_outbox_topic_status" not in indexes(url, "caracal_outbox")
+    assert "sessions_capacity_end" in triggers(url) and "sessions_capacity_update" not in triggers(url)
 
     command.downgrade(alembic_config(url), "0004_scale_out")
     before = indexes(url, "sessions")
@@ -32,6 +39,7 @@ def test_downgrade_to_0004_and_back_to_head(postgres):
             "sessions_service_deadline"} <= set(before)
     assert "(zone_id, application_id)" in before["sessions_zone_live"]
     assert "caracal_outbox_topic_status" in indexes(url, "caracal_outbox")
+    assert "sessions_capacity_update" in triggers(url) and "sessions_capacity_end" not in triggers(url)
 
     upgrade(url)
     assert set(indexes(url, "sessions")) == LEAN_SESSION_INDEXES
