@@ -30,6 +30,11 @@ def invocation_workflow_id(zone_id: str, invocation_id: str) -> str:
     return f"invocation/{zone_id}/{invocation_id}"
 
 
+def invocation_workflow_id_sql(zone_sql: str, invocation_sql: str) -> str:
+    """`invocation_workflow_id` as an SQL expression over two SQL expressions."""
+    return f"'invocation/' || {zone_sql} || '/' || {invocation_sql}"
+
+
 # Session notices (signal names). Each carries the session's whole state at its state_version.
 SESSION_CREATED = "created"
 SESSION_SUSPENDED = "suspended"

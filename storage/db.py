@@ -26,7 +26,6 @@ from rules.errors import CoordinatorError
 __all__ = ["Database", "Jsonb", "Conn", "one", "postgres_unavailable"]
 
 
-
 class _Connection(psycopg.AsyncConnection[DictRow]):
     """The pool's connections. Inside `Database.transaction` the BEGIN is not a round trip of its
     own: it travels with the transaction's first statement (or batch, see `q_batch`)."""

@@ -392,14 +392,17 @@ def _subtree(statuses: str, root_flag: bool = False) -> str:
         )"""
 
 
+# `_roots_first` in SQL, over the rows `c` of a cascade: the roots (in the order given), then by id.
+_ROOTS_FIRST = "array_position(%(roots)s::text[], c.id) NULLS LAST, c.id"
+_EVENT_RANK = f"row_number() OVER (ORDER BY {_ROOTS_FIRST})"
+
+
 async def _change_subtree(conn: Conn, statuses: str, update: str, events: str, params: dict[str, Any]) -> int:
     """Run a subtree status change `update` (an UPDATE of the sessions in `tree`, RETURNING
     SNAPSHOT_COLUMNS, subject_authority_record_id) and write its events and workflow notices in the
-    same statement:
-    the rows of a 1,000-session cascade never travel to Python and back. `events` selects (part,
-    topic, key, payload) from `changed`; the outbox rows of events and notices go roots first.
-    The number of sessions changed."""
-    order = "array_position(%(roots)s::text[], c.id) NULLS LAST, c.id"
+    same statement: the rows of a 1,000-session cascade never travel to Python and back. `events`
+    selects (part, rank, topic, key, payload) from `changed`, `rank` from `_EVENT_RANK`; the outbox
+    rows of events and notices go roots first. The number of sessions changed."""
     cur = await conn.execute(f"""
         WITH RECURSIVE {_subtree(statuses)},
         changed AS ({update}),
@@ -411,17 +414,12 @@ async def _change_subtree(conn: Conn, statuses: str, update: str, events: str, p
         ),
         notices AS (
             INSERT INTO workflow_outbox ({OUTBOX_COLUMNS})
-            SELECT {session_notice_sql("c")} FROM changed c ORDER BY {order}
+            SELECT {session_notice_sql("c")} FROM changed c ORDER BY {_ROOTS_FIRST}
             RETURNING 1
         )
         SELECT (SELECT count(*) FROM changed) AS n, {notify_sql("notices")} AS notified""",
                              {**params, "default_ttl": DEFAULT_TASK_TTL_SECONDS})
     return int(one(await cur.fetchone())["n"])
-
-
-def _event_rank() -> str:
-    """Within a part of a cascade's events: roots first (in the order given), then by id."""
-    return "row_number() OVER (ORDER BY array_position(%(roots)s::text[], c.id) NULLS LAST, c.id)"
 
 
 async def suspend_subtree(conn: Conn, zone_id: str, root_ids: list[str], reason: str) -> int:
@@ -432,13 +430,13 @@ async def suspend_subtree(conn: Conn, zone_id: str, root_ids: list[str], reason:
         UPDATE sessions s SET status = 'suspended', updated_at = now(), state_version = s.state_version + 1
         WHERE s.id = ANY(ARRAY(SELECT id FROM tree)) AND s.status = 'active'
         RETURNING {SNAPSHOT_COLUMNS}, s.subject_authority_record_id""", f"""
-        SELECT 1 AS part, {_event_rank()} AS rank, '{AGENTS_LIFECYCLE}' AS topic,
+        SELECT 1 AS part, {_EVENT_RANK} AS rank, '{AGENTS_LIFECYCLE}' AS topic,
                'suspend:' || c.id || ':' || c.state_version AS key,
                jsonb_build_object('event', 'suspend', 'zone_id', %(zone)s::text, 'agent_session_id', c.id,
                                   'parent_id', c.parent_id, 'reason', %(reason)s::text) AS payload
         FROM changed c
         UNION ALL
-        SELECT 2, {_event_rank()}, '{SESSIONS_REVOKE}', 'agent_suspend:' || c.id || ':' || c.state_version,
+        SELECT 2, {_EVENT_RANK}, '{SESSIONS_REVOKE}', 'agent_suspend:' || c.id || ':' || c.state_version,
                jsonb_build_object('zone_id', %(zone)s::text, 'session_id', c.subject_authority_record_id,
                                   'agent_session_id', c.id, 'reason', %(reason)s::text)
         FROM changed c
@@ -458,7 +456,7 @@ async def resume_subtree(conn: Conn, settings: Settings, zone_id: str, root_id: 
                 THEN now() + make_interval(secs => %(lease)s) ELSE s.heartbeat_deadline_at END
         WHERE s.id = ANY(ARRAY(SELECT id FROM tree)) AND s.status = 'suspended'
         RETURNING {SNAPSHOT_COLUMNS}, s.subject_authority_record_id""", f"""
-        SELECT 1 AS part, {_event_rank()} AS rank, '{AGENTS_LIFECYCLE}' AS topic,
+        SELECT 1 AS part, {_EVENT_RANK} AS rank, '{AGENTS_LIFECYCLE}' AS topic,
                'resume:' || c.id || ':' || c.state_version AS key,
                jsonb_build_object('event', 'resume', 'zone_id', %(zone)s::text, 'agent_session_id', c.id,
                                   'parent_id', c.parent_id) AS payload
@@ -479,7 +477,8 @@ async def terminate_subtree(conn: Conn, zone_id: str, root_ids: list[str], reaso
             status = CASE WHEN c.is_root THEN %(root_status)s ELSE 'terminated' END,
             termination_reason = CASE WHEN c.is_root THEN %(reason)s ELSE 'parent_terminated' END,
             terminated_at = now(), updated_at = now(), state_version = s.state_version + 1
-        FROM collected c WHERE s.id = c.id AND s.status IN ('active', 'suspended')
+        FROM collected c
+        WHERE s.id = ANY(ARRAY(SELECT id FROM collected)) AND s.id = c.id AND s.status IN ('active', 'suspended')
         RETURNING {SNAPSHOT_COLUMNS}, s.subject_authority_record_id
         """, {"zone": zone_id, "roots": root_ids, "reason": reason, "root_status": root_status})
     if not rows:

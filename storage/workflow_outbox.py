@@ -228,7 +228,7 @@ async def start_missing(conn: Conn, running_session_ids: set[str], running_invoc
           AND NOT (x.status = 'failed' AND x.attempts >= x.max_attempts)
           AND x.updated_at < now() - make_interval(secs => %s)
           AND NOT EXISTS (SELECT 1 FROM workflow_outbox o
-                          WHERE o.workflow_id = 'invocation/' || x.zone_id || '/' || x.id)
+                          WHERE o.workflow_id = {wc.invocation_workflow_id_sql("x.zone_id", "x.id")})
         ORDER BY x.id""", (grace_seconds,))
     notices += [invocation_notice(r, wc.INVOCATION_SYNC, "reconciler: workflow was missing, started from the row")
                 for r in await invocations.fetchall()

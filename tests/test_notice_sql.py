@@ -1,8 +1,11 @@
-"""`session_notice_sql` (a cascade's notices, rendered by Postgres) writes what `session_notice` and
-`enqueue` write for the same row."""
+"""SQL renderings of Python rules, held to them: `session_notice_sql` (a cascade's notices) writes
+what `session_notice` and `enqueue` write for the same row, and `NEW_ID_SQL` (a cascade's event ids)
+mints ids like `rules.ids.new_id`."""
 
 from __future__ import annotations
 
+import time
+import uuid
 from datetime import datetime, timedelta, timezone
 
 import psycopg
@@ -10,7 +13,9 @@ import pytest
 from psycopg.rows import dict_row
 
 from rules import workflow_contract as wc
+from rules.ids import new_id
 from rules.sessions import DEFAULT_TASK_TTL_SECONDS
+from storage.outbox import NEW_ID_SQL
 from storage.workflow_outbox import OUTBOX_COLUMNS, _due_at, session_notice, session_notice_sql
 
 T0 = datetime(2026, 11, 30, 9, 0, 1, 123456, tzinfo=timezone.utc)
@@ -79,3 +84,17 @@ def _split(select_list: str) -> list[str]:
             parts.append(select_list[start:i])
             start = i + 1
     return [*parts, select_list[start:]]
+
+
+def test_sql_ids_are_uuid7_like_new_id(postgres):
+    with psycopg.connect(postgres.url("coordinator")) as conn:
+        before_ms = int(time.time() * 1000)
+        ids = [r[0] for r in conn.execute(f"SELECT {NEW_ID_SQL} FROM generate_series(1, 50)").fetchall()]
+        after_ms = int(time.time() * 1000)
+    python_id = new_id()
+    for text in ids:
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text and len(text) == len(python_id)
+        assert parsed.version == 7 == uuid.UUID(python_id).version and parsed.variant == uuid.RFC_4122
+        assert before_ms - 5 <= parsed.int >> 80 <= after_ms + 5  # the first 48 bits: Unix time in ms
+    assert len(set(ids)) == len(ids)
