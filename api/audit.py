@@ -5,7 +5,9 @@ are recorded, except on /health, /ready, /metrics and /stats:
 
 * a POST/PUT/PATCH/DELETE answered with a status < 400 is recorded *before* its response starts;
   if that insert fails the client gets `500 {"error":"audit_unavailable","message":…}` instead
-  (the mutation itself is already committed);
+  (the mutation itself is already committed). A command route records it in its own transaction
+  instead, as the last statement before the COMMIT (`with_commit`): one commit instead of two.
+  A failed append there is rolled back alone (migration 0006), so the answer is the same;
 * any request answered with a status >= 400 is recorded best-effort once the response is sent;
 * successful GETs (and other reads) are not recorded.
 
@@ -19,11 +21,15 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
 
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.auth import split_path
-from storage.audit import AuditEntry, append
+from storage.audit import AuditEntry, PendingAppend, append, append_at_commit
+from storage.db import Conn
 
 log = logging.getLogger("coordinator.audit")
 
@@ -73,6 +79,46 @@ async def record(scope: Scope, entry: AuditEntry) -> None:
     await append(svc.db, entry, svc.settings.audit_key_bytes)
 
 
+# Request state: (status, PendingAppend) of the record a command wrote in its own transaction.
+IN_TRANSACTION = "audit_in_transaction"
+
+
+def with_commit(request: Request, status: int | Callable[[Any], int | None] = 200
+                ) -> Callable[[Conn, Any], Awaitable[None]]:
+    """`Database.run(..., before_commit=with_commit(request, status))`: the request's audit record,
+    written with the command's COMMIT for the answer `status` (or `status(result)`; None: the
+    command's result is not the answer, nothing is written). The middleware then only checks it,
+    when the response starts with that status."""
+
+    async def before_commit(conn: Conn, result: Any) -> None:
+        code = status(result) if callable(status) else status
+        entry = None if code is None else entry_for(request.scope, code)
+        if entry is not None:
+            pending = await append_at_commit(conn, entry, request.app.state.services.settings.audit_key_bytes)
+            request.scope.setdefault("state", {})[IN_TRANSACTION] = (code, pending)
+
+    return before_commit
+
+
+def _written_in_transaction(scope: Scope, status: int) -> PendingAppend | None:
+    done = (scope.get("state") or {}).get(IN_TRANSACTION)
+    if done is None or done[0] != status or done[1].result.rows is None:
+        return None  # none, or for another answer, or its transaction did not commit
+    return done[1]
+
+
+async def _record_success(scope: Scope, status: int) -> None:
+    """The record of a successful mutation, before its response starts: checked when the command
+    wrote it with its COMMIT, else written now. Raises when it is not written."""
+    written = _written_in_transaction(scope, status)
+    if written is not None:
+        written.stored()  # raises AuditUnavailable when the append was rolled back
+        return
+    entry = entry_for(scope, status)
+    if entry is not None:
+        await record(scope, entry)
+
+
 class AuditMiddleware:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -92,15 +138,13 @@ class AuditMiddleware:
             if message["type"] == "http.response.start":
                 status = int(message["status"])
                 if mutation and status < 400:
-                    entry = entry_for(scope, status)
-                    if entry is not None:
-                        try:
-                            await record(scope, entry)
-                        except Exception as exc:
-                            log.error("audit record for %s %s failed: %r", scope["method"], scope["path"], exc)
-                            replaced, status = True, 500
-                            await _audit_unavailable(send)
-                            return
+                    try:
+                        await _record_success(scope, status)
+                    except Exception as exc:
+                        log.error("audit record for %s %s failed: %r", scope["method"], scope["path"], exc)
+                        replaced, status = True, 500
+                        await _audit_unavailable(send)
+                        return
             await send(message)
 
         try:

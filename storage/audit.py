@@ -9,8 +9,9 @@ HMAC-SHA256(AUDIT_HMAC_KEY, content_sha256 + "|" + (prev_content_sha256 or "")),
 
 Chains: a zone's records (`chain_key` "zone:<zone id>") and the zone-less ones (v1 façade calls,
 `admin-audit::global`). The head of every chain is one row of `admin_audit_heads`; an append is
-one autocommit statement that locks that row, advances it and inserts the record, so concurrent
-appends to a chain serialize on the row for the statement's duration only (instead of the
+one statement (`admin_audit_append`, migration 0006) that locks that row, advances it and inserts
+the record, either on its own or as the last statement of a command's transaction (with its
+COMMIT). Concurrent appends to a chain serialize on the row for the statement's duration only (instead of the
 reference's advisory lock plus a scan for the greatest chain_seq), and appends to different
 chains never wait for each other. The HMAC is computed by Postgres from padded keys (sha256 only,
 no extension needed).
@@ -30,7 +31,7 @@ from typing import Any
 
 from rules.ids import new_id
 from rules.timefmt import iso_ms
-from storage.db import Database, Jsonb
+from storage.db import CommitRows, Conn, Database, Jsonb, at_commit
 
 GLOBAL_CHAIN = "admin-audit::global"
 SEPARATOR = "\x1f"
@@ -108,51 +109,58 @@ def hmac_pads(key: bytes | None) -> tuple[bytes | None, bytes | None]:
     return bytes(b ^ 0x36 for b in key), bytes(b ^ 0x5C for b in key)
 
 
-# One statement, so the chain head's row lock is held only while Postgres runs it (never across
-# a client round trip): lock the head (materialized FOR UPDATE: under concurrent appends it waits
-# and then reads the newest head), advance it, and insert the record linked to the old head.
-_APPEND = """
-WITH old AS MATERIALIZED (
-    SELECT chain_seq, content_sha256 FROM admin_audit_heads WHERE chain_key = %(chain_key)s FOR UPDATE
-), head AS (
-    UPDATE admin_audit_heads AS h SET chain_seq = old.chain_seq + 1, content_sha256 = %(content_sha256)s
-    FROM old WHERE h.chain_key = %(chain_key)s
-    RETURNING h.chain_seq AS seq, CASE WHEN old.chain_seq = 0 THEN NULL ELSE old.content_sha256 END AS prev
-)
-INSERT INTO admin_audit_events (id, request_id, actor_id, actor_name, actor_scope, action, method, path,
-    zone_id, entity_type, entity_id, status_code, payload_json, occurred_at, content_sha256,
-    prev_content_sha256, chain_hmac, chain_seq)
-SELECT %(id)s, %(request_id)s, %(actor_id)s, %(actor_name)s, %(actor_scope)s, %(action)s, %(method)s,
-    %(path)s, %(zone_id)s, %(entity_type)s, %(entity_id)s, %(status_code)s, %(payload_json)s, %(occurred_at)s,
-    %(content_sha256)s, head.prev,
-    CASE WHEN %(ipad)s::bytea IS NULL THEN NULL ELSE encode(sha256(%(opad)s::bytea || sha256(%(ipad)s::bytea
-        || convert_to(%(content_sha256)s || '|' || COALESCE(head.prev, ''), 'UTF8'))), 'hex') END,
-    head.seq
-FROM head
-RETURNING chain_seq, prev_content_sha256, chain_hmac
-"""
-
-_NEW_HEAD = """
-INSERT INTO admin_audit_heads (chain_key, chain_seq, content_sha256) VALUES (%s, 0, '') ON CONFLICT DO NOTHING
-"""
+# The append is one function (migration 0006): create the chain's head on first use, lock it,
+# advance it, insert the record linked to the old head. It runs as one statement (never holding
+# the head across a client round trip) and answers NULLs, having written nothing, when the insert
+# fails, so that a command's transaction that carries it still commits.
+_APPEND = "SELECT * FROM admin_audit_append(%s, %s, %s, %s)"
 
 
-async def append(db: Database, entry: AuditEntry, hmac_key: bytes | None) -> dict[str, Any]:
-    """Append one record to its chain (one autocommit statement); returns the stored record."""
+class AuditUnavailable(RuntimeError):
+    """The audit record was not written (the chain is as it was)."""
+
+
+def _append_params(entry: AuditEntry, hmac_key: bytes | None) -> tuple[dict[str, Any], tuple[Any, ...]]:
     record = entry.record()
     record["content_sha256"] = content_sha256(record)
     ipad, opad = hmac_pads(hmac_key)
-    params = dict(record, chain_key=chain_key(record["zone_id"]), ipad=ipad, opad=opad,
-                  payload_json=None if record["payload_json"] is None else Jsonb(record["payload_json"]))
-    async with db.connection() as conn:
-        for _ in range(2):
-            cur = await conn.execute(_APPEND, params)
-            row = await cur.fetchone()
-            if row is not None:
-                record.update(row)
-                return record
-            await conn.execute(_NEW_HEAD, (params["chain_key"],))  # first record of this chain
-    raise RuntimeError("audit chain head could not be created")
+    document = dict(record, occurred_at=record["occurred_at"].isoformat())
+    return record, (chain_key(record["zone_id"]), Jsonb(document), ipad, opad)
+
+
+def _stored(record: dict[str, Any], row: dict[str, Any] | None) -> dict[str, Any]:
+    if row is None or row["id"] is None:
+        raise AuditUnavailable(f"audit record {record['id']} not written (see the Postgres log)")
+    return dict(record, chain_seq=row["chain_seq"], prev_content_sha256=row["prev_content_sha256"],
+                chain_hmac=row["chain_hmac"])
+
+
+async def append(db: Database, entry: AuditEntry, hmac_key: bytes | None) -> dict[str, Any]:
+    """Append one record to its chain (one autocommit statement); returns the stored record.
+    Raises AuditUnavailable when it was not written."""
+    record, params = _append_params(entry, hmac_key)
+    return _stored(record, await db.fetchrow(_APPEND, params))
+
+
+@dataclass
+class PendingAppend:
+    """An append travelling with a transaction's COMMIT: `stored()` once it has committed."""
+
+    record: dict[str, Any]
+    result: CommitRows
+
+    def stored(self) -> dict[str, Any]:
+        """The stored record; raises AuditUnavailable when the append was not written."""
+        rows = self.result.rows
+        return _stored(self.record, rows[0] if rows else None)
+
+
+async def append_at_commit(conn: Conn, entry: AuditEntry, hmac_key: bytes | None) -> PendingAppend:
+    """Append one record with the COMMIT of the transaction holding `conn` (as its last statement,
+    so the chain head is locked only while Postgres runs it). A failed append leaves the
+    transaction to commit without it: `stored()` then raises AuditUnavailable."""
+    record, params = _append_params(entry, hmac_key)
+    return PendingAppend(record, await at_commit(conn, _APPEND, params))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from rules.errors import CoordinatorError
 
-__all__ = ["Database", "Jsonb", "Conn", "one", "postgres_unavailable"]
+__all__ = ["Database", "Jsonb", "Conn", "CommitRows", "one", "postgres_unavailable"]
 
 
 class _Connection(psycopg.AsyncConnection[DictRow]):
@@ -137,7 +137,7 @@ class Database:
         statements (not psycopg's `transaction()`) so that an error in a pipelined statement
         surfaces as itself, a deadlock included (`run` retries those)."""
         async with self.connection() as conn:  # which turns an outage into postgres_unavailable
-            pending: list[tuple[str, Any]] = []
+            pending: list[tuple[str, Any, CommitRows]] = []
             _AT_COMMIT[conn] = pending
             try:
                 await _begin(conn)
@@ -145,9 +145,10 @@ class Database:
                     yield conn
                     if pending:
                         async with conn.pipeline():
-                            for sql, params in pending:
-                                await conn.execute(sql, params)
+                            cursors = [(await conn.execute(sql, params), rows) for sql, params, rows in pending]
                             await conn.execute("COMMIT")
+                        for cur, rows in cursors:
+                            rows.rows = await cur.fetchall() if _returns_rows(cur) else []
                     elif not _cancel_pending_begin(conn):  # a transaction that ran nothing commits nothing
                         await conn.execute("COMMIT")
                 except BaseException:
@@ -160,13 +161,19 @@ class Database:
             finally:
                 _AT_COMMIT.pop(conn, None)
 
-    async def run(self, command: Callable[[Conn], Awaitable[T]], attempts: int = 3) -> T:
+    async def run(self, command: Callable[[Conn], Awaitable[T]], attempts: int = 3, *,
+                  before_commit: Callable[[Conn, T], Awaitable[None]] | None = None) -> T:
         """Run `command` as one transaction; again (from scratch) after a deadlock or serialization
-        failure, since nothing of the aborted attempt was written."""
+        failure, since nothing of the aborted attempt was written. `before_commit(conn, result)`
+        runs in the transaction once `command` has returned (e.g. to add an `at_commit` record
+        of the answer)."""
         for attempt in range(attempts):
             try:
                 async with self.transaction() as conn:
-                    return await command(conn)
+                    result = await command(conn)
+                    if before_commit is not None:
+                        await before_commit(conn, result)
+                    return result
             except _RETRYABLE as exc:
                 if attempt == attempts - 1:
                     raise postgres_unavailable() from exc  # 503: the client may try again
@@ -193,8 +200,17 @@ class Database:
             return cur.rowcount
 
 
+class CommitRows:
+    """The rows an `at_commit` statement returned: None until its transaction has committed."""
+
+    __slots__ = ("rows",)
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] | None = None
+
+
 # The statements each open `Database.transaction` runs with its COMMIT (see `at_commit`).
-_AT_COMMIT: weakref.WeakKeyDictionary[Conn, list[tuple[str, Any]]] = weakref.WeakKeyDictionary()
+_AT_COMMIT: weakref.WeakKeyDictionary[Conn, list[tuple[str, Any, CommitRows]]] = weakref.WeakKeyDictionary()
 
 
 async def _begin(conn: Conn) -> None:
@@ -213,15 +229,18 @@ def _cancel_pending_begin(conn: Conn) -> bool:
     return False
 
 
-async def at_commit(conn: Conn, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> None:
-    """Run a write whose result nobody reads with the COMMIT of the `Database.transaction` holding
-    `conn` (in order, after everything else the transaction runs); at once outside one. An error
-    in it fails the commit, and the whole transaction rolls back."""
+async def at_commit(conn: Conn, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> CommitRows:
+    """Run a write with the COMMIT of the `Database.transaction` holding `conn` (in order, after
+    everything else the transaction runs); at once outside one. Its rows are there once it has
+    committed. An error in it fails the commit, and the whole transaction rolls back."""
+    rows = CommitRows()
     pending = _AT_COMMIT.get(conn)
     if pending is None:
-        await conn.execute(sql, params)
+        cur = await conn.execute(sql, params)
+        rows.rows = await cur.fetchall() if _returns_rows(cur) else []
     else:
-        pending.append((sql, params))
+        pending.append((sql, params, rows))
+    return rows
 
 
 async def q(conn: Conn, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[dict[str, Any]]:

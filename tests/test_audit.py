@@ -83,6 +83,48 @@ async def test_audit_failure_answers_500_and_the_suspension_stays(zone: Zone):
     assert (await verify_chain(db, zone.id, None)).ok  # the failed insert left the chain intact
 
 
+async def test_a_command_and_its_record_commit_together(zone: Zone):
+    """The suspend's record is written with the suspend's own COMMIT: while another transaction holds
+    the zone's chain head, neither the suspension nor its record is visible; once it lets go, both
+    are, and there is exactly one record (the middleware does not write a second)."""
+    sid = (await zone.start())["agent_session_id"]
+    count = len(await _records(zone))
+    async with zone.stack.db.connection() as holder:
+        await holder.execute("BEGIN")
+        await holder.execute("SELECT 1 FROM admin_audit_heads WHERE chain_key = %s FOR UPDATE", (chain_key(zone.id),))
+        request = asyncio.create_task(zone.http.patch(f"/zones/{zone.id}/agents/{sid}/suspend", headers=zone.headers()))
+        await asyncio.sleep(1.0)
+        assert not request.done()
+        assert (await zone.session_row(sid))["status"] == "active"  # not committed without its record
+        assert len(await _records(zone)) == count
+        await holder.execute("ROLLBACK")
+    r = await request
+    assert r.status_code == 200, r.text
+    assert (await zone.session_row(sid))["status"] == "suspended"
+    records = await _records(zone)
+    assert len(records) == count + 1
+    assert (records[-1]["method"], records[-1]["status_code"], records[-1]["entity_id"]) == ("PATCH", 200, sid)
+
+
+async def test_each_command_records_its_own_status_once(zone: Zone):
+    """Creates record 201 and a terminate 204 (the answer's status), one record per request."""
+    count = len(await _records(zone))
+    a = (await zone.start())["agent_session_id"]
+    b = (await zone.start())["agent_session_id"]
+    r = await zone.http.post(f"/zones/{zone.id}/delegations", headers=zone.headers(scopes=[
+        "agent:lifecycle", "coordinator.delegate_broad"]), json={
+        "source_session_id": a, "target_session_id": b, "issuer_application_id": "app-1",
+        "receiver_application_id": "app-1", "scopes": ["read"], "ttl_seconds": 600})
+    assert r.status_code == 201, r.text
+    r = await zone.http.delete(f"/zones/{zone.id}/agents/{b}", headers=zone.headers())
+    assert r.status_code == 204, r.text
+    records = (await _records(zone))[count:]
+    assert [(x["method"], x["status_code"], x["entity_type"]) for x in records] == [
+        ("POST", 201, None), ("POST", 201, None), ("POST", 201, None), ("DELETE", 204, "agents")]
+    assert records[2]["path"] == f"/zones/{zone.id}/delegations"
+    assert (await verify_chain(zone.stack.db, zone.id, None)).ok
+
+
 async def test_successful_get_is_not_recorded_but_a_failed_one_is(zone: Zone):
     sid = (await zone.start())["agent_session_id"]
     count = len(await _records(zone))

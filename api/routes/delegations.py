@@ -11,6 +11,7 @@ from fastapi import Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, WithJsonSchema, field_validator
 
+from api import audit
 from api.deps import Caller, ServicesDep
 from api.routes.common import (
     INTEGRAL, Body, EdgeId, IdempotencyKeyHeader, NonEmpty, Page, PageParams, PageQuery, SessionId, ZoneId, created,
@@ -124,7 +125,8 @@ async def create_delegation(zone_id: ZoneId, body: Annotated[CreateDelegationBod
         receiver_application_id=body.receiver_application_id, parent_edge_id=body.parent_edge_id,
         resource_id=body.resource_id, scopes=body.scopes, constraints=constraints, requested_expires_at=requested,
         ttl_seconds=ttl, body_ttl_seconds=body.ttl_seconds, broad=not scoped)
-    return created(await svc.db.run(lambda conn: store.create_edge(conn, svc.settings, cmd, idem)))
+    return created(await svc.db.run(lambda conn: store.create_edge(conn, svc.settings, cmd, idem),
+                                    before_commit=audit.with_commit(request, lambda r: r["status"])))
 
 
 async def _edge_page(svc: ServicesDep, query: PageQuery, zone_id: str, where: str, params: list[Any],
@@ -196,7 +198,8 @@ async def effective_authority(zone_id: ZoneId, session_id: SessionId, ident: Cal
 
 @router.patch("/zones/{zone_id}/delegations/{edge_id}/revoke", summary="Revoke delegated authority")
 async def revoke(zone_id: ZoneId, edge_id: EdgeId, query: Annotated[RevokeQuery, Query()], ident: Caller,
-                 svc: ServicesDep, body: Annotated[RevokeBody | None, BodyParam()] = None) -> dict[str, Any]:
+                 svc: ServicesDep, request: Request,
+                 body: Annotated[RevokeBody | None, BodyParam()] = None) -> dict[str, Any]:
     expected = query.expected_epoch if query.expected_epoch is not None else (
         body.expected_epoch if body is not None else None)
 
@@ -207,4 +210,4 @@ async def revoke(zone_id: ZoneId, edge_id: EdgeId, query: Annotated[RevokeQuery,
         if not authz.can_revoke(ident, edge["issuer_application_id"]):
             raise CoordinatorError(403, "issuer_ownership_required")
         return await store.revoke_cascade(conn, zone_id, edge_id, expected)
-    return await svc.db.run(revoke_edge)
+    return await svc.db.run(revoke_edge, before_commit=audit.with_commit(request))

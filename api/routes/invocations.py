@@ -12,7 +12,7 @@ from fastapi import Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import Field
 
-from api import ratelimit
+from api import audit, ratelimit
 from api.auth import Identity
 from api.deps import Caller, ServicesDep
 from api.routes.common import (
@@ -108,7 +108,7 @@ async def create_invocation(zone_id: ZoneId, body: Annotated[CreateInvocationBod
             params=body.params, metadata=body.metadata, timeout_ms=body.timeout_ms, retry_policy=retry,
             scope_id=source_app)
         return await store.create(conn, svc.settings, cmd, idem)
-    return created(await svc.db.run(create))
+    return created(await svc.db.run(create, before_commit=audit.with_commit(request, lambda r: r["status"])))
 
 
 @router.get("/zones/{zone_id}/invocations", summary="List invocations")
@@ -137,7 +137,7 @@ async def get_invocation(zone_id: ZoneId, invocation_id: InvocationId, ident: Ca
     return store.projection(row)
 
 
-async def _transition(svc: ServicesDep, ident: Identity, zone_id: str, invocation_id: str,
+async def _transition(svc: ServicesDep, request: Request, ident: Identity, zone_id: str, invocation_id: str,
                       apply: Callable[[Conn], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
     """Lock the invocation, check the caller may drive it, apply the transition: one transaction."""
     async def transition(conn: Conn) -> dict[str, Any]:
@@ -147,23 +147,24 @@ async def _transition(svc: ServicesDep, ident: Identity, zone_id: str, invocatio
         if not authz.can_invoke(ident, row["service_application_id"]):
             raise CoordinatorError(403, "invoker_ownership_required")
         return store.projection(await apply(conn))
-    return await svc.db.run(transition)
+    return await svc.db.run(transition, before_commit=audit.with_commit(request))
 
 
 @router.patch("/zones/{zone_id}/invocations/{invocation_id}/start", summary="Mark an invocation running",
                dependencies=RATE_CHARGED)
 async def start_invocation(zone_id: ZoneId, invocation_id: InvocationId, ident: Caller, svc: ServicesDep,
-                           body: IgnoredBody = None) -> dict[str, Any]:
-    return await _transition(svc, ident, zone_id, invocation_id,
+                           request: Request, body: IgnoredBody = None) -> dict[str, Any]:
+    return await _transition(svc, request, ident, zone_id, invocation_id,
                              lambda conn: store.start(conn, zone_id, invocation_id))
 
 
 @router.patch("/zones/{zone_id}/invocations/{invocation_id}/cancel", summary="Cancel an invocation",
                dependencies=RATE_CHARGED)
 async def cancel_invocation(zone_id: ZoneId, invocation_id: InvocationId, ident: Caller, svc: ServicesDep,
-                            body: Annotated[CancelBody | None, BodyParam()] = None) -> dict[str, Any]:
+                            request: Request, body: Annotated[CancelBody | None, BodyParam()] = None
+                            ) -> dict[str, Any]:
     reason = body.reason if body is not None else None
-    return await _transition(svc, ident, zone_id, invocation_id,
+    return await _transition(svc, request, ident, zone_id, invocation_id,
                              lambda conn: store.cancel(conn, zone_id, invocation_id, reason))
 
 
@@ -171,7 +172,7 @@ async def cancel_invocation(zone_id: ZoneId, invocation_id: InvocationId, ident:
                dependencies=RATE_CHARGED)
 async def complete_invocation(zone_id: ZoneId, invocation_id: InvocationId,
                               body: Annotated[CompleteBody, BodyParam()], ident: Caller,
-                              svc: ServicesDep) -> dict[str, Any]:
-    return await _transition(svc, ident, zone_id, invocation_id,
+                              svc: ServicesDep, request: Request) -> dict[str, Any]:
+    return await _transition(svc, request, ident, zone_id, invocation_id,
                              lambda conn: store.complete(conn, zone_id, invocation_id, body.status, body.error,
                                                          body.metadata))

@@ -11,9 +11,11 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, NoReturn
 
 from fastapi import Body as BodyParam
+from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import Field
 
+from api import audit
 from api.deps import Caller, ServicesDep
 from api.routes.common import (
     INTEGRAL, Body, IgnoredBody, NonEmpty, Page, PageParams, SessionId, ZoneId, locked_managed_session, make_router,
@@ -57,11 +59,11 @@ class HeartbeatBody(Body):
 
 @router.post("/zones/{zone_id}/agent-services", status_code=201, summary="Register or update a service agent")
 async def register_service(zone_id: ZoneId, body: Annotated[RegisterServiceBody, BodyParam()], ident: Caller,
-                           svc: ServicesDep) -> JSONResponse:
+                           svc: ServicesDep, request: Request) -> JSONResponse:
     if not authz.can_register_service(ident, body.application_id):
         raise CoordinatorError(403, "application_ownership_required")
-    async with svc.db.transaction() as conn:
-        row = await store.upsert_service(conn, zone_id, body.model_dump())
+    row = await svc.db.run(lambda conn: store.upsert_service(conn, zone_id, body.model_dump()),
+                           before_commit=audit.with_commit(request, 201))
     return JSONResponse(store.service_projection(row), status_code=201)
 
 
@@ -75,13 +77,14 @@ async def list_services(zone_id: ZoneId, query: PageParams, ident: Caller,
 
 @router.post("/zones/{zone_id}/agents/{session_id}/heartbeat", summary="Refresh a service-agent lease")
 async def heartbeat(zone_id: ZoneId, session_id: SessionId, body: Annotated[HeartbeatBody, BodyParam()],
-                    ident: Caller, svc: ServicesDep) -> dict[str, Any]:
+                    ident: Caller, svc: ServicesDep, request: Request) -> dict[str, Any]:
+    async def beat(conn: Conn) -> dict[str, Any]:
+        row = await locked_managed_session(conn, ident, zone_id, session_id)
+        return await store.heartbeat(conn, svc.settings, zone_id, row, service_id=body.service_id,
+                                     status=body.status, metadata=body.metadata,
+                                     lease_generation=body.lease_generation)
     try:
-        async with svc.db.transaction() as conn:
-            row = await locked_managed_session(conn, ident, zone_id, session_id)
-            answer = await store.heartbeat(conn, svc.settings, zone_id, row, service_id=body.service_id,
-                                           status=body.status, metadata=body.metadata,
-                                           lease_generation=body.lease_generation)
+        answer = await svc.db.run(beat, before_commit=audit.with_commit(request))
     except store.LeaseExpired:
         await _settle_lapsed_lease(svc, zone_id, session_id)
     answer["active_invocations"] = body.active_invocations
@@ -89,7 +92,7 @@ async def heartbeat(zone_id: ZoneId, session_id: SessionId, body: Annotated[Hear
 
 
 @router.post("/zones/{zone_id}/agents/{session_id}/lease", summary="Take over a service session's lease")
-async def take_lease(zone_id: ZoneId, session_id: SessionId, ident: Caller, svc: ServicesDep,
+async def take_lease(zone_id: ZoneId, session_id: SessionId, ident: Caller, svc: ServicesDep, request: Request,
                      body: IgnoredBody = None) -> dict[str, Any]:
     async def take(conn: Conn) -> dict[str, Any] | None:
         row = await locked_managed_session(conn, ident, zone_id, session_id)
@@ -99,7 +102,7 @@ async def take_lease(zone_id: ZoneId, session_id: SessionId, ident: Caller, svc:
         return {"agent_session_id": session_id, "status": taken["status"],
                 "heartbeat_deadline_at": iso_ms(taken["heartbeat_deadline_at"]),
                 "lease_generation": taken["lease_generation"]}
-    answer = await svc.db.run(take)
+    answer = await svc.db.run(take, before_commit=audit.with_commit(request, lambda r: None if r is None else 200))
     if answer is None:
         await _settle_lapsed_lease(svc, zone_id, session_id)
     return answer

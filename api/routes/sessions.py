@@ -11,6 +11,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, Field, field_validator
 from pydantic.json_schema import SkipJsonSchema
 
+from api import audit
 from api.deps import Caller, ServicesDep
 from api.http import no_content, rendered_json
 from api.routes.common import (
@@ -103,7 +104,8 @@ async def start_session(zone_id: ZoneId, body: Annotated[StartSessionBody, BodyP
         parent_id=body.parent_id, lifecycle=body.lifecycle, labels=body.labels, ttl_seconds=ttl,
         parent_authority=body.parent_authority, inherit_parent_edge_id=body.inherit_parent_edge_id,
         metadata=body.metadata, caller_client_id=ident.client_id, caller_scopes=sorted(ident.scopes))
-    result = await svc.db.run(lambda conn: store.start_session(conn, svc.settings, cmd, idem))
+    result = await svc.db.run(lambda conn: store.start_session(conn, svc.settings, cmd, idem),
+                              before_commit=audit.with_commit(request, lambda r: r.status))
     return created({"status": result.status, "body": result.body, "replayed": result.replayed})
 
 
@@ -144,7 +146,7 @@ async def list_children(zone_id: ZoneId, session_id: SessionId, query: SessionLi
 
 
 @router.patch("/zones/{zone_id}/agents/{session_id}/suspend", summary="Suspend a session subtree")
-async def suspend_session(zone_id: ZoneId, session_id: SessionId, ident: Caller, svc: ServicesDep,
+async def suspend_session(zone_id: ZoneId, session_id: SessionId, ident: Caller, svc: ServicesDep, request: Request,
                           body: IgnoredBody = None) -> dict[str, int]:
     async def suspend(conn: Conn) -> dict[str, int]:
         await locked_managed_session(conn, ident, zone_id, session_id)
@@ -152,11 +154,11 @@ async def suspend_session(zone_id: ZoneId, session_id: SessionId, ident: Caller,
         if not suspended:
             raise CoordinatorError(409, "session_not_found_or_not_active")
         return {"suspended": suspended}
-    return await svc.db.run(suspend)
+    return await svc.db.run(suspend, before_commit=audit.with_commit(request))
 
 
 @router.patch("/zones/{zone_id}/agents/{session_id}/resume", summary="Resume a suspended session subtree")
-async def resume_session(zone_id: ZoneId, session_id: SessionId, ident: Caller, svc: ServicesDep,
+async def resume_session(zone_id: ZoneId, session_id: SessionId, ident: Caller, svc: ServicesDep, request: Request,
                          body: IgnoredBody = None) -> dict[str, int]:
     async def resume(conn: Conn) -> dict[str, int]:
         await locked_managed_session(conn, ident, zone_id, session_id)
@@ -164,13 +166,13 @@ async def resume_session(zone_id: ZoneId, session_id: SessionId, ident: Caller, 
         if not resumed:
             raise CoordinatorError(409, "session_not_found_or_not_suspended")
         return {"resumed": resumed}
-    return await svc.db.run(resume)
+    return await svc.db.run(resume, before_commit=audit.with_commit(request))
 
 
 @router.delete("/zones/{zone_id}/agents/{session_id}", status_code=204, summary="Terminate a session",
                response_class=Response)
 async def terminate_session(zone_id: ZoneId, session_id: SessionId, query: Annotated[DeleteQuery, Query()],
-                            ident: Caller, svc: ServicesDep,
+                            ident: Caller, svc: ServicesDep, request: Request,
                             body: Annotated[DeleteBody | None, BodyParam()] = None) -> Response:
     lease_generation = body.lease_generation if body is not None else None
 
@@ -184,5 +186,5 @@ async def terminate_session(zone_id: ZoneId, session_id: SessionId, query: Annot
             if lease_generation is not None and lease_generation != row["lease_generation"]:
                 raise CoordinatorError(409, "session_lease_fenced")
         await store.terminate_subtree(conn, zone_id, [session_id], query.reason)
-    await svc.db.run(terminate)
+    await svc.db.run(terminate, before_commit=audit.with_commit(request, 204))
     return no_content()
