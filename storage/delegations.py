@@ -7,6 +7,7 @@ WHERE status = 'active'`, so each step is an index probe.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from psycopg.types.json import Jsonb
@@ -16,7 +17,7 @@ from rules.errors import CoordinatorError
 from rules.narrowing import check_narrowing
 from rules.timefmt import iso_ms, parse_iso_z
 from settings import Settings
-from storage.db import Conn, q, q1, q_batch
+from storage.db import Conn, at_commit, q, q1, q_batch
 from storage.idempotency import IdempotencyRequest, find_receipt, inactive_result, store_receipt
 from storage.outbox import BUMP_EPOCH_SQL, DELEGATIONS_INVALIDATE, SESSIONS_REVOKE, Event, bump_epoch
 from rules import workflow_contract as wc
@@ -53,6 +54,12 @@ class CreateEdge:
     ttl_seconds: int | None
     body_ttl_seconds: int | None
     broad: bool
+
+
+def jsonb_key_order(value: dict[str, Any]) -> dict[str, Any]:
+    """`value`'s keys in the order Postgres returns a jsonb object's (shorter keys first, then by
+    their UTF-8 bytes), so an answer built before the insert reads like one read back from it."""
+    return dict(sorted(value.items(), key=lambda item: (len(item[0].encode()), item[0].encode())))
 
 
 def edge_projection(row: dict[str, Any]) -> dict[str, Any]:
@@ -127,9 +134,10 @@ async def create_edge(conn: Conn, settings: Settings, cmd: CreateEdge,
 
     # The zone's delegation lock, then every read the checks need, in one round trip (each statement
     # after the lock has a snapshot taken under it); the checks then run in the reference's order.
-    _, endpoints, parents, (cycle,) = await q_batch(
+    _, (clock,), endpoints, parents, (cycle,) = await q_batch(
         conn,
         ("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"delegation:{cmd.zone_id}",)),
+        ("SELECT now() AS now", ()),  # the transaction's time: created_at, and what expiry is measured against
         (f"""SELECT {SNAPSHOT_COLUMNS} FROM sessions s WHERE s.zone_id = %s AND s.id = ANY(%s)
              AND {ENDPOINT_LIVE_SQL} FOR SHARE""", (cmd.zone_id, [cmd.source_session_id, cmd.target_session_id])),
         (f"""SELECT {EDGE_COLUMNS}, r.identifier AS resource_identifier
@@ -174,27 +182,27 @@ async def create_edge(conn: Conn, settings: Settings, cmd: CreateEdge,
     if cycle["cycle"]:
         raise CoordinatorError(409, "delegation_cycle_denied")
 
-    # The insert and the epoch bump in one round trip (no edge: the bump rolls back with the refusal).
-    inserted, epochs = await q_batch(conn, (f"""
-        INSERT INTO delegation_edges AS x (id, zone_id, source_session_id, target_session_id, issuer_application_id,
-            receiver_application_id, parent_edge_id, resource_id, scopes, constraints_json, expires_at)
-        SELECT %(id)s, %(zone)s, %(source)s, %(target)s, %(issuer)s, %(receiver)s, %(parent)s, %(resource)s,
-               %(scopes)s, %(constraints)s, e.expiry
-        FROM (SELECT COALESCE(%(requested)s::timestamptz, now() + make_interval(secs => %(ttl)s)) AS expiry) e
-        WHERE e.expiry > now() AND (%(parent_expiry)s::timestamptz IS NULL OR e.expiry <= %(parent_expiry)s)
-        RETURNING {EDGE_COLUMNS}""",
-        {"id": cmd.edge_id, "zone": cmd.zone_id, "source": cmd.source_session_id,
-         "target": cmd.target_session_id, "issuer": cmd.issuer_application_id,
-         "receiver": cmd.receiver_application_id, "parent": parent["id"] if parent else None,
-         "resource": resource_id, "scopes": cmd.scopes, "constraints": Jsonb(cmd.constraints),
-         "requested": requested, "ttl": cmd.ttl_seconds or 0,
-         "parent_expiry": parent["expires_at"] if parent else None}),
-        (BUMP_EPOCH_SQL, (cmd.zone_id,)))
-    if not inserted:
+    now = clock["now"]
+    expires_at = requested if requested is not None else now + timedelta(seconds=cmd.ttl_seconds or 0)
+    if not expires_at > now or (parent is not None and expires_at > parent["expires_at"]):
         if parent is not None:
             raise CoordinatorError(403, "delegation_exceeds_parent_authority")
         raise CoordinatorError(400, "delegation_expired")
-    row, epoch = inserted[0], int(epochs[0]["epoch"])
+
+    # Every check has passed: the edge and the epoch bump go with the COMMIT (no round trip of
+    # their own while the zone's lock is held); the answer is built from what they write.
+    row = {"id": cmd.edge_id, "zone_id": cmd.zone_id, "source_session_id": cmd.source_session_id,
+           "target_session_id": cmd.target_session_id, "issuer_application_id": cmd.issuer_application_id,
+           "receiver_application_id": cmd.receiver_application_id, "parent_edge_id": parent["id"] if parent else None,
+           "resource_id": resource_id, "scopes": cmd.scopes, "constraints_json": jsonb_key_order(cmd.constraints),
+           "status": "active", "expires_at": expires_at, "edge_version": 0, "revoked_at": None, "created_at": now}
+    await at_commit(conn, """
+        INSERT INTO delegation_edges (id, zone_id, source_session_id, target_session_id, issuer_application_id,
+            receiver_application_id, parent_edge_id, resource_id, scopes, constraints_json, expires_at)
+        VALUES (%(id)s, %(zone_id)s, %(source_session_id)s, %(target_session_id)s, %(issuer_application_id)s,
+            %(receiver_application_id)s, %(parent_edge_id)s, %(resource_id)s, %(scopes)s, %(constraints)s,
+            %(expires_at)s)""", dict(row, constraints=Jsonb(cmd.constraints)))
+    await at_commit(conn, BUMP_EPOCH_SQL, (cmd.zone_id,))
 
     body = edge_projection(row)
     body["delegation_edge_id"] = body.pop("id")
@@ -214,7 +222,8 @@ async def create_edge(conn: Conn, settings: Settings, cmd: CreateEdge,
     scopes = ", ".join(cmd.scopes) or "no scopes"
     await publish(conn, cmd.zone_id, [Event(DELEGATIONS_INVALIDATE, f"edge_create:{cmd.edge_id}", {
         "event": "edge_create", "zone_id": cmd.zone_id, "edge_id": cmd.edge_id,
-        "source_session_id": cmd.source_session_id, "target_session_id": cmd.target_session_id, "epoch": epoch})], [
+        "source_session_id": cmd.source_session_id, "target_session_id": cmd.target_session_id},
+        with_graph_epoch=True)], [
         session_notice(by_id[cmd.source_session_id], wc.DELEGATION_GIVEN,
                        f"gave edge {cmd.edge_id} to {cmd.target_session_id} ({scopes})",
                        edge_id=cmd.edge_id, peer_session_id=cmd.target_session_id),

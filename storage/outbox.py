@@ -29,6 +29,10 @@ class Event:
     topic: str
     dedupe_key: str
     payload: dict[str, Any]
+    # The payload's `epoch` is the zone's delegation graph epoch as the event is written (with the
+    # COMMIT, after any bump of the same transaction): a bump queued with `at_commit` needs no
+    # round trip to learn its value.
+    with_graph_epoch: bool = False
 
 
 async def emit(conn: Conn, zone_id: str, events: list[Event]) -> None:
@@ -40,13 +44,17 @@ async def emit(conn: Conn, zone_id: str, events: list[Event]) -> None:
         conn,
         """
         INSERT INTO caracal_outbox (id, producer, zone_id, topic, dedupe_key, payload_json)
-        SELECT e->>'id', 'coordinator', %s, e->>'topic', e->>'key', e->'payload'
-        FROM jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS x(e, n)
+        SELECT e->>'id', 'coordinator', %(zone)s, e->>'topic', e->>'key',
+               CASE WHEN e ? 'with_graph_epoch' THEN e->'payload' || jsonb_build_object('epoch',
+                   (SELECT g.epoch FROM delegation_graph_epochs g WHERE g.zone_id = %(zone)s))
+               ELSE e->'payload' END
+        FROM jsonb_array_elements(%(events)s::jsonb) WITH ORDINALITY AS x(e, n)
         ORDER BY n
         ON CONFLICT (producer, topic, dedupe_key) DO NOTHING
         """,
-        (zone_id, Jsonb([{"id": new_id(), "topic": e.topic, "key": e.dedupe_key, "payload": e.payload}
-                         for e in events])),
+        {"zone": zone_id, "events": Jsonb([
+            {"id": new_id(), "topic": e.topic, "key": e.dedupe_key, "payload": e.payload,
+             **({"with_graph_epoch": True} if e.with_graph_epoch else {})} for e in events])},
     )
 
 

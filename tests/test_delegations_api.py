@@ -608,6 +608,26 @@ async def test_idempotent_create(zone: Zone):  # 95
     assert r.status_code == 409 and r.json()["error"] == "idempotency_result_inactive"
 
 
+async def test_created_edge_answers_what_was_stored(zone: Zone):
+    """The create's answer is built before its row is written (the insert goes with the COMMIT):
+    it must read exactly like the row read back, key order included, broad and scoped."""
+    a, b, c = await new_session(zone), await new_session(zone), await new_session(zone)
+    scoped = await edge(zone, a, b, constraints={"ttl_seconds": 600, "max_hops": 3, "resources": ["urn:a"]})
+    broad = (await post_edge(zone, a, c, scopes=["read"], expires_at="2099-01-02T03:04:05.678Z",
+                             headers=issuer_headers(zone, "app-1", None, "coordinator.delegate_broad"))).json()
+    r = await zone.http.get(durl(zone, "outbound", a), headers=zone.headers(), params={"limit": 10})
+    assert r.status_code == 200, r.text
+    listed = {e["id"]: e for e in r.json()["items"]}
+    for created in (scoped, broad):
+        stored = listed[created["delegation_edge_id"]]
+        for key in ("zone_id", "source_session_id", "target_session_id", "issuer_application_id",
+                    "receiver_application_id", "parent_edge_id", "resource_id", "scopes", "status",
+                    "expires_at", "edge_version", "revoked_at", "created_at"):
+            assert created[key] == stored[key], key
+        assert list(created["constraints_json"].items()) == list(stored["constraints_json"].items())
+    assert broad["expires_at"] == "2099-01-02T03:04:05.678Z"
+
+
 async def test_create_bumps_epoch_and_emits(zone: Zone):  # 96
     a, b, c = await new_session(zone), await new_session(zone), await new_session(zone)
     assert await epoch(zone) == 0
