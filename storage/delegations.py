@@ -134,8 +134,11 @@ async def create_edge(conn: Conn, settings: Settings, cmd: CreateEdge,
 
     # The zone's delegation lock, then every read the checks need, in one round trip (each statement
     # after the lock has a snapshot taken under it); the checks then run in the reference's order.
-    _, (clock,), endpoints, parents, (cycle,) = await q_batch(
+    _, _, (clock,), endpoints, parents, (cycle,) = await q_batch(
         conn,
+        # Planned once per connection: these plans do not depend on the values (index lookups by id),
+        # and planning the cycle walk and the endpoint lookup anew took 0.7 ms under the zone's lock.
+        ("SET LOCAL plan_cache_mode = force_generic_plan", ()),
         ("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"delegation:{cmd.zone_id}",)),
         ("SELECT now() AS now", ()),  # the transaction's time: created_at, and what expiry is measured against
         (f"""SELECT {SNAPSHOT_COLUMNS} FROM sessions s WHERE s.zone_id = %s AND s.id = ANY(%s)
