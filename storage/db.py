@@ -23,7 +23,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from rules.errors import CoordinatorError
 
-__all__ = ["Database", "Jsonb", "Conn", "CommitRows", "one", "postgres_unavailable"]
+__all__ = ["Database", "Jsonb", "Conn", "CommitRows", "Refused", "one", "postgres_unavailable", "refuse_sql"]
 
 
 class _Connection(psycopg.AsyncConnection[DictRow]):
@@ -60,6 +60,25 @@ def _dumps_json(value: Any) -> bytes | str:
 
 
 set_json_dumps(_dumps_json)
+
+
+# `coordinator_refuse(code)` (migration 0007): a statement's way to stop its transaction for a
+# reason the command handles (e.g. a check made before a lock no longer holds under it).
+REFUSAL_SQLSTATE = "CR000"
+
+
+def refuse_sql(code: str) -> str:
+    """A boolean SQL expression that raises `Refused(code)` out of `Database.run` when evaluated."""
+    assert code.replace("_", "").isalnum()
+    return f"coordinator_refuse('{code}')"
+
+
+class Refused(Exception):
+    """A statement of the transaction refused (`refuse_sql`); nothing of it was written."""
+
+    def __init__(self, code: str) -> None:
+        super().__init__(code)
+        self.code = code
 
 
 def postgres_unavailable() -> CoordinatorError:
@@ -178,6 +197,10 @@ class Database:
                 if attempt == attempts - 1:
                     raise postgres_unavailable() from exc  # 503: the client may try again
                 await asyncio.sleep(0.01 * (attempt + 1))
+            except psycopg.Error as exc:
+                if exc.sqlstate == REFUSAL_SQLSTATE:
+                    raise Refused(exc.diag.message_primary or "") from exc
+                raise
         raise AssertionError("unreachable")
 
     async def fetch(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[dict[str, Any]]:

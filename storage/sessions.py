@@ -7,7 +7,9 @@ that same transaction, its outbox events and one workflow-outbox notice per sess
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from psycopg.types.json import Jsonb
@@ -17,7 +19,7 @@ from rules.errors import CoordinatorError
 from rules.ids import new_id
 from rules.timefmt import iso_ms
 from settings import Settings
-from storage.db import Conn, Database, one, q, q1, q_batch
+from storage.db import Conn, Database, Refused, at_commit, one, q, q1, q_batch, refuse_sql
 from storage.pages import body_columns, iso_ms_sql
 from storage.idempotency import IdempotencyRequest, find_receipt, inactive_result, store_receipt
 from rules import workflow_contract as wc
@@ -154,20 +156,8 @@ async def replay_start(conn: Conn, settings: Settings, req: IdempotencyRequest, 
 # second round trip under the capacity lock. `start_session` reads the checks in the reference's
 # order to answer a refusal; the guard below lets through only what those checks let through
 # (`capacity_counted`: the exact count near a limit was taken instead).
-_START_SQL = f"""
-    WITH checks AS MATERIALIZED (
-        SELECT app.registration_method, record.live AS record_live, live.zone_n, live.app_n
-        FROM (SELECT 1) one
-        LEFT JOIN LATERAL (SELECT registration_method FROM applications
-                           WHERE zone_id = %(zone)s AND id = %(app)s AND archived_at IS NULL
-                             AND (expires_at IS NULL OR expires_at > now())) app ON true
-        LEFT JOIN LATERAL (SELECT true AS live FROM authority_records
-                           WHERE zone_id = %(zone)s AND id = %(record)s AND status = 'active'
-                             AND expires_at > now()) record ON true
-        CROSS JOIN LATERAL (SELECT COALESCE(sum(live), 0) AS zone_n,
-                                   COALESCE(sum(live) FILTER (WHERE application_id = %(app)s), 0) AS app_n
-                            FROM session_capacity WHERE zone_id = %(zone)s) live
-    ), inserted AS (
+# The session row a start inserts, from `source` (its counts as `c`) where `condition` holds.
+_INSERT_SESSION_SQL = """
         INSERT INTO sessions AS s (id, zone_id, application_id, parent_id, root_id, subject_authority_record_id,
             status, depth, labels, max_children, ttl_seconds, metadata_json, lifecycle,
             last_heartbeat_at, heartbeat_deadline_at, lease_generation)
@@ -177,14 +167,42 @@ _START_SQL = f"""
             CASE WHEN %(service)s THEN now() END,
             CASE WHEN %(service)s THEN now() + make_interval(secs => %(lease)s) END,
             CASE WHEN %(service)s THEN 1 ELSE 0 END
-        FROM checks c
-        WHERE %(insert)s AND c.registration_method IS NOT NULL AND c.record_live
+        FROM {source}
+        WHERE {condition}"""
+
+# A zone's capacity-live counts (an upper bound: see CAPACITY_LIVE_SQL for the exact one).
+_LIVE_COUNTS_SQL = """SELECT COALESCE(sum(live), 0) AS zone_n,
+                             COALESCE(sum(live) FILTER (WHERE application_id = %(app)s), 0) AS app_n
+                      FROM session_capacity WHERE zone_id = %(zone)s"""
+
+_START_CONDITION = """%(insert)s AND c.registration_method IS NOT NULL AND c.record_live
           AND (c.registration_method <> 'dcr' OR (%(lifecycle)s = 'task' AND %(parent)s::text IS NULL))
           AND (%(capacity_counted)s OR (c.zone_n < %(max_zone)s AND c.app_n < %(max_app)s
-                                        AND (c.registration_method <> 'dcr' OR c.app_n = 0)))
+                                        AND (c.registration_method <> 'dcr' OR c.app_n = 0)))"""
+
+_START_SQL = f"""
+    WITH checks AS MATERIALIZED (
+        SELECT app.registration_method, record.live AS record_live, live.zone_n, live.app_n, now() AS tx_now
+        FROM (SELECT 1) one
+        LEFT JOIN LATERAL (SELECT registration_method FROM applications
+                           WHERE zone_id = %(zone)s AND id = %(app)s AND archived_at IS NULL
+                             AND (expires_at IS NULL OR expires_at > now())) app ON true
+        LEFT JOIN LATERAL (SELECT true AS live FROM authority_records
+                           WHERE zone_id = %(zone)s AND id = %(record)s AND status = 'active'
+                             AND expires_at > now()) record ON true
+        CROSS JOIN LATERAL ({_LIVE_COUNTS_SQL}) live
+    ), inserted AS ({_INSERT_SESSION_SQL.format(source="checks c", condition=_START_CONDITION)}
         RETURNING {SESSION_COLUMNS}
     )
     SELECT c.*, s.* FROM checks c LEFT JOIN inserted s ON true"""
+
+# A root start checked before the capacity lock: inserted with the COMMIT, under the lock (taken by
+# the statement before), if the counts still leave room; else the transaction is refused and the
+# start runs again the locked way (`start_root`).
+CAPACITY_CHANGED = "session_capacity_changed"
+_GUARDED_START_SQL = _INSERT_SESSION_SQL.format(source=f"({_LIVE_COUNTS_SQL}) c", condition=f"""
+        CASE WHEN c.zone_n < %(max_zone)s AND c.app_n < %(max_app)s AND (NOT %(dcr)s OR c.app_n = 0) THEN true
+             ELSE {refuse_sql(CAPACITY_CHANGED)} END""")
 
 
 def _check_application_and_record(found: dict[str, Any], cmd: StartSession) -> None:
@@ -201,20 +219,36 @@ def _check_application_and_record(found: dict[str, Any], cmd: StartSession) -> N
                                detail="subject authority record is not active in this zone")
 
 
+async def start(db: Database, settings: Settings, cmd: StartSession, idempotency: IdempotencyRequest | None,
+                before_commit: Callable[[Conn, StartResult], Awaitable[None]] | None = None) -> StartResult:
+    """A session start as one transaction (`start_session`). A root start checks its zone's capacity
+    before taking the lock and inserts with the COMMIT; if the zone filled up in between, it runs
+    again, counting under the lock."""
+    try:
+        return await db.run(lambda conn: start_session(conn, settings, cmd, idempotency), before_commit=before_commit)
+    except Refused as refused:
+        if refused.code != CAPACITY_CHANGED:
+            raise
+    return await db.run(lambda conn: start_session(conn, settings, cmd, idempotency, lock_first=True),
+                        before_commit=before_commit)
+
+
 async def start_session(conn: Conn, settings: Settings, cmd: StartSession,
-                        idempotency: IdempotencyRequest | None) -> StartResult:
-    """Steps 5-15 of reference §4.4 in one transaction."""
+                        idempotency: IdempotencyRequest | None, *, lock_first: bool = False) -> StartResult:
+    """Steps 5-15 of reference §4.4 in one transaction. Run it with `start`: a root start not near a
+    limit (unless `lock_first`) takes the capacity lock with its COMMIT, and a refusal there
+    (`Refused(CAPACITY_CHANGED)`) means: run again with `lock_first`."""
     if idempotency is not None:
         replay = await replay_start(conn, settings, idempotency, cmd.zone_id, cmd.application_id)
         if replay is not None:
             return replay
 
     # Capacity lock: serialises the starts of one zone from counting to commit (not over the whole
-    # request as in the reference). It is taken by its own statement, pipelined with the checks: a
-    # statement's snapshot is taken when it begins, so counts read by the statement that waited
-    # for the lock would miss the starts committed while it waited. A root start also inserts in
-    # that round trip when every check passes, so the lock is held for one round trip and the
-    # commit only.
+    # request as in the reference). It is taken by its own statement: a statement's snapshot is
+    # taken when it begins, so counts read by the statement that waited for the lock would miss the
+    # starts committed while it waited. A root start not near a limit takes it with its COMMIT
+    # (`_start_root_at_commit`), so it is held only while Postgres runs the last statements; a
+    # child, or a root near a limit, takes it first (`_start_locked`).
     params = {"lock_key": f"coordinator:session_capacity:{cmd.zone_id}", "zone": cmd.zone_id,
               "app": cmd.application_id, "record": cmd.authority_record_id, "id": cmd.session_id,
               "parent": cmd.parent_id or None, "root": cmd.session_id, "depth": 0, "labels": cmd.labels,
@@ -222,6 +256,45 @@ async def start_session(conn: Conn, settings: Settings, cmd: StartSession,
               "metadata": Jsonb(cmd.metadata), "lifecycle": cmd.lifecycle, "service": cmd.lifecycle == "service",
               "lease": settings.SERVICE_AGENT_LEASE_SECONDS, "max_zone": settings.MAX_AGENTS_PER_ZONE,
               "max_app": settings.MAX_AGENTS_PER_APP, "insert": not cmd.parent_id, "capacity_counted": False}
+    row = None if lock_first or cmd.parent_id else await _start_root_at_commit(conn, settings, cmd, params)
+    parent = None
+    if row is None:
+        row, parent = await _start_locked(conn, settings, cmd, params)
+    root_id = row["root_id"]
+
+    events: list[Event] = []
+    edge_id = None
+    if parent is not None:
+        await conn.execute("INSERT INTO agent_topology (parent_id, child_id) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+                           (parent["id"], cmd.session_id))
+        await conn.execute("UPDATE sessions SET child_count = child_count + 1, updated_at = now() WHERE id = %s",
+                           (parent["id"],))
+        if cmd.parent_authority == "inherit":
+            edge_id = await _inherit_parent_edge(conn, cmd, events)
+
+    events.append(Event(AGENTS_LIFECYCLE, f"spawn:{cmd.session_id}", {
+        "event": "spawn", "zone_id": cmd.zone_id, "agent_session_id": cmd.session_id,
+        "parent_id": cmd.parent_id or None, "application_id": cmd.application_id}))
+    summary = f"created {cmd.lifecycle} session of {cmd.application_id}" + (
+        f" under {cmd.parent_id}" if cmd.parent_id else "") + (f", inheriting edge {edge_id}" if edge_id else "")
+    notices = [session_notice(row, wc.SESSION_CREATED, summary, edge_id=edge_id, peer_session_id=cmd.parent_id)]
+    if edge_id is not None and parent is not None:  # an inherited edge: the child has a parent
+        notices.append(session_notice(parent, wc.DELEGATION_GIVEN,
+                                      f"edge {edge_id} inherited by child {cmd.session_id}",
+                                      edge_id=edge_id, peer_session_id=cmd.session_id))
+    await publish(conn, cmd.zone_id, events, notices)
+
+    body = start_projection(row, edge_id)
+    if idempotency is not None:
+        await store_receipt(conn, settings, idempotency, resource_type="session", resource_id=cmd.session_id,
+                            status=201, body=body)
+    return StartResult(201, body, False, root_id)
+
+
+async def _start_locked(conn: Conn, settings: Settings, cmd: StartSession, params: dict[str, Any]
+                        ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """A start under the capacity lock taken first (a child, or a root near a limit): the session
+    row inserted, and the parent row (locked) of a child."""
     _, (found,) = await q_batch(conn, ("SELECT pg_advisory_xact_lock(hashtextextended(%(lock_key)s, 0))", params),
                                 (_START_SQL, params))
     _check_application_and_record(found, cmd)
@@ -270,35 +343,32 @@ async def start_session(conn: Conn, settings: Settings, cmd: StartSession,
         row = one(await q1(conn, _START_SQL, {**params, "insert": True, "capacity_counted": True}))
         _check_application_and_record(row, cmd)  # archived or revoked since (not under this lock)
         assert row["id"] is not None
-    root_id = row["root_id"]
+    return row, parent
 
-    events: list[Event] = []
-    edge_id = None
-    if parent is not None:
-        await conn.execute("INSERT INTO agent_topology (parent_id, child_id) VALUES (%s, %s) ON CONFLICT DO NOTHING",
-                           (parent["id"], cmd.session_id))
-        await conn.execute("UPDATE sessions SET child_count = child_count + 1, updated_at = now() WHERE id = %s",
-                           (parent["id"],))
-        if cmd.parent_authority == "inherit":
-            edge_id = await _inherit_parent_edge(conn, cmd, events)
 
-    events.append(Event(AGENTS_LIFECYCLE, f"spawn:{cmd.session_id}", {
-        "event": "spawn", "zone_id": cmd.zone_id, "agent_session_id": cmd.session_id,
-        "parent_id": cmd.parent_id or None, "application_id": cmd.application_id}))
-    summary = f"created {cmd.lifecycle} session of {cmd.application_id}" + (
-        f" under {cmd.parent_id}" if cmd.parent_id else "") + (f", inheriting edge {edge_id}" if edge_id else "")
-    notices = [session_notice(row, wc.SESSION_CREATED, summary, edge_id=edge_id, peer_session_id=cmd.parent_id)]
-    if edge_id is not None and parent is not None:  # an inherited edge: the child has a parent
-        notices.append(session_notice(parent, wc.DELEGATION_GIVEN,
-                                      f"edge {edge_id} inherited by child {cmd.session_id}",
-                                      edge_id=edge_id, peer_session_id=cmd.session_id))
-    await publish(conn, cmd.zone_id, events, notices)
-
-    body = start_projection(row, edge_id)
-    if idempotency is not None:
-        await store_receipt(conn, settings, idempotency, resource_type="session", resource_id=cmd.session_id,
-                            status=201, body=body)
-    return StartResult(201, body, False, root_id)
+async def _start_root_at_commit(conn: Conn, settings: Settings, cmd: StartSession, params: dict[str, Any]
+                                ) -> dict[str, Any] | None:
+    """A root start whose checks pass on the zone's counts read without the lock: its row as it will
+    be inserted with the COMMIT, after the capacity lock and a second look at the counts under it
+    (`_GUARDED_START_SQL`), so the lock is held only while Postgres runs the transaction's last
+    statements. None when a count is near a limit: then the start counts under the lock."""
+    found = one(await q1(conn, _START_SQL, {**params, "insert": False}))
+    _check_application_and_record(found, cmd)
+    dcr = found["registration_method"] == "dcr"
+    if (found["zone_n"] >= settings.MAX_AGENTS_PER_ZONE or found["app_n"] >= settings.MAX_AGENTS_PER_APP
+            or (dcr and found["app_n"] > 0)):
+        return None
+    await at_commit(conn, "SELECT pg_advisory_xact_lock(hashtextextended(%(lock_key)s, 0))", params)
+    await at_commit(conn, _GUARDED_START_SQL, {**params, "dcr": dcr})
+    now, service = found["tx_now"], cmd.lifecycle == "service"
+    # What the insert writes (column defaults included), for the answer and the notice.
+    return {"id": cmd.session_id, "zone_id": cmd.zone_id, "application_id": cmd.application_id, "parent_id": None,
+            "root_id": cmd.session_id, "subject_authority_record_id": cmd.authority_record_id,
+            "lifecycle": cmd.lifecycle, "labels": list(cmd.labels), "status": "active", "depth": 0,
+            "ttl_seconds": cmd.ttl_seconds, "started_at": now, "terminated_at": None, "termination_reason": None,
+            "last_heartbeat_at": now if service else None,
+            "heartbeat_deadline_at": now + timedelta(seconds=settings.SERVICE_AGENT_LEASE_SECONDS) if service else None,
+            "lease_generation": 1 if service else 0, "state_version": 1}
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from rules.timefmt import iso_ms
 from settings import DEV_IDEMPOTENCY_HMAC_KEY
 from storage.pages import iso_ms_sql
 from storage.outbox import AGENTS_LIFECYCLE, DELEGATIONS_INVALIDATE, SESSIONS_REVOKE
+from storage.workflow_outbox import session_snapshot
 from tests.conftest import Zone, eventually, seed_zone
 
 ROTATED_HMAC_KEY = hashlib.sha256(b"rotated idempotency key").hexdigest()
@@ -210,6 +211,23 @@ async def test_start_service_lease(zone: Zone):  # 20
     # An explicit ttl is kept for services (not enforced).
     body = await zone.start(lifecycle="service", ttl_seconds=60)
     assert body["ttl_seconds"] == 60
+
+
+async def test_root_start_answers_what_was_stored(zone: Zone):
+    """A root start's answer and workflow notice are built before its row is written (the insert
+    goes with the COMMIT, under the capacity lock): they must read exactly like the row."""
+    for body in ({"lifecycle": "task", "ttl_seconds": 900, "labels": ["a", "b"]}, {"lifecycle": "service"}):
+        created = await zone.start(**body)
+        r = await zone.http.get(url(zone, sid(created)), headers=zone.headers())
+        assert r.status_code == 200, r.text
+        stored = r.json()
+        for key in ("agent_session_id", "zone_id", "application_id", "parent_id", "subject_authority_record_id",
+                    "lifecycle", "labels", "status", "depth", "ttl_seconds", "started_at", "last_heartbeat_at",
+                    "heartbeat_deadline_at", "lease_generation"):
+            assert created[key] == stored[key], (body, key)
+        # The workflow's state came from the notice: it is the stored row's snapshot.
+        state = await zone.workflow_state(f"session/{zone.id}/{sid(created)}")
+        assert state == session_snapshot(await zone.session_row(sid(created)))
 
 
 async def test_subject_defaults_to_token_sid(zone: Zone):  # 21

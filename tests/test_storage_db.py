@@ -8,7 +8,7 @@ import uuid
 import psycopg
 import pytest
 
-from storage.db import Database, at_commit, q_batch
+from storage.db import Database, Refused, at_commit, q_batch, refuse_sql
 
 
 @pytest.fixture
@@ -114,3 +114,21 @@ async def test_a_failing_first_statement_raises_itself_and_writes_nothing(stack,
     async with stack.db.transaction():
         pass  # runs nothing: commits nothing, and leaves the connection idle
     assert await rows(stack.db, scratch) == [(7, "taken")]
+
+
+async def test_a_refusing_statement_rolls_back_and_raises_refused(stack, scratch):
+    """`refuse_sql(code)` evaluated by an at-commit write: nothing is written, and `run` raises
+    Refused(code); a write that does not evaluate it commits. The at-commit rows come back after
+    the commit."""
+    async def command(conn, refuse: bool):
+        await conn.execute(f"INSERT INTO {scratch} VALUES (1, 'before')")
+        return await at_commit(conn, f"""INSERT INTO {scratch} SELECT 2, 'guarded'
+            WHERE CASE WHEN %s THEN {refuse_sql('place_taken')} ELSE true END RETURNING n""", (refuse,))
+
+    with pytest.raises(Refused) as refused:
+        await stack.db.run(lambda conn: command(conn, True))
+    assert refused.value.code == "place_taken"
+    assert await rows(stack.db, scratch) == []
+    written = await stack.db.run(lambda conn: command(conn, False))
+    assert written.rows == [{"n": 2}]
+    assert await rows(stack.db, scratch) == [(1, "before"), (2, "guarded")]

@@ -104,8 +104,8 @@ async def start_session(zone_id: ZoneId, body: Annotated[StartSessionBody, BodyP
         parent_id=body.parent_id, lifecycle=body.lifecycle, labels=body.labels, ttl_seconds=ttl,
         parent_authority=body.parent_authority, inherit_parent_edge_id=body.inherit_parent_edge_id,
         metadata=body.metadata, caller_client_id=ident.client_id, caller_scopes=sorted(ident.scopes))
-    result = await svc.db.run(lambda conn: store.start_session(conn, svc.settings, cmd, idem),
-                              before_commit=audit.with_commit(request, lambda r: r.status))
+    result = await store.start(svc.db, svc.settings, cmd, idem,
+                               before_commit=audit.with_commit(request, lambda r: r.status))
     return created({"status": result.status, "body": result.body, "replayed": result.replayed})
 
 
