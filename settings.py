@@ -135,6 +135,10 @@ class Settings(BaseSettings):
     # rows whose deadline is near are delivered (the rest wait in the outbox, where they are
     # ordered by urgency, not in Temporal's first-come queue where they would delay timers). 0: off.
     DISPATCH_MAX_TEMPORAL_BACKLOG: int = Field(200, ge=0)
+    # A workflow signalled less than this long ago waits that long for its next rows, so a workflow
+    # that hears of many changes in a row (a session giving delegation after delegation) gets them
+    # in one `notices` signal instead of one signal each. 0: every row is delivered at once.
+    DISPATCH_LINGER_MS: int = Field(100, ge=0)
     # A file the dispatcher touches while its batches complete (container healthchecks); "" = none.
     DISPATCH_HEALTH_FILE: str = ""
 

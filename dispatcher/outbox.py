@@ -14,6 +14,12 @@ the rows stay where they are (no attempt is counted) and the dispatcher probes w
 second; a row Temporal rejects is retried with exponential backoff (0.2 s doubling, capped at
 DISPATCH_MAX_BACKOFF_SECONDS). A Postgres outage is logged and waited out. Nothing here raises
 out of `run` but cancellation.
+
+A workflow this dispatcher signalled less than DISPATCH_LINGER_MS ago is not signalled again at
+once: its head row is put off (no attempt counted) until that time has passed, and the rows that
+arrive meanwhile go with it in one `notices` signal. A hot workflow (a session giving one
+delegation after another) then costs Temporal one signal per linger instead of one per change;
+a workflow that is not hot gets its rows at once.
 """
 
 from __future__ import annotations
@@ -89,6 +95,7 @@ class BatchResult:
     dropped: int = 0  # of those, rows for a workflow that had already completed
     failed: int = 0  # rows whose delivery failed (deferred)
     skipped: int = 0  # rows left untouched behind a failure or past the batch deadline
+    lingering: int = 0  # rows put off because their workflow was signalled very recently
     temporal_ok: bool | None = None  # None: nothing was sent
     errors: list[str] = field(default_factory=list)
 
@@ -138,6 +145,9 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self.max_temporal_backlog = settings.DISPATCH_MAX_TEMPORAL_BACKLOG
         self.temporal_backlog = 0  # workflow tasks waiting on the task queue (Temporal's estimate)
+        self.linger = settings.DISPATCH_LINGER_MS / 1000
+        self._signalled: dict[str, float] = {}  # workflow id -> monotonic time of its last delivery
+        self._linger_until: float | None = None  # when the first row put off is due again
 
     # --- statistics -------------------------------------------------------------------------------
 
@@ -238,10 +248,44 @@ class Dispatcher:
                 done.append((group[0], outcome))
                 break
             done += [(row, outcome) for row in group]
+            self._signalled[group[0]["workflow_id"]] = time.monotonic()
             if not outcome.dropped:
                 now = datetime.now(timezone.utc)
                 self._lags_ms.extend(max(0.0, (now - row["created_at"]).total_seconds() * 1000) for row in group)
         return done
+
+    def _put_off_hot(self, chains: dict[str, list[dict[str, Any]]]) -> tuple[list[dispatch.Deferral], int]:
+        """Take out of `chains` the workflows signalled less than `linger` ago (a `sync` head goes
+        at once) and put their head rows off until then: the rows behind a head cannot be claimed
+        before it, so they all go together once it is due. The heads' deferrals, and how many rows
+        were taken out."""
+        if not self.linger:
+            return [], 0
+        now = time.monotonic()
+        self._signalled = {w: t for w, t in self._signalled.items() if now - t < self.linger}
+        heads, rows = [], 0
+        for workflow_id, chain in list(chains.items()):
+            signalled = self._signalled.get(workflow_id)
+            if signalled is None or chain[0]["signal"] == SYNC:
+                continue
+            del chains[workflow_id]
+            wait = self.linger - (now - signalled)
+            heads.append(dispatch.Deferral(chain[0]["seq"], wait, "", count_attempt=False))
+            rows += len(chain)
+            due = now + wait
+            self._linger_until = due if self._linger_until is None else min(self._linger_until, due)
+        return heads, rows
+
+    def _next_pause(self) -> float:
+        """How long to wait for a notification before claiming again: the poll interval, or less
+        when a row put off by the linger is due sooner."""
+        if self._linger_until is None:
+            return self.poll_interval
+        left = self._linger_until - time.monotonic()
+        if left <= 0:
+            self._linger_until = None
+            return 0.0
+        return min(self.poll_interval, left)
 
     # --- one batch --------------------------------------------------------------------------------
 
@@ -261,6 +305,7 @@ class Dispatcher:
             chains: dict[str, list[dict[str, Any]]] = {}
             for row in rows:  # seq order within each workflow
                 chains.setdefault(row["workflow_id"], []).append(row)
+            lingering, result.lingering = self._put_off_hot(chains)
             # A slow Temporal must not hold the locks for chain length x RPC deadline: past this
             # deadline no new delivery starts; the rest stays for the next batch.
             deadline = time.monotonic() + 2 * timeout
@@ -279,12 +324,12 @@ class Dispatcher:
                     deferrals.append(dispatch.Deferral(row["seq"], backoff_seconds(row["attempts"], self.max_backoff),
                                                        o.error, count_attempt=True))
             await dispatch.delete_delivered(conn, delivered)
-            await dispatch.defer(conn, deferrals)
+            await dispatch.defer(conn, deferrals + lingering)
         # Committed.
         result.delivered = len(delivered)
         result.dropped = sum(1 for _, o in attempted if o.dropped)
         result.failed = len(deferrals)
-        result.skipped = result.claimed - len(attempted)
+        result.skipped = result.claimed - len(attempted) - result.lingering
         result.errors = [d.error for d in deferrals]
         if attempted:
             result.temporal_ok = not down
@@ -335,7 +380,7 @@ class Dispatcher:
                 if not self.temporal_ok:
                     await self._pause(stop, self._probe_interval(), wake=False)
                 elif result.delivered == 0:
-                    await self._pause(stop, self.poll_interval, wake=True)
+                    await self._pause(stop, self._next_pause(), wake=True)
                 # else: progress; claim again at once (the outbox may hold more)
         finally:
             for task in (listener, stats, backlog):

@@ -284,6 +284,46 @@ async def test_signal_with_start_carries_start_args_search_attributes_and_summar
     assert await env.got(w) == [1]
 
 
+async def _signals(env: Env, workflow_id: str) -> list[str]:
+    """The names of the signals in the workflow's history, in order."""
+    names = []
+    async for event in env.client.get_workflow_handle(workflow_id).fetch_history_events():
+        if event.HasField("workflow_execution_signaled_event_attributes"):
+            names.append(event.workflow_execution_signaled_event_attributes.signal_name)
+    return names
+
+
+async def test_a_workflow_signalled_just_now_gets_its_next_rows_together(env: Env):
+    """DISPATCH_LINGER_MS: rows of a workflow signalled less than the linger ago wait for it and then
+    go in one `notices` signal; another workflow's row goes at once."""
+    hot, cold = env.wid("linger-hot"), env.wid("linger-cold")
+    d = env.dispatcher(DISPATCH_LINGER_MS=1500)
+    await env.enqueue([(hot, 1)])
+    assert (await d.deliver_batch()).delivered == 1
+    await env.enqueue([(hot, 2)])
+    await env.enqueue([(hot, 3), (cold, 1)])
+    result = await d.deliver_batch()
+    assert (result.delivered, result.lingering, result.failed) == (1, 2, 0)  # cold at once; hot put off
+    assert [r["workflow_id"] for r in await env.rows()] == [hot, hot]
+    assert await env.got(cold) == [1]
+    assert 0 < d._next_pause() <= 1.0  # the run loop claims again when the first row put off is due
+    delivered, started = 0, time.monotonic()
+    while not delivered and time.monotonic() - started < 5:
+        await asyncio.sleep(0.05)
+        delivered = (await d.deliver_batch()).delivered
+    assert delivered == 2 and time.monotonic() - started > 0.5  # the two together, once the linger passed
+    assert await env.got(hot) == [1, 2, 3]
+    assert await _signals(env, hot) == ["note", "notices"]
+    assert await env.db.fetchval("SELECT count(*) FROM workflow_outbox WHERE task_queue = %s AND attempts > 0",
+                                 (env.task_queue,)) == 0  # putting off is not a failed attempt
+    # Without a linger, each row is its own signal.
+    d0, w = env.dispatcher(DISPATCH_LINGER_MS=0), env.wid("linger-off")
+    for n in (1, 2):
+        await env.enqueue([(w, n)])
+        assert (await d0.deliver_batch()).delivered == 1
+    assert await _signals(env, w) == ["note", "note"]
+
+
 # --------------------------------------------------------------------------------------- failures
 
 

@@ -550,12 +550,16 @@ async def test_service_session_survives_heartbeats_and_continues_as_new(unlimite
     # heartbeats are not workflow events
     assert (await handle.describe()).history_length - events_before < 5
 
-    # grow the history with real transitions until the server suggests continue-as-new
+    # grow the history with real transitions until the server suggests continue-as-new (each its
+    # own signal: a workflow signalled within DISPATCH_LINGER_MS gets its next notices together)
+    linger = zone.stack.settings.DISPATCH_LINGER_MS / 1000 + 0.02
     for i in range(25):
         r = await zone.http.patch(f"/zones/{zone.id}/agents/{sid}/suspend", headers=headers)
         assert r.status_code == 200 and r.json() == {"suspended": 1}, (i, r.text)
+        await asyncio.sleep(linger)
         r = await zone.http.patch(f"/zones/{zone.id}/agents/{sid}/resume", headers=headers)
         assert r.status_code == 200 and r.json() == {"resumed": 1}, (i, r.text)
+        await asyncio.sleep(linger)
 
     async def runs():
         return [w async for w in zone.stack.client.list_workflows(f'WorkflowId = "{handle.id}"')]
