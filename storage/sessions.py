@@ -151,11 +151,12 @@ async def replay_start(conn: Conn, settings: Settings, req: IdempotencyRequest, 
     return StartResult(receipt.response_status, receipt.response_json, replayed=True)
 
 
-# The checks of a session start (application, authority record, upper-bound capacity counts) and,
-# when `insert` is set and they pass, the insert itself: one statement, so a root start needs no
-# second round trip under the capacity lock. `start_session` reads the checks in the reference's
-# order to answer a refusal; the guard below lets through only what those checks let through
-# (`capacity_counted`: the exact count near a limit was taken instead).
+# The checks of a session start (application, authority record, upper-bound capacity counts, and
+# the transaction's now()) and, when `insert` is set and they pass, the insert itself: one
+# statement, so a root start near a limit needs no second round trip under the capacity lock.
+# `start_session` reads the checks in the reference's order to answer a refusal; the guard below
+# lets through only what those checks let through (`capacity_counted`: the exact count near a
+# limit was taken instead).
 # The session row a start inserts, from `source` (its counts as `c`) where `condition` holds.
 _INSERT_SESSION_SQL = """
         INSERT INTO sessions AS s (id, zone_id, application_id, parent_id, root_id, subject_authority_record_id,
@@ -198,7 +199,7 @@ _START_SQL = f"""
 
 # A root start checked before the capacity lock: inserted with the COMMIT, under the lock (taken by
 # the statement before), if the counts still leave room; else the transaction is refused and the
-# start runs again the locked way (`start_root`).
+# start runs again the locked way (`start`).
 CAPACITY_CHANGED = "session_capacity_changed"
 _GUARDED_START_SQL = _INSERT_SESSION_SQL.format(source=f"({_LIVE_COUNTS_SQL}) c", condition=f"""
         CASE WHEN c.zone_n < %(max_zone)s AND c.app_n < %(max_app)s AND (NOT %(dcr)s OR c.app_n = 0) THEN true
