@@ -270,7 +270,7 @@ class Dispatcher:
                 continue
             del chains[workflow_id]
             wait = self.linger - (now - signalled)
-            heads.append(dispatch.Deferral(chain[0]["seq"], wait, "", count_attempt=False))
+            heads.append(dispatch.Deferral(chain[0]["seq"], wait, None, count_attempt=False))
             rows += len(chain)
             due = now + wait
             self._linger_until = due if self._linger_until is None else min(self._linger_until, due)
@@ -330,7 +330,7 @@ class Dispatcher:
         result.dropped = sum(1 for _, o in attempted if o.dropped)
         result.failed = len(deferrals)
         result.skipped = result.claimed - len(attempted) - result.lingering
-        result.errors = [d.error for d in deferrals]
+        result.errors = [d.error or "" for d in deferrals]
         if attempted:
             result.temporal_ok = not down
             if self.temporal_ok != result.temporal_ok:

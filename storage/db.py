@@ -23,7 +23,11 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from rules.errors import CoordinatorError
 
-__all__ = ["Database", "Jsonb", "Conn", "CommitRows", "Refused", "one", "postgres_unavailable", "refuse_sql"]
+__all__ = ["Database", "Jsonb", "Conn", "CommitRows", "Refused", "XACT_LOCK_SQL", "one", "postgres_unavailable",
+           "refuse_sql"]
+
+# A transaction advisory lock on a text key (released at COMMIT or ROLLBACK); one parameter, the key.
+XACT_LOCK_SQL = "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))"
 
 
 class _Connection(psycopg.AsyncConnection[DictRow]):

@@ -17,7 +17,7 @@ from rules.errors import CoordinatorError
 from rules.narrowing import check_narrowing
 from rules.timefmt import iso_ms, parse_iso_z
 from settings import Settings
-from storage.db import Conn, at_commit, q, q1, q_batch
+from storage.db import XACT_LOCK_SQL, Conn, at_commit, q, q1, q_batch
 from storage.idempotency import IdempotencyRequest, find_receipt, inactive_result, store_receipt
 from storage.outbox import BUMP_EPOCH_SQL, DELEGATIONS_INVALIDATE, SESSIONS_REVOKE, Event, bump_epoch
 from rules import workflow_contract as wc
@@ -54,6 +54,11 @@ class CreateEdge:
     ttl_seconds: int | None
     body_ttl_seconds: int | None
     broad: bool
+
+
+def delegation_lock_key(zone_id: str) -> str:
+    """The zone's delegation lock (edge create and revoke serialise on it)."""
+    return f"delegation:{zone_id}"
 
 
 def jsonb_key_order(value: dict[str, Any]) -> dict[str, Any]:
@@ -139,7 +144,7 @@ async def create_edge(conn: Conn, settings: Settings, cmd: CreateEdge,
         # Planned once per connection: these plans do not depend on the values (index lookups by id),
         # and planning the cycle walk and the endpoint lookup anew took 0.7 ms under the zone's lock.
         ("SET LOCAL plan_cache_mode = force_generic_plan", ()),
-        ("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"delegation:{cmd.zone_id}",)),
+        (XACT_LOCK_SQL, (delegation_lock_key(cmd.zone_id),)),
         ("SELECT now() AS now", ()),  # the transaction's time: created_at, and what expiry is measured against
         (f"""SELECT {SNAPSHOT_COLUMNS} FROM sessions s WHERE s.zone_id = %s AND s.id = ANY(%s)
              AND {ENDPOINT_LIVE_SQL} FOR SHARE""", (cmd.zone_id, [cmd.source_session_id, cmd.target_session_id])),
@@ -313,7 +318,7 @@ async def current_epoch(conn: Conn, zone_id: str) -> int:
 
 async def revoke_cascade(conn: Conn, zone_id: str, edge_id: str, expected_epoch: int | None) -> dict[str, Any]:
     """§4.23 / §5.5 in one transaction: revoke the reachable edges and end their target sessions."""
-    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"delegation:{zone_id}",))
+    await conn.execute(XACT_LOCK_SQL, (delegation_lock_key(zone_id),))
     edge = await q1(conn, "SELECT id FROM delegation_edges WHERE zone_id = %s AND id = %s FOR UPDATE",
                     (zone_id, edge_id))
     if edge is None:

@@ -84,11 +84,12 @@ async def delete_delivered(conn: Conn, seqs: Sequence[int]) -> None:
 
 @dataclass(frozen=True)
 class Deferral:
-    """A row whose delivery failed: due again `delay_s` from now; `count_attempt` adds 1 to attempts."""
+    """A row due again `delay_s` from now: its delivery failed (`error`; `count_attempt` adds 1 to
+    attempts), or it was put off (`error` None keeps the row's last error)."""
 
     seq: int
     delay_s: float
-    error: str
+    error: str | None
     count_attempt: bool = True
 
 
@@ -99,11 +100,12 @@ async def defer(conn: Conn, deferrals: Sequence[Deferral]) -> None:
         UPDATE workflow_outbox o
         SET attempts = o.attempts + CASE WHEN d.counted THEN 1 ELSE 0 END,
             available_at = now() + make_interval(secs => d.delay),
-            last_error = d.error
+            last_error = COALESCE(d.error, o.last_error)
         FROM unnest(%s::bigint[], %s::float8[], %s::text[], %s::bool[]) AS d(seq, delay, error, counted)
         WHERE o.seq = d.seq""",
         ([d.seq for d in deferrals], [max(0.0, d.delay_s) for d in deferrals],
-         [d.error[:_MAX_ERROR_CHARS] for d in deferrals], [d.count_attempt for d in deferrals]))
+         [None if d.error is None else d.error[:_MAX_ERROR_CHARS] for d in deferrals],
+         [d.count_attempt for d in deferrals]))
 
 
 async def pending(db: Database, task_queue: str) -> int:

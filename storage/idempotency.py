@@ -11,7 +11,7 @@ from rules.errors import CoordinatorError
 from rules.idempotency import key_digest
 from rules.ids import new_id
 from settings import Settings
-from storage.db import Conn, one
+from storage.db import XACT_LOCK_SQL, Conn, one
 
 SESSION_START = "session.start.v2"
 DELEGATION_CREATE = "delegation.create.v2"
@@ -51,10 +51,7 @@ async def find_receipt(conn: Conn, settings: Settings, req: IdempotencyRequest) 
     receipt, enforces the per-scope quota for new keys, and answers 409 on a changed request.
     """
     digests = _digests(settings, req.key)
-    await conn.execute(
-        "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
-        (f"{req.operation}:{req.zone_id}:{req.scope_id}:{digests[0].hex()}",),
-    )
+    await conn.execute(XACT_LOCK_SQL, (f"{req.operation}:{req.zone_id}:{req.scope_id}:{digests[0].hex()}",))
     await conn.execute(
         """DELETE FROM coordinator_idempotency_receipts
            WHERE operation = %s AND zone_id = %s AND scope_id = %s AND key_digest = ANY(%s) AND expires_at <= now()""",
@@ -69,10 +66,7 @@ async def find_receipt(conn: Conn, settings: Settings, req: IdempotencyRequest) 
     )
     row = await cur.fetchone()
     if row is None:
-        await conn.execute(
-            "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
-            (f"idempotency-quota:{req.operation}:{req.zone_id}:{req.scope_id}",),
-        )
+        await conn.execute(XACT_LOCK_SQL, (f"idempotency-quota:{req.operation}:{req.zone_id}:{req.scope_id}",))
         cur = await conn.execute(
             """SELECT count(*) AS n FROM coordinator_idempotency_receipts
                WHERE operation = %s AND zone_id = %s AND scope_id = %s AND expires_at > now()""",

@@ -19,7 +19,7 @@ from rules.errors import CoordinatorError
 from rules.ids import new_id
 from rules.timefmt import iso_ms
 from settings import Settings
-from storage.db import Conn, Database, Refused, at_commit, one, q, q1, q_batch, refuse_sql
+from storage.db import XACT_LOCK_SQL, Conn, Database, Refused, at_commit, one, q, q1, q_batch, refuse_sql
 from storage.pages import body_columns, iso_ms_sql
 from storage.idempotency import IdempotencyRequest, find_receipt, inactive_result, store_receipt
 from rules import workflow_contract as wc
@@ -292,17 +292,22 @@ async def start_session(conn: Conn, settings: Settings, cmd: StartSession,
     return StartResult(201, body, False, root_id)
 
 
+def _near_a_limit(found: dict[str, Any], settings: Settings) -> bool:
+    """Whether `_START_SQL`'s upper-bound counts reach a limit (a DCR application may hold one
+    session): then only the exact count, under the capacity lock, may decide."""
+    return (found["zone_n"] >= settings.MAX_AGENTS_PER_ZONE or found["app_n"] >= settings.MAX_AGENTS_PER_APP
+            or (found["registration_method"] == "dcr" and found["app_n"] > 0))
+
+
 async def _start_locked(conn: Conn, settings: Settings, cmd: StartSession, params: dict[str, Any]
                         ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """A start under the capacity lock taken first (a child, or a root near a limit): the session
     row inserted, and the parent row (locked) of a child."""
-    _, (found,) = await q_batch(conn, ("SELECT pg_advisory_xact_lock(hashtextextended(%(lock_key)s, 0))", params),
-                                (_START_SQL, params))
+    _, (found,) = await q_batch(conn, (XACT_LOCK_SQL, (params["lock_key"],)), (_START_SQL, params))
     _check_application_and_record(found, cmd)
     dcr = found["registration_method"] == "dcr"
     counts = found
-    if (found["zone_n"] >= settings.MAX_AGENTS_PER_ZONE or found["app_n"] >= settings.MAX_AGENTS_PER_APP
-            or (dcr and found["app_n"] > 0)):
+    if _near_a_limit(found, settings):
         # Near a limit: the live count is only an upper bound; count the capacity-live sessions.
         counts = one(await q1(conn, f"""
             SELECT count(*) AS zone_n, count(*) FILTER (WHERE s.application_id = %(app)s) AS app_n
@@ -355,12 +360,10 @@ async def _start_root_at_commit(conn: Conn, settings: Settings, cmd: StartSessio
     statements. None when a count is near a limit: then the start counts under the lock."""
     found = one(await q1(conn, _START_SQL, {**params, "insert": False}))
     _check_application_and_record(found, cmd)
-    dcr = found["registration_method"] == "dcr"
-    if (found["zone_n"] >= settings.MAX_AGENTS_PER_ZONE or found["app_n"] >= settings.MAX_AGENTS_PER_APP
-            or (dcr and found["app_n"] > 0)):
+    if _near_a_limit(found, settings):
         return None
-    await at_commit(conn, "SELECT pg_advisory_xact_lock(hashtextextended(%(lock_key)s, 0))", params)
-    await at_commit(conn, _GUARDED_START_SQL, {**params, "dcr": dcr})
+    await at_commit(conn, XACT_LOCK_SQL, (params["lock_key"],))
+    await at_commit(conn, _GUARDED_START_SQL, {**params, "dcr": found["registration_method"] == "dcr"})
     now, service = found["tx_now"], cmd.lifecycle == "service"
     # What the insert writes (column defaults included), for the answer and the notice.
     return {"id": cmd.session_id, "zone_id": cmd.zone_id, "application_id": cmd.application_id, "parent_id": None,

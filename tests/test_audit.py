@@ -12,7 +12,9 @@ import sys
 import uuid
 from pathlib import Path
 
-from storage.audit import AuditEntry, append, chain_key, content_sha256, verify_chain
+import pytest
+
+from storage.audit import AuditEntry, AuditUnavailable, append, chain_key, content_sha256, verify_chain
 from tests.conftest import Zone, eventually, seed_zone
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,6 +83,31 @@ async def test_audit_failure_answers_500_and_the_suspension_stays(zone: Zone):
     assert body["error"] == "audit_unavailable" and body["message"]
     assert (await zone.session_row(sid))["status"] == "suspended"  # the mutation is committed
     assert (await verify_chain(db, zone.id, None)).ok  # the failed insert left the chain intact
+
+
+async def test_a_failed_standalone_append_raises_and_leaves_the_chain_as_it_was(stack):
+    """`append` on its own (the middleware's path for directory writes and failures): a refused
+    insert raises AuditUnavailable, writes nothing and leaves the head where it was."""
+    zone_id = f"z-audit-fail-{uuid.uuid4().hex[:8]}"
+    entry = AuditEntry("req-1", "sub", "app-1", "agent:lifecycle", "POST", f"/zones/{zone_id}/agents", zone_id,
+                       None, None, 201)
+    first = await append(stack.db, entry, None)
+    fn = f"audit_fail_{uuid.uuid4().hex[:8]}"
+    await stack.db.execute(f"""CREATE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN RAISE EXCEPTION 'audit storage refused (test)'; END $$""")
+    await stack.db.execute(f"""CREATE TRIGGER {fn} BEFORE INSERT ON admin_audit_events FOR EACH ROW
+        WHEN (NEW.zone_id = '{zone_id}') EXECUTE FUNCTION {fn}()""")
+    try:
+        with pytest.raises(AuditUnavailable):
+            await append(stack.db, entry, None)
+    finally:
+        await stack.db.execute(f"DROP TRIGGER {fn} ON admin_audit_events")
+        await stack.db.execute(f"DROP FUNCTION {fn}()")
+    head = await stack.db.fetchrow("SELECT * FROM admin_audit_heads WHERE chain_key = %s", (chain_key(zone_id),))
+    assert (head["chain_seq"], head["content_sha256"]) == (1, first["content_sha256"])
+    assert (await append(stack.db, entry, None))["chain_seq"] == 2
+    report = await verify_chain(stack.db, zone_id, None)
+    assert report.ok and report.records == 2, report.describe()
 
 
 async def test_a_command_and_its_record_commit_together(zone: Zone):

@@ -302,9 +302,10 @@ async def test_a_workflow_signalled_just_now_gets_its_next_rows_together(env: En
     assert (await d.deliver_batch()).delivered == 1
     await env.enqueue([(hot, 2)])
     await env.enqueue([(hot, 3), (cold, 1)])
+    await env.db.execute("UPDATE workflow_outbox SET last_error = 'earlier failure' WHERE workflow_id = %s", (hot,))
     result = await d.deliver_batch()
     assert (result.delivered, result.lingering, result.failed) == (1, 2, 0)  # cold at once; hot put off
-    assert [r["workflow_id"] for r in await env.rows()] == [hot, hot]
+    assert [(r["workflow_id"], r["last_error"]) for r in await env.rows()] == [(hot, "earlier failure")] * 2
     assert await env.got(cold) == [1]
     assert 0 < d._next_pause() <= 1.0  # the run loop claims again when the first row put off is due
     delivered, started = 0, time.monotonic()
