@@ -174,12 +174,14 @@ class Database:
                             rows.rows = await cur.fetchall() if _returns_rows(cur) else []
                     elif not _cancel_pending_begin(conn):  # a transaction that ran nothing commits nothing
                         await conn.execute("COMMIT")
-                except BaseException:
+                except BaseException as exc:
                     _cancel_pending_begin(conn)
                     if not conn.closed and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
                         # Best effort: a connection it fails on is discarded by the pool on return.
                         with contextlib.suppress(Exception):
                             await conn.execute("ROLLBACK")
+                    if isinstance(exc, (psycopg.Error, asyncio.CancelledError)):
+                        await _forget_prepared_statements(conn)
                     raise
             finally:
                 _AT_COMMIT.pop(conn, None)
@@ -287,6 +289,22 @@ async def q_batch(conn: Conn, *statements: tuple[str, Sequence[Any] | dict[str, 
         cursors = [await conn.execute(sql, params) for sql, params in statements]
         await pipeline.sync()
     return [await cur.fetchall() if _returns_rows(cur) else [] for cur in cursors]
+
+
+async def _forget_prepared_statements(conn: Conn) -> None:
+    """After a failed pipeline, let psycopg prepare its statements afresh.
+
+    psycopg (3.3.9) names a statement prepared when it queues the Parse. In a pipeline that an
+    earlier statement's error aborts, Postgres skips that Parse, yet the name stays in psycopg's
+    cache, and the statement's next use fails with "prepared statement _pg3_N does not exist"
+    (tests/test_storage_db.py reproduces it). Clearing the cache makes psycopg send DEALLOCATE ALL
+    before its next statement and prepare again from the count. Without that (private) cache, the
+    connection is closed, and the pool replaces it."""
+    prepared = getattr(conn, "_prepared", None)
+    if prepared is not None and callable(getattr(prepared, "clear", None)):
+        prepared.clear()
+    else:
+        await conn.close()
 
 
 def one(row: T | None) -> T:

@@ -116,6 +116,34 @@ async def test_a_failing_first_statement_raises_itself_and_writes_nothing(stack,
     assert await rows(stack.db, scratch) == [(7, "taken")]
 
 
+async def test_a_statement_whose_pipeline_failed_before_it_runs_again(stack, scratch):
+    """psycopg prepares a statement at its sixth use. When that use sits in an at-commit pipeline
+    behind a statement that fails, Postgres skips its preparation; the next use must not fail
+    with "prepared statement does not exist" (it did: storage.db._forget_prepared_statements)."""
+    db = Database(stack.settings.DATABASE_URL, max_size=1)  # one connection: each use is on it
+    await db.open()
+    try:
+        count = f"SELECT count(*) AS n FROM {scratch} WHERE n > %s"
+
+        async def refused(conn, *then: str):
+            await conn.execute(f"INSERT INTO {scratch} VALUES (1, 'before')")
+            await at_commit(conn, f"SELECT {refuse_sql('place_taken')}")
+            for sql in then:
+                await at_commit(conn, sql, (0,))
+
+        for _ in range(2):  # psycopg forgets its statements at the first ROLLBACK it sees only
+            with pytest.raises(Refused):
+                await db.run(refused)
+        for i in range(5):
+            assert await db.fetchval(count, (i,)) == 0
+        with pytest.raises(Refused):
+            await db.run(lambda conn: refused(conn, count))  # the sixth use, skipped
+        assert await db.fetchval(count, (0,)) == 0
+        assert await rows(db, scratch) == []
+    finally:
+        await db.close()
+
+
 async def test_a_refusing_statement_rolls_back_and_raises_refused(stack, scratch):
     """`refuse_sql(code)` evaluated by an at-commit write: nothing is written, and `run` raises
     Refused(code); a write that does not evaluate it commits. The at-commit rows come back after
