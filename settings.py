@@ -6,8 +6,10 @@ One `Settings` object is built per process (`get_settings()`); tests build their
 
 from __future__ import annotations
 
+import hashlib
 import os
 from functools import lru_cache
+from pathlib import Path
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -55,6 +57,11 @@ class Settings(BaseSettings):
     # the standard library, workflows/models.py and rules/workflow_contract.py; the test suite runs
     # them sandboxed and the replay tests guard determinism.
     WORKFLOW_SANDBOX: bool = False
+    # The build id the worker reports to Temporal; "" = a digest of the workflow code, the same in
+    # every process of one deployment. The dispatcher starts each workflow with the `BuildIds`
+    # search attribute the worker's first task will report (rules/workflow_contract.build_ids), so
+    # the server has no visibility record to rewrite then. Set it alike for workers and dispatchers.
+    WORKER_BUILD_ID: str = ""
     # host:port where the worker serves the Temporal SDK's Prometheus metrics ("" = off).
     WORKER_METRICS_ADDRESS: str = ""
     CARACAL_MODE: str = "dev"
@@ -170,6 +177,20 @@ class Settings(BaseSettings):
     @property
     def audit_key_bytes(self) -> bytes | None:
         return bytes.fromhex(self.AUDIT_HMAC_KEY) if self.AUDIT_HMAC_KEY else None
+
+    @property
+    def worker_build_id(self) -> str:
+        return self.WORKER_BUILD_ID or workflow_code_digest()
+
+
+@lru_cache
+def workflow_code_digest() -> str:
+    """A digest of the code that decides what a workflow does: workflows/ and the contract."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted((root / "workflows").glob("*.py")) + [root / "rules" / "workflow_contract.py"]:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:32]
 
 
 def load_settings(**overrides) -> Settings:

@@ -66,6 +66,7 @@ def build_worker(client: Client, db, settings: Settings, task_queue: str | None 
         client,
         **runner,
         task_queue=task_queue or settings.TEMPORAL_TASK_QUEUE,
+        build_id=settings.worker_build_id,  # what the dispatcher's starts expect (settings.WORKER_BUILD_ID)
         workflows=build_workflows(),
         activities=build_activities(db, settings, client),
         max_concurrent_activities=100,

@@ -46,7 +46,7 @@ from temporalio.common import (
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from rules.workflow_contract import INVOCATION_SYNC, NOTICES, SESSION_SYNC
+from rules.workflow_contract import INVOCATION_SYNC, NOTICES, SA_BUILD_IDS, SESSION_SYNC, build_ids
 from settings import Settings
 from storage import dispatch
 from storage.db import ChannelListener, Database
@@ -148,6 +148,9 @@ class Dispatcher:
         self.linger = settings.DISPATCH_LINGER_MS / 1000
         self._signalled: dict[str, float] = {}  # workflow id -> monotonic time of its last delivery
         self._linger_until: float | None = None  # when the first row put off is due again
+        # Set at start to what the worker's first task reports (rules/workflow_contract.build_ids).
+        self._build_ids = SearchAttributePair(SearchAttributeKey.for_keyword_list(SA_BUILD_IDS),
+                                              build_ids(settings.worker_build_id))
 
     # --- statistics -------------------------------------------------------------------------------
 
@@ -197,8 +200,10 @@ class Dispatcher:
             signal, args = row["signal"], [row["payload"]]
         else:
             signal, args = NOTICES, [[{"signal": r["signal"], "notice": r["payload"]} for r in rows]]
-        attrs = [SearchAttributePair(SearchAttributeKey.for_keyword(k), str(v))
-                 for k, v in (row["search_attributes"] or {}).items() if v is not None]
+        attrs: list[SearchAttributePair[Any]] = [
+            SearchAttributePair(SearchAttributeKey.for_keyword(k), str(v))
+            for k, v in (row["search_attributes"] or {}).items() if v is not None]
+        attrs.append(self._build_ids)
         try:
             # Signal-with-start: signals the running workflow, or starts it with `start_args` and
             # then signals it. The conflict policy is left unset: for signal-with-start the server
@@ -211,7 +216,7 @@ class Dispatcher:
                 row["workflow_type"], row["start_args"], id=row["workflow_id"],
                 task_queue=row.get("task_queue") or self.task_queue,
                 start_signal=signal, start_signal_args=args,
-                search_attributes=TypedSearchAttributes(attrs) if attrs else None,
+                search_attributes=TypedSearchAttributes(attrs),
                 static_summary=row["summary"] or None,
                 id_reuse_policy=(WorkflowIDReusePolicy.ALLOW_DUPLICATE if row["signal"] == SYNC
                                  else WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY),

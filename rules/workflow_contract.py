@@ -67,6 +67,18 @@ SESSION_LIVE = ("active", "suspended")
 SESSION_TERMINAL = ("terminated", "expired")
 INVOCATION_FINAL = ("succeeded", "canceled", "timed_out", "dead")
 
+# The server's own `BuildIds` search attribute (KeywordList) holds what a workflow's tasks were
+# completed by: "unversioned" and "unversioned:<build id>" for workers without versioning. The
+# first completed task adds them, and the change costs the server a second visibility write per
+# workflow; a workflow started with them already set costs one.
+SA_BUILD_IDS = "BuildIds"
+
+
+def build_ids(build_id: str) -> list[str]:
+    """The `BuildIds` a workflow holds once a worker without versioning, of `build_id`, ran it."""
+    return ["unversioned", f"unversioned:{build_id}"]
+
+
 # Custom search attributes (all Keyword). SQL visibility allows at most 10 Keyword attributes:
 # this list is full.
 SA_ZONE = "ZoneId"

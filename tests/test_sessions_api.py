@@ -17,7 +17,9 @@ from typing import Any
 
 import pytest
 from temporalio.client import WorkflowExecutionStatus
+from temporalio.common import SearchAttributeKey
 
+from rules import workflow_contract as wc
 from rules.idempotency import key_digest
 from rules.timefmt import iso_ms
 from settings import DEV_IDEMPOTENCY_HMAC_KEY
@@ -228,6 +230,22 @@ async def test_root_start_answers_what_was_stored(zone: Zone):
         # The workflow's state came from the notice: it is the stored row's snapshot.
         state = await zone.workflow_state(f"session/{zone.id}/{sid(created)}")
         assert state == session_snapshot(await zone.session_row(sid(created)))
+
+
+async def test_a_session_workflow_starts_with_the_build_ids_its_worker_reports(zone: Zone):
+    """The dispatcher starts a workflow with the `BuildIds` its worker's first task reports, so the
+    server has nothing to add to the workflow's visibility record at that task."""
+    created = await zone.start()
+    workflow_id = f"session/{zone.id}/{sid(created)}"
+    assert await zone.workflow_state(workflow_id) is not None  # the first task has completed
+    handle = zone.stack.client.get_workflow_handle(workflow_id)
+    started = (await handle.fetch_history()).events[0].workflow_execution_started_event_attributes
+    assert wc.SA_BUILD_IDS in started.search_attributes.indexed_fields  # set by the start itself
+    description = await handle.describe()
+    build_id = zone.stack.settings.worker_build_id
+    assert description.raw_description.workflow_execution_info.most_recent_worker_version_stamp.build_id == build_id
+    assert description.typed_search_attributes.get(SearchAttributeKey.for_keyword_list(wc.SA_BUILD_IDS)) == \
+        ["unversioned", f"unversioned:{build_id}"]
 
 
 async def test_subject_defaults_to_token_sid(zone: Zone):  # 21
