@@ -253,7 +253,8 @@ class Dispatcher:
                 done.append((group[0], outcome))
                 break
             done += [(row, outcome) for row in group]
-            self._signalled[group[0]["workflow_id"]] = time.monotonic()
+            if self.linger:  # remembered only to linger on it (pruned by `_put_off_hot`)
+                self._signalled[group[0]["workflow_id"]] = time.monotonic()
             if not outcome.dropped:
                 now = datetime.now(timezone.utc)
                 self._lags_ms.extend(max(0.0, (now - row["created_at"]).total_seconds() * 1000) for row in group)

@@ -13,8 +13,8 @@ one statement (`admin_audit_append`, migration 0006) that locks that row, advanc
 the record, either on its own or as the last statement of a command's transaction (with its
 COMMIT). Concurrent appends to a chain serialize on the row for the statement's duration only
 (instead of the reference's advisory lock plus a scan for the greatest chain_seq), and appends to
-different chains never wait for each other. The HMAC is computed by Postgres from padded keys (sha256 only,
-no extension needed).
+different chains never wait for each other. The HMAC is computed by Postgres from padded keys
+(sha256 only, no extension needed).
 
 `verify_chain` walks a chain and names the first broken link; `devstack/audit_verify.py` is its
 command line.

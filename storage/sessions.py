@@ -151,12 +151,6 @@ async def replay_start(conn: Conn, settings: Settings, req: IdempotencyRequest, 
     return StartResult(receipt.response_status, receipt.response_json, replayed=True)
 
 
-# The checks of a session start (application, authority record, upper-bound capacity counts, and
-# the transaction's now()) and, when `insert` is set and they pass, the insert itself: one
-# statement, so a root start near a limit needs no second round trip under the capacity lock.
-# `start_session` reads the checks in the reference's order to answer a refusal; the guard below
-# lets through only what those checks let through (`capacity_counted`: the exact count near a
-# limit was taken instead).
 # The session row a start inserts, from `source` (its counts as `c`) where `condition` holds.
 _INSERT_SESSION_SQL = """
         INSERT INTO sessions AS s (id, zone_id, application_id, parent_id, root_id, subject_authority_record_id,
@@ -181,6 +175,12 @@ _START_CONDITION = """%(insert)s AND c.registration_method IS NOT NULL AND c.rec
           AND (%(capacity_counted)s OR (c.zone_n < %(max_zone)s AND c.app_n < %(max_app)s
                                         AND (c.registration_method <> 'dcr' OR c.app_n = 0)))"""
 
+# The checks of a session start (application, authority record, upper-bound capacity counts, and
+# the transaction's now()) and, when `insert` is set and they pass, the insert itself: one
+# statement, so a root start near a limit needs no second round trip under the capacity lock.
+# `start_session` reads the checks in the reference's order to answer a refusal; the condition
+# (`_START_CONDITION`) lets through only what those checks let through (`capacity_counted`: the
+# exact count near a limit was taken instead).
 _START_SQL = f"""
     WITH checks AS MATERIALIZED (
         SELECT app.registration_method, record.live AS record_live, live.zone_n, live.app_n, now() AS tx_now

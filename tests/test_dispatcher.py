@@ -329,6 +329,7 @@ async def test_a_workflow_signalled_just_now_gets_its_next_rows_together(env: En
         await env.enqueue([(w, n)])
         assert (await d0.deliver_batch()).delivered == 1
     assert await _signals(env, w, ["note", "note"]) == ["note", "note"]
+    assert d0._signalled == {}  # without a linger no workflow is remembered (the map would only grow)
 
 
 # --------------------------------------------------------------------------------------- failures
