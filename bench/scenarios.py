@@ -524,12 +524,18 @@ async def rss(ctx: Ctx) -> list[Row]:
 
 
 async def _backlog(ctx: Ctx) -> int:
-    """Rows in the workflow outbox: from Postgres when given (/ready has its own rate limit)."""
+    """Notices waiting in the workflow outbox: from Postgres when given (/ready has its own rate
+    limit)."""
     if ctx.cfg.database_url:
-        import psycopg
+        from storage import dispatch
+        from storage.db import Database
 
-        async with await psycopg.AsyncConnection.connect(ctx.cfg.database_url, autocommit=True) as db:
-            return int((await (await db.execute("SELECT count(*) FROM workflow_outbox")).fetchone())[0])
+        db = Database(ctx.cfg.database_url, max_size=1)
+        await db.open()
+        try:
+            return int((await dispatch.backlog(db))["backlog"])
+        finally:
+            await db.close()
     await asyncio.sleep(0.5)  # within READY_RATE_LIMIT_PER_MIN
     return int((await ctx.http.get("/ready")).json().get("workflow_outbox", {}).get("backlog", -1))
 

@@ -1,7 +1,8 @@
 """Deliver the workflow outbox to Temporal with signal-with-start (DESIGN.md, "Postgres decides,
 Temporal follows").
 
-One batch: in one Postgres transaction, claim head rows and their followers (storage/dispatch.py),
+One batch: in one Postgres transaction, spread the fan-out rows of subtree cascades into outbox
+rows, claim head rows and their followers (storage/dispatch.py),
 deliver them (different workflows concurrently; the claimed rows of one workflow in one
 signal-with-start, as their own signal when alone and as one `notices` signal in `seq` order when
 several, so a dispatcher that is behind costs Temporal fewer round trips), delete what was
@@ -303,6 +304,9 @@ class Dispatcher:
         timeout = min(self.rpc_timeout, PROBE_TIMEOUT_S) if probing else self.rpc_timeout
         result = BatchResult()
         async with self.db.transaction() as conn:
+            # A cascade's notices come as one fan-out row: spread them before claiming (they show
+            # to other dispatchers at commit; until then the fan-out row holds back what follows).
+            await dispatch.spread_fanouts(conn, self.task_queue, self.batch_size)
             held_back = bool(self.max_temporal_backlog) and self.temporal_backlog > self.max_temporal_backlog
             rows = await dispatch.claim(conn, limit, self.per_workflow, self.task_queue, due_soon_only=held_back)
             result.claimed = len(rows)

@@ -15,7 +15,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from rules import workflow_contract as wc
+from rules.sessions import DEFAULT_TASK_TTL_SECONDS
 from storage.db import Conn, Database, one
+from storage.workflow_outbox import spread_fanouts_sql
 
 # Heads whose entity's deadline falls within this many seconds are claimed before older rows.
 DUE_SOON_SECONDS = 60
@@ -28,6 +31,18 @@ RETIRED_FAILED = "workflow_dispatch_failed"
 
 _OUTBOX_COLUMNS = """seq, workflow_id, workflow_type, signal, payload, start_args, search_attributes, summary,
     task_queue, created_at, attempts"""
+# Rows behind a fan-out row not yet spread wait: some may be of its sessions' workflows, whose
+# notices in it come first. Evaluated once per statement (takes %(queue)s).
+_BEFORE_FANOUTS = """o.seq < (SELECT COALESCE(min(seq), 9223372036854775807) FROM workflow_outbox_fanout
+                             WHERE task_queue IN ('', %(queue)s))"""
+
+
+async def spread_fanouts(conn: Conn, task_queue: str, limit: int) -> int:
+    """Spread up to `limit` fan-out rows (a cascade's notices, storage/workflow_outbox.py
+    `fanout_sql`) of this task queue into their workflow-outbox rows; the rows written."""
+    cur = await conn.execute(spread_fanouts_sql(), {"queue": task_queue, "limit": limit,
+                                                    "default_ttl": DEFAULT_TASK_TTL_SECONDS})
+    return int(one(await cur.fetchone())["n"])
 
 
 async def claim(conn: Conn, limit: int, per_workflow: int, task_queue: str, *, due_soon_only: bool = False
@@ -42,6 +57,7 @@ async def claim(conn: Conn, limit: int, per_workflow: int, task_queue: str, *, d
         WHERE o.due_at < now() + make_interval(secs => %(soon)s)
           AND o.available_at <= now()
           AND o.task_queue IN ('', %(queue)s)
+          AND {_BEFORE_FANOUTS}
           AND NOT EXISTS (SELECT 1 FROM workflow_outbox p WHERE p.workflow_id = o.workflow_id AND p.seq < o.seq)
         ORDER BY o.due_at
         LIMIT %(limit)s
@@ -53,6 +69,7 @@ async def claim(conn: Conn, limit: int, per_workflow: int, task_queue: str, *, d
             WHERE o.available_at <= now()
               AND o.task_queue IN ('', %(queue)s)
               AND NOT (o.seq = ANY(%(taken)s::bigint[]))
+              AND {_BEFORE_FANOUTS}
               AND NOT EXISTS (SELECT 1 FROM workflow_outbox p WHERE p.workflow_id = o.workflow_id AND p.seq < o.seq)
             ORDER BY o.seq
             LIMIT %(limit)s
@@ -66,13 +83,13 @@ async def claim(conn: Conn, limit: int, per_workflow: int, task_queue: str, *, d
     cur = await conn.execute(f"""
         SELECT f.* FROM unnest(%(wids)s::text[], %(seqs)s::bigint[]) AS h(workflow_id, head_seq)
         CROSS JOIN LATERAL (
-            SELECT {_OUTBOX_COLUMNS} FROM workflow_outbox f
-            WHERE f.workflow_id = h.workflow_id AND f.seq > h.head_seq
-            ORDER BY f.seq
+            SELECT {_OUTBOX_COLUMNS} FROM workflow_outbox o
+            WHERE o.workflow_id = h.workflow_id AND o.seq > h.head_seq AND {_BEFORE_FANOUTS}
+            ORDER BY o.seq
             LIMIT %(n)s
             FOR UPDATE
         ) f""", {"wids": [h["workflow_id"] for h in heads], "seqs": [h["seq"] for h in heads],
-                 "n": per_workflow - 1})
+                 "n": per_workflow - 1, "queue": task_queue})
     followers = await cur.fetchall()
     return sorted([*heads, *followers], key=lambda r: r["seq"])
 
@@ -108,19 +125,41 @@ async def defer(conn: Conn, deferrals: Sequence[Deferral]) -> None:
          [d.count_attempt for d in deferrals]))
 
 
+# The notices waiting in fan-out rows not yet spread, per row.
+_FANOUT_NOTICES = "json_array_length(sessions)"
+
+
 async def pending(db: Database, task_queue: str) -> int:
-    """Rows a dispatcher of `task_queue` has left to deliver (due or not, locked or not)."""
-    return int(await db.fetchval("SELECT count(*) FROM workflow_outbox WHERE task_queue IN ('', %s)",
-                                 (task_queue,)))
+    """Notices a dispatcher of `task_queue` has left to deliver (due or not, locked or not, spread
+    or not)."""
+    return int(await db.fetchval(f"""
+        SELECT (SELECT count(*) FROM workflow_outbox WHERE task_queue IN ('', %(queue)s))
+             + (SELECT COALESCE(sum({_FANOUT_NOTICES}), 0) FROM workflow_outbox_fanout
+                WHERE task_queue IN ('', %(queue)s))""", {"queue": task_queue}))
+
+
+async def delivered(db: Database, workflow_id: str) -> bool:
+    """Whether no notice for the workflow waits: no row of it, and its session in no fan-out row."""
+    return bool(await db.fetchval(f"""
+        SELECT NOT EXISTS (SELECT 1 FROM workflow_outbox WHERE workflow_id = %(wid)s)
+           AND NOT EXISTS (SELECT 1 FROM workflow_outbox_fanout f CROSS JOIN LATERAL json_array_elements(f.sessions) e
+                       WHERE {wc.session_workflow_id_sql("(e->>'zone_id')", "(e->>'id')")} = %(wid)s)""",
+                                  {"wid": workflow_id}))
 
 
 async def backlog(db: Database) -> dict[str, Any]:
-    """The whole outbox: rows waiting, age of the oldest (seconds), rows being retried."""
-    row = one(await db.fetchrow("""
-        SELECT count(*) AS backlog,
+    """The whole outbox: notices waiting (spread or not), age of the oldest (seconds), rows being
+    retried."""
+    row = one(await db.fetchrow(f"""
+        WITH rows AS (
+            SELECT 1::bigint AS n, created_at, attempts FROM workflow_outbox
+            UNION ALL
+            SELECT {_FANOUT_NOTICES}, created_at, 0 FROM workflow_outbox_fanout
+        )
+        SELECT COALESCE(sum(n), 0)::bigint AS backlog,
                COALESCE(GREATEST(EXTRACT(EPOCH FROM now() - min(created_at)), 0), 0)::float8 AS oldest_age_seconds,
                count(*) FILTER (WHERE attempts > 0) AS retrying
-        FROM workflow_outbox"""))
+        FROM rows"""))
     return {"backlog": int(row["backlog"]), "oldest_age_seconds": float(row["oldest_age_seconds"]),
             "retrying": int(row["retrying"])}
 

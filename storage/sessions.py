@@ -26,8 +26,7 @@ from rules import workflow_contract as wc
 from rules.sessions import DEFAULT_TASK_TTL_SECONDS
 from storage.outbox import AGENTS_LIFECYCLE, DELEGATIONS_INVALIDATE, NEW_ID_SQL, SESSIONS_REVOKE, Event, bump_epoch
 from storage.workflow_outbox import (
-    OUTBOX_COLUMNS, SNAPSHOT_COLUMNS, WorkflowNotice, enqueue, notify_sql, publish, session_notice,
-    session_notice_sql, session_notices,
+    SNAPSHOT_COLUMNS, WorkflowNotice, enqueue, fanout_sql, notify_sql, publish, session_notice, session_notices,
 )
 
 LIVE_STATUSES = wc.SESSION_LIVE
@@ -475,8 +474,9 @@ async def _change_subtree(conn: Conn, statuses: str, update: str, events: str, p
     """Run a subtree status change `update` (an UPDATE of the sessions in `tree`, RETURNING
     SNAPSHOT_COLUMNS, subject_authority_record_id) and write its events and workflow notices in the
     same statement: the rows of a 1,000-session cascade never travel to Python and back. `events`
-    selects (part, rank, topic, key, payload) from `changed`, `rank` from `_EVENT_RANK`; the outbox
-    rows of events and notices go roots first. The number of sessions changed."""
+    selects (part, rank, topic, key, payload) from `changed`, `rank` from `_EVENT_RANK`; events and
+    notices go roots first. The notices are one fan-out row, spread by the dispatcher. The number
+    of sessions changed."""
     cur = await conn.execute(f"""
         WITH RECURSIVE {_subtree(statuses)},
         changed AS ({update}),
@@ -486,13 +486,9 @@ async def _change_subtree(conn: Conn, statuses: str, update: str, events: str, p
             FROM ({events}) e ORDER BY e.part, e.rank
             ON CONFLICT (producer, topic, dedupe_key) DO NOTHING
         ),
-        notices AS (
-            INSERT INTO workflow_outbox ({OUTBOX_COLUMNS})
-            SELECT {session_notice_sql("c")} FROM changed c ORDER BY {_ROOTS_FIRST}
-            RETURNING 1
-        )
+        notices AS ({fanout_sql("changed", _ROOTS_FIRST)})
         SELECT (SELECT count(*) FROM changed) AS n, {notify_sql("notices")} AS notified""",
-                             {**params, "default_ttl": DEFAULT_TASK_TTL_SECONDS})
+                             params)
     return int(one(await cur.fetchone())["n"])
 
 

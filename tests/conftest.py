@@ -31,6 +31,7 @@ from devstack.postgres import PostgresProcess, free_port, start_postgres
 from devstack.temporal import TemporalProcess, start_temporal
 from devstack.tokens import mint_token
 from settings import Settings, load_settings
+from storage import dispatch
 from storage.db import Database
 from storage.migrate import upgrade
 from worker import build_worker, ensure_maintenance_schedule, maintenance_schedule_id
@@ -119,9 +120,9 @@ class Stack:
     async def workflows_caught_up(self, timeout: float = 15.0) -> None:
         """Every workflow-outbox row of this stack's task queue written so far has been delivered
         (rows of a closed extra stack stay behind: nobody dispatches its queue)."""
-        await eventually(lambda: self.db.fetchval(
-            "SELECT NOT EXISTS (SELECT 1 FROM workflow_outbox WHERE task_queue IN ('', %s))",
-            (self.settings.TEMPORAL_TASK_QUEUE,)), timeout=timeout)
+        async def caught_up() -> bool:
+            return await dispatch.pending(self.db, self.settings.TEMPORAL_TASK_QUEUE) == 0
+        await eventually(caught_up, timeout=timeout)
 
     async def start_worker(self) -> None:
         self._worker = build_worker(self.client, self.db, self.settings)
@@ -223,8 +224,7 @@ class Zone:
 
     async def workflow_state(self, workflow_id: str) -> dict[str, Any] | None:
         """The workflow's last known snapshot of its entity, once its pending notices are delivered."""
-        await eventually(lambda: self.stack.db.fetchval(
-            "SELECT NOT EXISTS (SELECT 1 FROM workflow_outbox WHERE workflow_id = %s)", (workflow_id,)), timeout=15)
+        await eventually(lambda: dispatch.delivered(self.stack.db, workflow_id), timeout=15)
         state = await self.stack.client.get_workflow_handle(workflow_id).query("current_state")
         return state["current"]
 

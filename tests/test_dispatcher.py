@@ -27,7 +27,7 @@ from dispatcher.outbox import Dispatcher
 from settings import Settings, load_settings
 from storage import dispatch
 from storage.db import Database
-from storage.workflow_outbox import WorkflowNotice, enqueue
+from storage.workflow_outbox import WorkflowNotice, enqueue, fanout_sql
 from tests.conftest import eventually
 
 PROBE = "DispatchProbe"
@@ -238,6 +238,44 @@ async def test_claim_takes_heads_due_soon_before_older_rows(env: Env):
             rest = await dispatch.claim(b, 10, 1, env.task_queue)
             assert [r["workflow_id"] for r in rest] == [old, later]  # then by age
     await env.db.execute("DELETE FROM workflow_outbox WHERE task_queue = %s", (env.task_queue,))
+
+
+async def test_a_cascade_fanout_is_spread_in_place_and_holds_back_the_rows_behind_it(env: Env):
+    """A subtree cascade writes one fan-out row; its sessions' notices keep the seqs drawn in the
+    command, so a later row of one of those workflows waits for them, and then goes after them."""
+    zone = f"fan-{uuid.uuid4().hex[:6]}"
+    sessions = [(f"s{i}", zone, "app", "task", "suspended", 2, None, f"s{i}", "2026-11-30T09:00:00Z", 60, None, 0,
+                 None) for i in (2, 1, 3)]
+    async with env.db.transaction() as conn:
+        await conn.execute("CREATE TEMP TABLE fan (LIKE sessions INCLUDING DEFAULTS) ON COMMIT DROP")
+        for session in sessions:
+            await conn.execute(
+                """INSERT INTO fan (id, zone_id, application_id, lifecycle, status, state_version, parent_id,
+                                    root_id, started_at, ttl_seconds, heartbeat_deadline_at, lease_generation,
+                                    termination_reason, subject_authority_record_id)
+                   VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 'ar')""", session)
+        await conn.execute(f"""WITH changed AS (SELECT * FROM fan), notices AS ({fanout_sql("changed", "c.id")})
+                               SELECT count(*) FROM notices""",
+                           {"signal": "suspended", "summary": "cascade", "reason": "requested"})
+    s1 = f"session/{zone}/s1"
+    await env.enqueue([(s1, 7)])  # a later change of s1
+    assert await env.pending() == 4  # three notices in the fan-out row, one row
+    assert not await dispatch.delivered(env.db, s1)
+    async with env.db.transaction() as a:
+        # Not spread yet: the row behind it is no head (s1's notice in the fan-out comes first).
+        assert await dispatch.claim(a, 10, 10, env.task_queue) == []
+    async with env.db.transaction() as a:
+        assert await dispatch.spread_fanouts(a, env.task_queue, 10) == 3
+        held = await dispatch.claim(a, 10, 10, env.task_queue)
+        # In the cascade's order (here by id), each with its seq; s1's later row behind its notice.
+        assert [(r["workflow_id"].rsplit("/", 1)[1], r["signal"]) for r in held] == [
+            ("s1", "suspended"), ("s2", "suspended"), ("s3", "suspended"), ("s1", "note")]
+        assert held[0]["payload"]["session"]["state_version"] == 2
+        assert held[0]["payload"]["session"]["reason"] == "requested"
+        assert held[0]["summary"] == "task session s1 of app"
+        await dispatch.delete_delivered(a, [r["seq"] for r in held])
+    assert await env.pending() == 0
+    assert await dispatch.delivered(env.db, s1)
 
 
 # ------------------------------------------------------------------------------------------- order

@@ -1,6 +1,7 @@
-"""SQL renderings of Python rules, held to them: `session_notice_sql` (a cascade's notices) writes
-what `session_notice` and `enqueue` write for the same row, and `NEW_ID_SQL` (a cascade's event ids)
-mints ids like `rules.ids.new_id`."""
+"""SQL renderings of Python rules, held to them: a cascade's fan-out row (`fanout_sql`), once spread
+(`spread_fanouts_sql`, which renders `session_notice_sql`), writes what `session_notice` and
+`enqueue` write for the same row, and `NEW_ID_SQL` (a cascade's event ids) mints ids like
+`rules.ids.new_id`."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from rules import workflow_contract as wc
 from rules.ids import new_id
 from rules.sessions import DEFAULT_TASK_TTL_SECONDS
 from storage.outbox import NEW_ID_SQL
-from storage.workflow_outbox import OUTBOX_COLUMNS, _due_at, session_notice, session_notice_sql
+from storage.workflow_outbox import _due_at, fanout_sql, session_notice, spread_fanouts_sql
 
 T0 = datetime(2026, 11, 30, 9, 0, 1, 123456, tzinfo=timezone.utc)
 NOW = datetime.now(timezone.utc).replace(microsecond=987654)
@@ -60,30 +61,22 @@ def test_sql_rendering_matches_session_notice(postgres, name, session, signal, r
                                 %(state_version)s, %(parent_id)s, %(root_id)s, %(started_at)s, %(ttl_seconds)s,
                                 %(heartbeat_deadline_at)s, %(lease_generation)s, %(termination_reason)s, 'ar')""",
                      session)
-        names = [c.strip() for c in OUTBOX_COLUMNS.split(",")]
-        exprs = _split(session_notice_sql("t"))
-        selected = ", ".join(f"{expr} AS {name}" for expr, name in zip(exprs, names, strict=True))
-        got = conn.execute(f"SELECT {selected} FROM t", {"signal": signal, "summary": summary, "reason": reason,
-                                                        "default_ttl": DEFAULT_TASK_TTL_SECONDS}).fetchone()
+        queue = f"notice-sql-{uuid.uuid4().hex[:8]}"
+        conn.execute("SELECT set_config('coordinator.task_queue', %s, true)", (queue,))
+        conn.execute(f"""WITH changed AS (SELECT * FROM t), notices AS ({fanout_sql("changed", "c.id")})
+                         SELECT count(*) FROM notices""", {"signal": signal, "summary": summary, "reason": reason})
+        spread = conn.execute(spread_fanouts_sql(), {"queue": queue, "limit": 100,
+                                                     "default_ttl": DEFAULT_TASK_TTL_SECONDS}).fetchone()
+        got = conn.execute("""SELECT workflow_id, workflow_type, signal, payload, start_args, search_attributes,
+                                     summary, due_at, task_queue
+                              FROM workflow_outbox WHERE task_queue = %s""", (queue,)).fetchall()
+        conn.rollback()
+    assert spread["n"] >= 1 and len(got) == 1, got
+    got = got[0]
+    assert got.pop("task_queue") == queue
     due = got.pop("due_at")
     assert (due.isoformat(timespec="milliseconds").replace("+00:00", "Z") if due else None) == expected.pop("due_at")
     assert got == expected
-
-
-def _split(select_list: str) -> list[str]:
-    """The top-level expressions of a select list (commas inside parentheses or quotes stay)."""
-    parts, depth, quoted, start = [], 0, False, 0
-    for i, ch in enumerate(select_list):
-        if ch == "'":
-            quoted = not quoted
-        elif not quoted and ch == "(":
-            depth += 1
-        elif not quoted and ch == ")":
-            depth -= 1
-        elif not quoted and depth == 0 and ch == ",":
-            parts.append(select_list[start:i])
-            start = i + 1
-    return [*parts, select_list[start:]]
 
 
 def test_sql_ids_are_uuid7_like_new_id(postgres):

@@ -27,6 +27,7 @@ from temporalio.client import WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 
 from rules.idempotency import key_digest
+from storage import dispatch
 from tests.conftest import Stack, Zone, eventually, notices_in, seed_zone
 from workflows.models import invocation_workflow_id, session_workflow_id
 
@@ -122,8 +123,7 @@ async def events_for(zone: Zone, topic: str, entity: str) -> list[dict[str, Any]
 async def session_state(stack: Stack, zone_id: str, sid: str) -> dict[str, Any]:
     """The session as its workflow knows it, once the notices written so far are delivered."""
     wf = session_workflow_id(zone_id, sid)
-    await eventually(lambda: stack.db.fetchval(
-        "SELECT NOT EXISTS (SELECT 1 FROM workflow_outbox WHERE workflow_id = %s)", (wf,)), timeout=15)
+    await eventually(lambda: dispatch.delivered(stack.db, wf), timeout=15)
     return (await stack.client.get_workflow_handle(wf).query("current_state"))["current"]
 
 

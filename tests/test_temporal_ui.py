@@ -27,6 +27,7 @@ import pytest
 
 from devstack.postgres import free_port
 from devstack.temporal import start_temporal
+from storage import dispatch
 from tests.conftest import eventually, make_settings, open_stack, seed_zone
 
 try:
@@ -90,9 +91,7 @@ async def test_session_suspend_and_resume_are_traceable_in_the_temporal_ui(postg
             # Delivered one by one (rows claimed together would travel as one `notices` signal). Only
             # this workflow's rows: the outbox is shared with the session's other stacks, whose
             # dispatchers may still be working through what earlier tests left.
-            await eventually(lambda: stack.db.fetchval(
-                "SELECT NOT EXISTS (SELECT 1 FROM workflow_outbox WHERE workflow_id = %s)", (workflow_id,)),
-                timeout=15)
+            await eventually(lambda: dispatch.delivered(stack.db, workflow_id), timeout=15)
             r = await zone.http.patch(f"/zones/{zone.id}/agents/{session_id}/{action}", headers=zone.headers())
             assert r.status_code == 200, r.text
             assert r.json() == expected

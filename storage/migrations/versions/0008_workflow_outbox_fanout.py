@@ -1,0 +1,52 @@
+"""`workflow_outbox_fanout`: a subtree cascade's notices as one row, spread by the dispatcher.
+
+A suspend or resume of a 200-session subtree wrote 201 `workflow_outbox` rows in the command's
+statement: 201 JSON notices rendered, 201 heap rows and three index entries each, about a third of
+the statement's time. Now it writes one row here: the changed sessions' columns as one JSON array
+(each with the outbox `seq` it takes), the signal, the summary and the reason. A dispatcher turns
+it into the 201 outbox rows before it claims (storage/dispatch.py `expand_fanouts`), with the
+same notices `session_notice_sql` rendered in the command before.
+
+Order per workflow holds: each session's notice keeps the `seq` drawn in the command, and no
+outbox row behind the first `seq` of a fan-out row is claimed until that row is spread.
+
+Revision ID: 0008_workflow_outbox_fanout
+Revises: 0007_sql_refusal
+"""
+from alembic import op
+
+revision = "0008_workflow_outbox_fanout"
+down_revision = "0007_sql_refusal"
+branch_labels = None
+depends_on = None
+
+UPGRADE = r"""
+CREATE TABLE workflow_outbox_fanout (
+    -- The first of its sessions' outbox seqs (drawn from workflow_outbox's sequence): its place.
+    seq bigint PRIMARY KEY,
+    signal text NOT NULL,
+    summary text NOT NULL,
+    reason text,
+    -- The changed sessions (SNAPSHOT_COLUMNS and `outbox_seq`), in notice order.
+    sessions json NOT NULL,
+    task_queue text NOT NULL DEFAULT COALESCE(current_setting('coordinator.task_queue', true), ''),
+    created_at timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+"""
+
+DOWNGRADE = r"""
+DO $$ BEGIN
+    IF EXISTS (SELECT 1 FROM workflow_outbox_fanout) THEN
+        RAISE EXCEPTION 'workflow_outbox_fanout holds notices: run a dispatcher until it is empty first';
+    END IF;
+END $$;
+DROP TABLE IF EXISTS workflow_outbox_fanout;
+"""
+
+
+def upgrade() -> None:
+    op.execute(UPGRADE)
+
+
+def downgrade() -> None:
+    op.execute(DOWNGRADE)
