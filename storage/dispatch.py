@@ -126,7 +126,7 @@ async def defer(conn: Conn, deferrals: Sequence[Deferral]) -> None:
 
 
 # The notices waiting in fan-out rows not yet spread, per row.
-_FANOUT_NOTICES = "json_array_length(sessions)"
+_FANOUT_NOTICES = "cardinality(sessions)"
 
 
 async def pending(db: Database, task_queue: str) -> int:
@@ -142,8 +142,8 @@ async def delivered(db: Database, workflow_id: str) -> bool:
     """Whether no notice for the workflow waits: no row of it, and its session in no fan-out row."""
     return bool(await db.fetchval(f"""
         SELECT NOT EXISTS (SELECT 1 FROM workflow_outbox WHERE workflow_id = %(wid)s)
-           AND NOT EXISTS (SELECT 1 FROM workflow_outbox_fanout f CROSS JOIN LATERAL json_array_elements(f.sessions) e
-                       WHERE {wc.session_workflow_id_sql("(e->>'zone_id')", "(e->>'id')")} = %(wid)s)""",
+           AND NOT EXISTS (SELECT 1 FROM workflow_outbox_fanout f CROSS JOIN LATERAL unnest(f.sessions) e
+                           WHERE {wc.session_workflow_id_sql("e.zone_id", "e.id")} = %(wid)s)""",
                                   {"wid": workflow_id}))
 
 

@@ -17,7 +17,7 @@ from rules import workflow_contract as wc
 from rules.ids import new_id
 from rules.sessions import DEFAULT_TASK_TTL_SECONDS
 from storage.outbox import NEW_ID_SQL
-from storage.workflow_outbox import _due_at, fanout_sql, session_notice, spread_fanouts_sql
+from storage.workflow_outbox import SNAPSHOT_TYPES, _due_at, fanout_sql, session_notice, spread_fanouts_sql
 
 T0 = datetime(2026, 11, 30, 9, 0, 1, 123456, tzinfo=timezone.utc)
 NOW = datetime.now(timezone.utc).replace(microsecond=987654)
@@ -91,3 +91,16 @@ def test_sql_ids_are_uuid7_like_new_id(postgres):
         assert parsed.version == 7 == uuid.UUID(python_id).version and parsed.variant == uuid.RFC_4122
         assert before_ms - 5 <= parsed.int >> 80 <= after_ms + 5  # the first 48 bits: Unix time in ms
     assert len(set(ids)) == len(ids)
+
+
+def test_the_fanout_session_type_holds_every_snapshot_column(postgres):
+    """`workflow_outbox_session` (migration 0008) is what `fanout_sql` and `spread_fanouts_sql` read
+    and write by name: the outbox seq, then SNAPSHOT_COLUMNS with their types."""
+    with psycopg.connect(postgres.url("coordinator")) as conn:
+        attributes = conn.execute("""
+            SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
+            JOIN pg_type t ON t.typrelid = a.attrelid
+            WHERE t.typname = 'workflow_outbox_session' AND a.attnum > 0 ORDER BY a.attnum""").fetchall()
+    kinds = {"timestamptz": "timestamp with time zone"}
+    assert attributes == [("outbox_seq", "bigint"), *((name, kinds.get(kind, kind))
+                                                      for name, kind in SNAPSHOT_TYPES.items())]

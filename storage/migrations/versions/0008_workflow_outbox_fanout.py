@@ -2,10 +2,11 @@
 
 A suspend or resume of a 200-session subtree wrote 201 `workflow_outbox` rows in the command's
 statement: 201 JSON notices rendered, 201 heap rows and three index entries each, about a third of
-the statement's time. Now it writes one row here: the changed sessions' columns as one JSON array
-(each with the outbox `seq` it takes), the signal, the summary and the reason. A dispatcher turns
-it into the 201 outbox rows before it claims (storage/dispatch.py `expand_fanouts`), with the
-same notices `session_notice_sql` rendered in the command before.
+the statement's time. Now it writes one row here: the changed sessions' columns as one array of
+`workflow_outbox_session` (each with the outbox `seq` it takes; binary, uncompressed: JSON text
+and its compression cost more than the rows it replaced), the signal, the summary and the reason.
+A dispatcher turns it into the 201 outbox rows before it claims (storage/dispatch.py
+`spread_fanouts`), with the same notices `session_notice_sql` rendered in the command before.
 
 Order per workflow holds: each session's notice keeps the `seq` drawn in the command, and no
 outbox row behind the first `seq` of a fan-out row is claimed until that row is spread.
@@ -21,17 +22,25 @@ branch_labels = None
 depends_on = None
 
 UPGRADE = r"""
+-- A session as a fan-out row keeps it: storage/workflow_outbox.py SNAPSHOT_COLUMNS and its seq.
+CREATE TYPE workflow_outbox_session AS (
+    outbox_seq bigint, id text, zone_id text, application_id text, lifecycle text, status text,
+    state_version bigint, parent_id text, root_id text, started_at timestamptz, ttl_seconds integer,
+    heartbeat_deadline_at timestamptz, lease_generation integer, termination_reason text
+);
 CREATE TABLE workflow_outbox_fanout (
     -- The first of its sessions' outbox seqs (drawn from workflow_outbox's sequence): its place.
     seq bigint PRIMARY KEY,
     signal text NOT NULL,
     summary text NOT NULL,
     reason text,
-    -- The changed sessions (SNAPSHOT_COLUMNS and `outbox_seq`), in notice order.
-    sessions json NOT NULL,
+    -- The changed sessions, in notice order.
+    sessions workflow_outbox_session[] NOT NULL,
     task_queue text NOT NULL DEFAULT COALESCE(current_setting('coordinator.task_queue', true), ''),
     created_at timestamptz NOT NULL DEFAULT clock_timestamp()
 );
+-- Stored out of line as it is: compressing tens of kilobytes costs the command more than writing them.
+ALTER TABLE workflow_outbox_fanout ALTER COLUMN sessions SET STORAGE EXTERNAL;
 """
 
 DOWNGRADE = r"""
@@ -41,6 +50,7 @@ DO $$ BEGIN
     END IF;
 END $$;
 DROP TABLE IF EXISTS workflow_outbox_fanout;
+DROP TYPE IF EXISTS workflow_outbox_session;
 """
 
 
