@@ -16,7 +16,8 @@ transaction can commit below any more. H is found like this:
    has committed or rolled back.
 
 Writers draw their seq only after their transaction has an xid (the seq default
-`caracal_outbox_next_seq()` of migration 0002 assigns the xid first). So each holder of a
+`caracal_outbox_next_seq()` of migration 0002 assigns the xid first; a subtree cascade draws its
+events' seqs itself, after its UPDATE has assigned it, storage/sessions.py). So each holder of a
 seq <= L got its xid before step 1, hence before the snapshot of step 2: it is below X, and after
 step 3 it has ended. From then on no row with seq <= L can appear, and a read of
 `cursor < seq <= L` sees every one of them that will ever exist (aborted ones never will). Cursors
