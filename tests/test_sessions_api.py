@@ -25,7 +25,7 @@ from rules.timefmt import iso_ms
 from settings import DEV_IDEMPOTENCY_HMAC_KEY
 from storage.pages import iso_ms_sql
 from storage.outbox import AGENTS_LIFECYCLE, DELEGATIONS_INVALIDATE, SESSIONS_REVOKE
-from storage.workflow_outbox import session_snapshot
+from storage.workflow_outbox import SNAPSHOT_COLUMNS, fanout_sql, session_snapshot, start_missing
 from tests.conftest import Zone, eventually, seed_zone
 
 ROTATED_HMAC_KEY = hashlib.sha256(b"rotated idempotency key").hexdigest()
@@ -1070,3 +1070,31 @@ async def test_live_counts_follow_every_writer(zone: Zone):
     assert await live() == {"app-1": 1, "app-2": 4}
     await zone.stack.db.execute("DELETE FROM sessions WHERE id = %s", (sid(other),))
     assert await live() == {"app-2": 4}
+
+
+async def test_the_reconciler_starts_no_workflow_for_a_session_whose_notice_waits_in_a_fanout(zone: Zone):
+    """A session named in a cascade's fan-out row not yet spread has a notice on its way: the
+    reconciler leaves it alone, and gives a `sync` notice to a live session with none."""
+    await bulk_sessions(zone, 2)
+    waiting, missing = sorted(r["id"] for r in await zone.stack.db.fetch(
+        "SELECT id FROM sessions WHERE zone_id = %s AND id LIKE 'bulk-%%'", (zone.id,)))
+    workflow_ids = [wc.session_workflow_id(zone.id, s) for s in (waiting, missing)]
+    # A plain connection with its own BEGIN: the notices are written at once, and all of it is rolled
+    # back (the stack's dispatcher sees nothing of it).
+    async with zone.stack.db.connection() as conn:
+        await conn.execute("BEGIN")
+        try:
+            await conn.execute(f"""
+                WITH changed AS (SELECT {SNAPSHOT_COLUMNS} FROM sessions s
+                                 WHERE s.zone_id = %(zone)s AND s.id = %(id)s),
+                     written AS ({fanout_sql("changed", "c.id")})
+                SELECT count(*) FROM written""",
+                               {"zone": zone.id, "id": waiting, "signal": wc.SESSION_SUSPENDED, "summary": "cascade",
+                                "reason": "requested"})
+            await start_missing(conn, set(), set(), grace_seconds=0)
+            cur = await conn.execute("SELECT workflow_id, signal FROM workflow_outbox WHERE workflow_id = ANY(%s)",
+                                     (workflow_ids,))
+            written = [(r["workflow_id"], r["signal"]) for r in await cur.fetchall()]
+        finally:
+            await conn.execute("ROLLBACK")
+    assert written == [(workflow_ids[1], wc.SESSION_SYNC)]
