@@ -304,11 +304,11 @@ class Dispatcher:
         timeout = min(self.rpc_timeout, PROBE_TIMEOUT_S) if probing else self.rpc_timeout
         result = BatchResult()
         async with self.db.transaction() as conn:
-            # A cascade's notices come as one fan-out row: spread them before claiming (they show
-            # to other dispatchers at commit; until then the fan-out row holds back what follows).
-            await dispatch.spread_fanouts(conn, self.task_queue, self.batch_size)
             held_back = bool(self.max_temporal_backlog) and self.temporal_backlog > self.max_temporal_backlog
-            rows = await dispatch.claim(conn, limit, self.per_workflow, self.task_queue, due_soon_only=held_back)
+            # A cascade's notices come as one fan-out row: spread with the claim (other dispatchers
+            # see its rows at commit; until then the fan-out row holds back what follows it).
+            rows = await dispatch.claim(conn, limit, self.per_workflow, self.task_queue, due_soon_only=held_back,
+                                        spread=self.batch_size)
             result.claimed = len(rows)
             if not rows:
                 return result

@@ -265,8 +265,7 @@ async def test_a_cascade_fanout_is_spread_in_place_and_holds_back_the_rows_behin
         # Not spread yet: the row behind it is no head (s1's notice in the fan-out comes first).
         assert await dispatch.claim(a, 10, 10, env.task_queue) == []
     async with env.db.transaction() as a:
-        assert await dispatch.spread_fanouts(a, env.task_queue, 10) == 3
-        held = await dispatch.claim(a, 10, 10, env.task_queue)
+        held = await dispatch.claim(a, 10, 10, env.task_queue, spread=10)
         # In the cascade's order (here by id), each with its seq; s1's later row behind its notice.
         assert [(r["workflow_id"].rsplit("/", 1)[1], r["signal"]) for r in held] == [
             ("s1", "suspended"), ("s2", "suspended"), ("s3", "suspended"), ("s1", "note")]
