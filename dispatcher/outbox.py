@@ -69,10 +69,6 @@ RETIRE_SILENT_S = 3600.0
 # While Temporal is unreachable: one probe row at most this often, with at most this RPC deadline.
 PROBE_INTERVAL_S = 1.0
 PROBE_TIMEOUT_S = 2.0
-# While Temporal's workflow-task backlog is over DISPATCH_MAX_TEMPORAL_BACKLOG, one full batch still
-# goes this often: the server refreshes that figure only every few seconds, and holding everything
-# back on a stale one left Temporal idle for up to 10 s after a burst.
-HOLD_BACK_LEAK_INTERVAL_S = 1.0
 # Every RPC status that says "the server did not answer", as opposed to "the server said no".
 _UNREACHABLE = (RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED, RPCStatusCode.CANCELLED)
 
@@ -150,7 +146,6 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self.max_temporal_backlog = settings.DISPATCH_MAX_TEMPORAL_BACKLOG
         self.temporal_backlog = 0  # workflow tasks waiting on the task queue (Temporal's estimate)
-        self._next_leak = 0.0  # monotonic time of the next full batch while held back
         self.linger = settings.DISPATCH_LINGER_MS / 1000
         self._signalled: dict[str, float] = {}  # workflow id -> monotonic time of its last delivery
         self._linger_until: float | None = None  # when the first row put off is due again
@@ -310,9 +305,6 @@ class Dispatcher:
         result = BatchResult()
         async with self.db.transaction() as conn:
             held_back = bool(self.max_temporal_backlog) and self.temporal_backlog > self.max_temporal_backlog
-            if held_back and time.monotonic() >= self._next_leak:
-                held_back = False
-                self._next_leak = time.monotonic() + HOLD_BACK_LEAK_INTERVAL_S
             # A cascade's notices come as one fan-out row: spread with the claim (other dispatchers
             # see its rows at commit; until then the fan-out row holds back what follows it).
             rows = await dispatch.claim(conn, limit, self.per_workflow, self.task_queue, due_soon_only=held_back,
@@ -476,8 +468,7 @@ class Dispatcher:
                 backlog = int(resp.stats.approximate_backlog_count)
                 if (backlog > self.max_temporal_backlog) != (self.temporal_backlog > self.max_temporal_backlog):
                     log.info("temporal workflow-task backlog %d: %s", backlog,
-                             "holding back rows not due soon (one batch a second still goes)"
-                             if backlog > self.max_temporal_backlog
+                             "holding back rows not due soon" if backlog > self.max_temporal_backlog
                              else "delivering everything again")
                 self.temporal_backlog = backlog
             except asyncio.CancelledError:
