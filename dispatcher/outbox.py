@@ -2,12 +2,12 @@
 Temporal follows").
 
 One batch: in one Postgres transaction, spread the fan-out rows of subtree cascades into outbox
-rows, claim head rows and their followers (storage/dispatch.py),
-deliver them (different workflows concurrently; the claimed rows of one workflow in one
-signal-with-start, as their own signal when alone and as one `notices` signal in `seq` order when
-several, so a dispatcher that is behind costs Temporal fewer round trips), delete what was
-delivered, defer what failed, commit. The transaction stays open while delivering, so a crash redelivers the rows:
-delivery is at least once, and the workflows ignore a notice whose state_version they have passed.
+rows and claim head rows and their followers (storage/dispatch.py), deliver them (different
+workflows concurrently; the claimed rows of one workflow in one signal-with-start, as their own
+signal when alone and as one `notices` signal in `seq` order when several, so a dispatcher that is
+behind costs Temporal fewer round trips), delete what was delivered, defer what failed, commit.
+The transaction stays open while delivering, so a crash redelivers the rows: delivery is at least
+once, and the workflows ignore a notice whose state_version they have passed.
 
 Wake-ups come from `LISTEN workflow_outbox` (every `enqueue` notifies at commit), with a poll every
 DISPATCH_POLL_INTERVAL_MS as a fallback and to retry deferred rows. While Temporal is unreachable

@@ -168,9 +168,9 @@ def session_notice_sql(a: str, f: str) -> str:
 # SNAPSHOT_COLUMNS with their types: the attributes of `workflow_outbox_session` (migration 0008)
 # after its `outbox_seq`, as a fan-out row keeps a session.
 SNAPSHOT_TYPES = {"id": "text", "zone_id": "text", "application_id": "text", "lifecycle": "text", "status": "text",
-                   "state_version": "bigint", "parent_id": "text", "root_id": "text", "started_at": "timestamptz",
-                   "ttl_seconds": "integer", "heartbeat_deadline_at": "timestamptz", "lease_generation": "integer",
-                   "termination_reason": "text"}
+                  "state_version": "bigint", "parent_id": "text", "root_id": "text", "started_at": "timestamptz",
+                  "ttl_seconds": "integer", "heartbeat_deadline_at": "timestamptz", "lease_generation": "integer",
+                  "termination_reason": "text"}
 assert list(SNAPSHOT_TYPES) == [c.strip().removeprefix("s.") for c in SNAPSHOT_COLUMNS.split(",")]
 
 
