@@ -6,6 +6,9 @@ whole state at its `state_version` (the shapes of workflows/models.py, as JSON),
 delivery brings a workflow up to date and a stale or repeated one is a no-op. The dispatcher
 (dispatcher/) delivers the rows with signal-with-start: `start_args`, `search_attributes` and
 `summary` start the workflow when it is not running.
+
+A subtree suspend or resume writes its notices as one fan-out row instead (`fanout_sql`), which a
+dispatcher spreads into the same rows (`spread_fanouts_sql`) in the round trip of its claim.
 """
 
 from __future__ import annotations
