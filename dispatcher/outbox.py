@@ -1,11 +1,12 @@
 """Deliver the workflow outbox to Temporal with signal-with-start (DESIGN.md, "Postgres decides,
 Temporal follows").
 
-One batch: in one Postgres transaction, spread the fan-out rows of subtree cascades into outbox
-rows and claim head rows and their followers (storage/dispatch.py), deliver them (different
-workflows concurrently; the claimed rows of one workflow in one signal-with-start, as their own
-signal when alone and as one `notices` signal in `seq` order when several, so a dispatcher that is
-behind costs Temporal fewer round trips), delete what was delivered, defer what failed, commit.
+One batch: spread the fan-out rows of subtree cascades into outbox rows (one statement of its
+own); then, in one Postgres transaction, claim head rows and their followers (storage/dispatch.py),
+deliver them (different workflows concurrently; the claimed rows of one workflow in one
+signal-with-start, as their own signal when alone and as one `notices` signal in `seq` order when
+several, so a dispatcher that is behind costs Temporal fewer round trips), delete what was
+delivered, defer what failed, commit.
 The transaction stays open while delivering, so a crash redelivers the rows: delivery is at least
 once, and the workflows ignore a notice whose state_version they have passed.
 
@@ -303,12 +304,12 @@ class Dispatcher:
         limit = 1 if probing else self.batch_size
         timeout = min(self.rpc_timeout, PROBE_TIMEOUT_S) if probing else self.rpc_timeout
         result = BatchResult()
+        # A cascade's notices come as one fan-out row: spread first, committed at once (until then it
+        # holds back every later row, for every dispatcher).
+        await dispatch.spread_fanouts(self.db, self.task_queue, self.batch_size)
         async with self.db.transaction() as conn:
             held_back = bool(self.max_temporal_backlog) and self.temporal_backlog > self.max_temporal_backlog
-            # A cascade's notices come as one fan-out row: spread with the claim (other dispatchers
-            # see its rows at commit; until then the fan-out row holds back what follows it).
-            rows = await dispatch.claim(conn, limit, self.per_workflow, self.task_queue, due_soon_only=held_back,
-                                        spread=self.batch_size)
+            rows = await dispatch.claim(conn, limit, self.per_workflow, self.task_queue, due_soon_only=held_back)
             result.claimed = len(rows)
             if not rows:
                 return result

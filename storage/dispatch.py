@@ -17,7 +17,7 @@ from typing import Any
 
 from rules import workflow_contract as wc
 from rules.sessions import DEFAULT_TASK_TTL_SECONDS
-from storage.db import Conn, Database, one, q, q_batch
+from storage.db import Conn, Database, one, q
 from storage.workflow_outbox import spread_fanouts_sql
 
 # Heads whose entity's deadline falls within this many seconds are claimed before older rows.
@@ -37,18 +37,23 @@ _BEFORE_FANOUTS = """o.seq < (SELECT COALESCE(min(seq), 9223372036854775807) FRO
                              WHERE task_queue IN ('', %(queue)s))"""
 
 
-async def claim(conn: Conn, limit: int, per_workflow: int, task_queue: str, *, due_soon_only: bool = False,
-                spread: int = 0) -> list[dict[str, Any]]:
+async def spread_fanouts(db: Database, task_queue: str, limit: int) -> int:
+    """Spread up to `limit` fan-out rows (a cascade's notices, storage/workflow_outbox.py
+    `fanout_sql`) of this task queue into their outbox rows; the rows written. One statement,
+    committed at once: an unspread fan-out row holds back every later row (`_BEFORE_FANOUTS`), so it
+    must not wait for the commit of a batch that is still delivering."""
+    return int(await db.fetchval(spread_fanouts_sql(), {"queue": task_queue, "limit": limit,
+                                                        "default_ttl": DEFAULT_TASK_TTL_SECONDS}))
+
+
+async def claim(conn: Conn, limit: int, per_workflow: int, task_queue: str, *, due_soon_only: bool = False
+                ) -> list[dict[str, Any]]:
     """Lock up to `limit` deliverable head rows (due, of this dispatcher's task queue or of none)
     and up to `per_workflow - 1` following rows of each of their workflows. Returns the rows in
-    `seq` order. Call inside a transaction; rows locked by another dispatcher are skipped.
-
-    First, in the same round trip, spread up to `spread` fan-out rows (a cascade's notices,
-    storage/workflow_outbox.py `fanout_sql`) into their outbox rows: they are claimable at once
-    here, and by other dispatchers once this transaction commits."""
+    `seq` order. Call inside a transaction; rows locked by another dispatcher are skipped."""
     # Heads whose entity's deadline is near go first (order across workflows is free), so a
     # backlog of starts never makes a timer late; then the rest, oldest first.
-    head_sql = f"""
+    heads = await q(conn, f"""
         SELECT {_OUTBOX_COLUMNS} FROM workflow_outbox o
         WHERE o.due_at < now() + make_interval(secs => %(soon)s)
           AND o.available_at <= now()
@@ -57,14 +62,7 @@ async def claim(conn: Conn, limit: int, per_workflow: int, task_queue: str, *, d
           AND NOT EXISTS (SELECT 1 FROM workflow_outbox p WHERE p.workflow_id = o.workflow_id AND p.seq < o.seq)
         ORDER BY o.due_at
         LIMIT %(limit)s
-        FOR UPDATE OF o SKIP LOCKED"""
-    head_params = {"queue": task_queue, "limit": limit, "soon": DUE_SOON_SECONDS}
-    if spread > 0:
-        _, heads = await q_batch(conn, (spread_fanouts_sql(), {"queue": task_queue, "limit": spread,
-                                                                "default_ttl": DEFAULT_TASK_TTL_SECONDS}),
-                                 (head_sql, head_params))
-    else:
-        heads = await q(conn, head_sql, head_params)
+        FOR UPDATE OF o SKIP LOCKED""", {"queue": task_queue, "limit": limit, "soon": DUE_SOON_SECONDS})
     if len(heads) < limit and not due_soon_only:
         cur = await conn.execute(f"""
             SELECT {_OUTBOX_COLUMNS} FROM workflow_outbox o

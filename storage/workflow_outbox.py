@@ -8,7 +8,7 @@ delivery brings a workflow up to date and a stale or repeated one is a no-op. Th
 `summary` start the workflow when it is not running.
 
 A subtree suspend or resume writes its notices as one fan-out row instead (`fanout_sql`), which a
-dispatcher spreads into the same rows (`spread_fanouts_sql`) in the round trip of its claim.
+dispatcher spreads into the same rows (`spread_fanouts_sql`) before it claims.
 """
 
 from __future__ import annotations

@@ -244,19 +244,22 @@ async def test_a_cascade_fanout_is_spread_in_place_and_holds_back_the_rows_behin
     """A subtree cascade writes one fan-out row; its sessions' notices keep the seqs drawn in the
     command, so a later row of one of those workflows waits for them, and then goes after them."""
     zone = f"fan-{uuid.uuid4().hex[:6]}"
-    sessions = [(f"s{i}", zone, "app", "task", "suspended", 2, None, f"s{i}", "2026-11-30T09:00:00Z", 60, None, 0,
-                 None) for i in (2, 1, 3)]
-    async with env.db.transaction() as conn:
-        await conn.execute("CREATE TEMP TABLE fan (LIKE sessions INCLUDING DEFAULTS) ON COMMIT DROP")
-        for session in sessions:
-            await conn.execute(
-                """INSERT INTO fan (id, zone_id, application_id, lifecycle, status, state_version, parent_id,
-                                    root_id, started_at, ttl_seconds, heartbeat_deadline_at, lease_generation,
-                                    termination_reason, subject_authority_record_id)
-                   VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 'ar')""", session)
-        await conn.execute(f"""WITH changed AS (SELECT * FROM fan), notices AS ({fanout_sql("changed", "c.id")})
-                               SELECT count(*) FROM notices""",
-                           {"signal": "suspended", "summary": "cascade", "reason": "requested"})
+
+    async def write_fanout(*ids: str) -> None:
+        """One transaction writing the fan-out row of a cascade over these (made-up) sessions."""
+        async with env.db.transaction() as conn:
+            await conn.execute("CREATE TEMP TABLE fan (LIKE sessions INCLUDING DEFAULTS) ON COMMIT DROP")
+            for sid in ids:
+                await conn.execute(
+                    """INSERT INTO fan (id, zone_id, application_id, lifecycle, status, state_version, root_id,
+                                        started_at, ttl_seconds, subject_authority_record_id)
+                       VALUES (%s, %s, 'app', 'task', 'suspended', 2, %s, '2026-11-30T09:00:00Z', 60, 'ar')""",
+                    (sid, zone, sid))
+            await conn.execute(f"""WITH changed AS (SELECT * FROM fan), notices AS ({fanout_sql("changed", "c.id")})
+                                   SELECT count(*) FROM notices""",
+                               {"signal": "suspended", "summary": "cascade", "reason": "requested"})
+
+    await write_fanout("s2", "s1", "s3")
     s1 = f"session/{zone}/s1"
     await env.enqueue([(s1, 7)])  # a later change of s1
     assert await env.pending() == 4  # three notices in the fan-out row, one row
@@ -264,8 +267,9 @@ async def test_a_cascade_fanout_is_spread_in_place_and_holds_back_the_rows_behin
     async with env.db.transaction() as a:
         # Not spread yet: the row behind it is no head (s1's notice in the fan-out comes first).
         assert await dispatch.claim(a, 10, 10, env.task_queue) == []
+    assert await dispatch.spread_fanouts(env.db, env.task_queue, 10) == 3
     async with env.db.transaction() as a:
-        held = await dispatch.claim(a, 10, 10, env.task_queue, spread=10)
+        held = await dispatch.claim(a, 10, 10, env.task_queue)
         # In the cascade's order (here by id), each with its seq; s1's later row behind its notice.
         assert [(r["workflow_id"].rsplit("/", 1)[1], r["signal"]) for r in held] == [
             ("s1", "suspended"), ("s2", "suspended"), ("s3", "suspended"), ("s1", "note")]
@@ -273,6 +277,19 @@ async def test_a_cascade_fanout_is_spread_in_place_and_holds_back_the_rows_behin
         assert held[0]["payload"]["session"]["reason"] == "requested"
         assert held[0]["summary"] == "task session s1 of app"
         await dispatch.delete_delivered(a, [r["seq"] for r in held])
+
+    # The spread is committed at once: while one dispatcher's batch is still open, another
+    # dispatcher claims the rest of a cascade (and what follows it).
+    await write_fanout("s4", "s5")
+    assert await dispatch.spread_fanouts(env.db, env.task_queue, 10) == 2
+    async with env.db.transaction() as a:
+        first = await dispatch.claim(a, 1, 10, env.task_queue)
+        async with env.db.transaction() as b:
+            rest = await dispatch.claim(b, 10, 10, env.task_queue)
+            await dispatch.delete_delivered(b, [r["seq"] for r in rest])
+        assert len(first) == len(rest) == 1
+        assert sorted(r["workflow_id"].rsplit("/", 1)[1] for r in first + rest) == ["s4", "s5"]
+        await dispatch.delete_delivered(a, [r["seq"] for r in first])
     assert await env.pending() == 0
     assert await dispatch.delivered(env.db, s1)
 

@@ -5,8 +5,8 @@ statement: 201 JSON notices rendered, 201 heap rows and three index entries each
 the statement's time. Now it writes one row here: the changed sessions' columns as one array of
 `workflow_outbox_session` (each with the outbox `seq` it takes; binary, uncompressed: JSON text
 and its compression cost more than the rows it replaced), the signal, the summary and the reason.
-A dispatcher turns it into the 201 outbox rows as it claims (storage/dispatch.py `claim`, in the
-same round trip), with the same notices `session_notice_sql` rendered in the command before.
+A dispatcher turns it into the 201 outbox rows before it claims (storage/dispatch.py
+`spread_fanouts`), with the same notices `session_notice_sql` rendered in the command before.
 
 Order per workflow holds: each session's notice keeps the `seq` drawn in the command, and no
 outbox row behind the first `seq` of a fan-out row is claimed until that row is spread.
