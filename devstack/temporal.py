@@ -7,7 +7,8 @@
     t.ui_url    # "http://127.0.0.1:8233" or None
     t.stop()
 
-Every custom search attribute the workflows set (`SEARCH_ATTRIBUTES`) is registered at boot;
+Every custom search attribute the workflows set (`SEARCH_ATTRIBUTES`) is registered at boot, and
+the dynamic config the dispatcher relies on (`SERVER_DYNAMIC_CONFIG`) is set;
 `start()` returns once the frontend answers, the "default" namespace exists and those attributes
 are listed. The server runs in its own process group, so a Ctrl-C in the terminal reaches only
 whoever started it (make dev stops it in order). With a db file the SQLite pragmas
@@ -32,7 +33,7 @@ import weakref
 from pathlib import Path
 
 from devstack.postgres import free_port
-from rules.workflow_contract import SEARCH_ATTRIBUTES
+from rules.workflow_contract import SEARCH_ATTRIBUTES, SERVER_DYNAMIC_CONFIG
 
 __all__ = ["SEARCH_ATTRIBUTES", "TemporalProcess", "start_temporal", "temporal_executable", "free_port",
            "parent_death_signal"]
@@ -71,7 +72,7 @@ class TemporalProcess:
         self.ui_port = ui_port
         self.db_file = Path(db_file).absolute() if db_file is not None else None
         self.log_file = Path(log_file).absolute() if log_file is not None else None
-        self.dynamic_config = dict(dynamic_config or {})
+        self.dynamic_config = {**SERVER_DYNAMIC_CONFIG, **(dynamic_config or {})}
         self.namespace = namespace
         # Linux: SIGTERM the server when the thread that started it dies (even by SIGKILL). Only
         # for long-lived main threads (make dev): the signal follows the *thread*, not the process.

@@ -94,3 +94,9 @@ SA_SERVICE = "ServiceId"
 SEARCH_ATTRIBUTES: dict[str, str] = {name: "Keyword" for name in (
     SA_ZONE, SA_APPLICATION, SA_SESSION, SA_SESSION_STATUS, SA_LIFECYCLE, SA_PARENT, SA_ROOT, SA_INVOCATION,
     SA_INVOCATION_STATUS, SA_SERVICE)}
+
+# Temporal server settings (dynamic config) the dispatcher relies on; devstack passes them to the dev
+# server and docker-compose.yml mounts them for the cluster. The dispatcher holds back on the task
+# queue's backlog figure (DescribeTaskQueue), which the server caches for 5 s by default: a figure
+# that old makes the hold-back oscillate (5 s holding back with Temporal idle, 5 s flooding it).
+SERVER_DYNAMIC_CONFIG: dict[str, object] = {"matching.TaskQueueInfoByBuildIdTTL": "250ms"}

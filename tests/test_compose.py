@@ -11,7 +11,7 @@ from pathlib import Path
 import jsonschema
 import yaml
 
-from rules.workflow_contract import SEARCH_ATTRIBUTES
+from rules.workflow_contract import SEARCH_ATTRIBUTES, SERVER_DYNAMIC_CONFIG
 
 COMPOSE = Path(__file__).resolve().parents[1] / "docker-compose.yml"
 
@@ -60,3 +60,12 @@ def test_supported_temporal_images_pinned_and_every_part_present():
         assert "replicas" in services[name]["deploy"], name
     assert services["dispatcher"]["environment"]["DISPATCH_HEALTH_FILE"] in "\n".join(
         services["dispatcher"]["healthcheck"]["test"])
+
+
+def test_the_temporal_server_gets_the_dynamic_config_the_dispatcher_relies_on():
+    doc = compose()
+    temporal = doc["services"]["temporal"]
+    (mount,) = [c for c in temporal["configs"] if c["source"] == "temporal-dynamic-config"]
+    assert temporal["environment"]["DYNAMIC_CONFIG_FILE_PATH"] == mount["target"]
+    content = yaml.safe_load(doc["configs"]["temporal-dynamic-config"]["content"])
+    assert {key: values[0]["value"] for key, values in content.items()} == SERVER_DYNAMIC_CONFIG

@@ -439,6 +439,36 @@ async def test_over_temporal_backlog_only_rows_due_soon_go(env: Env):
     assert [await env.got(w) for w in (later, soon)] == [[1], [1]]
 
 
+async def test_the_hold_back_follows_temporals_backlog_within_a_second(env: Env, postgres, temporal_server):
+    """A running dispatcher reads Temporal's real workflow-task backlog: it holds back once starts
+    pile up on a task queue no worker polls, and delivers the held row as soon as a worker drains
+    them, without waiting for its poll interval. (The dev server caches the figure for 5 s unless
+    told otherwise: rules/workflow_contract.SERVER_DYNAMIC_CONFIG.)"""
+    task_queue = f"held-{uuid.uuid4().hex[:8]}"
+    db = Database(env.settings.DATABASE_URL, max_size=4, task_queue=task_queue)
+    await db.open()
+    queue_env = Env(env.settings_with(TEMPORAL_TASK_QUEUE=task_queue), db, env.client, task_queue, env.prefix)
+    d = queue_env.dispatcher(DISPATCH_MAX_TEMPORAL_BACKLOG=2, DISPATCH_POLL_INTERVAL_MS=30_000, DISPATCH_LINGER_MS=0)
+    first = [queue_env.wid(f"held-{i}") for i in range(3)]
+    last = queue_env.wid("held-last")
+    try:
+        async with running(d):
+            await queue_env.enqueue([(w, 1) for w in first], end={(w, 1) for w in first})
+            await until(lambda: d.delivered == 3, timeout=5)
+            await until(lambda: d.temporal_backlog >= 3, timeout=2)  # three first workflow tasks, no worker
+            await queue_env.enqueue([(last, 1)], end={(last, 1)})
+            await asyncio.sleep(1.0)
+            assert [r["workflow_id"] for r in await queue_env.rows()] == [last]  # held back
+            worker = Worker(env.client, task_queue=task_queue, workflows=[DispatchProbe],
+                            workflow_runner=UnsandboxedWorkflowRunner())
+            async with worker:
+                await until(lambda: d.delivered == 4, timeout=3)
+                assert await env.client.get_workflow_handle(last).result() == [1]
+    finally:
+        await db.execute("DELETE FROM workflow_outbox WHERE task_queue = %s", (task_queue,))
+        await db.close()
+
+
 async def test_rows_wait_while_temporal_is_unreachable_and_drain_when_it_is_back(env: Env):
     from api.app import create_app
     from api.auth import Authenticator
