@@ -439,7 +439,7 @@ async def test_over_temporal_backlog_only_rows_due_soon_go(env: Env):
     assert [await env.got(w) for w in (later, soon)] == [[1], [1]]
 
 
-async def test_the_hold_back_follows_temporals_backlog_within_a_second(env: Env, postgres, temporal_server):
+async def test_the_hold_back_follows_temporals_backlog_within_a_second(env: Env):
     """A running dispatcher reads Temporal's real workflow-task backlog: it holds back once starts
     pile up on a task queue no worker polls, and delivers the held row as soon as a worker drains
     them, without waiting for its poll interval. (The dev server caches the figure for 5 s unless
