@@ -1098,3 +1098,33 @@ async def test_the_reconciler_starts_no_workflow_for_a_session_whose_notice_wait
         finally:
             await conn.execute("ROLLBACK")
     assert written == [(workflow_ids[1], wc.SESSION_SYNC)]
+
+
+async def test_a_subtree_suspend_of_a_fresh_tree_updates_every_row_in_place(zone: Zone):
+    """A cascade changes every row of the pages its tree was written to. Each new version must fit
+    on its row's page (a HOT update: no entry in any of the table's indexes), so the table keeps
+    half of every page free (migration 0009). Counted inside the suspend's own transaction, which
+    is rolled back."""
+    from storage.sessions import suspend_subtree
+
+    root = sid(await zone.start())
+    # Forty children written one after another, as the API writes them (by SQL: no rate limit).
+    for _ in range(40):
+        await zone.stack.db.execute("""
+            INSERT INTO sessions (id, zone_id, application_id, parent_id, root_id, depth, subject_authority_record_id,
+                                  status, lifecycle, started_at, ttl_seconds, metadata_json)
+            VALUES ('child-' || gen_random_uuid()::text, %(zone)s, 'app-1', %(root)s, %(root)s, 1, 'ar-1', 'active',
+                    'task', now(), 3600, '{"purpose": "a child of a fresh tree"}')""", {"zone": zone.id, "root": root})
+    async with zone.stack.db.connection() as conn:
+        await conn.execute("BEGIN")
+        try:
+            counted = """SELECT pg_stat_get_xact_tuples_updated('sessions'::regclass) AS updated,
+                                pg_stat_get_xact_tuples_hot_updated('sessions'::regclass) AS hot"""
+            before = await (await conn.execute(counted)).fetchone()
+            suspended = await suspend_subtree(conn, zone.id, [root], "requested")
+            after = await (await conn.execute(counted)).fetchone()
+        finally:
+            await conn.execute("ROLLBACK")
+    updated, hot = after["updated"] - before["updated"], after["hot"] - before["hot"]
+    assert suspended == 41 and updated == 41
+    assert hot >= 0.9 * updated, (hot, updated)
