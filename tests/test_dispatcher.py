@@ -504,11 +504,17 @@ async def test_rows_wait_while_temporal_is_unreachable_and_drain_when_it_is_back
             await until(lambda: _zero(env), timeout=10)
             assert d.temporal_ok is True
             await asyncio.sleep(1.2)  # a stats write
-            r = await http.get("/metrics", headers={"Authorization": f"Bearer {OPERATOR_TOKEN}"})
-            assert r.status_code == 200, r.text
-            metrics = {line.split(" ")[0]: float(line.split(" ")[1]) for line in r.text.splitlines()
-                       if line.startswith("coordinator_workflow_") or line.startswith("coordinator_reconciler")}
-            assert metrics["coordinator_workflow_outbox_backlog"] == 0
+
+            async def metrics_once_drained() -> dict[str, float] | None:
+                r = await http.get("/metrics", headers={"Authorization": f"Bearer {OPERATOR_TOKEN}"})
+                assert r.status_code == 200, r.text
+                values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in r.text.splitlines()
+                          if line.startswith("coordinator_workflow_") or line.startswith("coordinator_reconciler")}
+                return values if values["coordinator_workflow_outbox_backlog"] == 0 else None
+
+            # The backlog is the whole outbox's: another stack sharing this database (the session
+            # stack's reconciler, say) may have rows in it for a moment, which its dispatcher takes.
+            metrics = await until(metrics_once_drained, timeout=10)
             assert metrics["coordinator_workflow_outbox_delivered_total"] >= 15
             assert metrics["coordinator_workflow_outbox_delivered_per_second"] > 0
             assert metrics["coordinator_workflow_signal_lag_p95_ms"] >= 1000  # they waited for Temporal
