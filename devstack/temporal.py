@@ -11,9 +11,9 @@ Every custom search attribute the workflows set (`SEARCH_ATTRIBUTES`) is registe
 the dynamic config the dispatcher relies on (`SERVER_DYNAMIC_CONFIG`) is set;
 `start()` returns once the frontend answers, the "default" namespace exists and those attributes
 are listed. The server runs in its own process group, so a Ctrl-C in the terminal reaches only
-whoever started it (make dev stops it in order). With a db file the SQLite pragmas
-`journal_mode=wal` and `synchronous=normal` are set (temporal-notes §1.1: 77-103 starts/s instead
-of 26/s).
+whoever started it (make dev stops it in order). With a db file the SQLite pragmas in
+`SQLITE_PRAGMAS` are set (WAL: temporal-notes §1.1, 77-103 starts/s instead of 26/s; no fsync:
+see there).
 """
 
 from __future__ import annotations
@@ -40,6 +40,14 @@ __all__ = ["SEARCH_ATTRIBUTES", "TemporalProcess", "start_temporal", "temporal_e
 
 _READY_TIMEOUT_S = 30.0
 _STOP_GRACE_S = 5.0
+# WAL without fsync, and a 128 MB page cache. synchronous=normal fsyncs the WAL and the database at
+# every checkpoint (each ~4 MB of WAL), which sent every rewritten page to the disk: ~1.1 MB of
+# writes per followed session; with synchronous=off the kernel writes each hot page back once per
+# writeback interval: ~25 KB. A crash of the server process loses nothing; a power loss may lose or
+# damage the dev server's store, which the reconciler rebuilds for every live session from
+# Postgres (the histories of ended ones are lost). A Temporal cluster on Postgres (docker-compose.yml)
+# is not affected.
+SQLITE_PRAGMAS = ("journal_mode=wal", "synchronous=off", "cache_size=-131072")
 
 
 def temporal_executable() -> str:
@@ -60,6 +68,13 @@ def _read_tail(path: Path | None, lines: int = 40) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
+
+
+def sqlite_pragmas() -> list[str]:
+    """The dev server's SQLite pragmas: DEV_TEMPORAL_SQLITE_PRAGMAS (comma-separated name=value)
+    replaces the defaults."""
+    raw = os.environ.get("DEV_TEMPORAL_SQLITE_PRAGMAS", "")
+    return [p.strip() for p in raw.split(",") if p.strip()] if raw else list(SQLITE_PRAGMAS)
 
 
 class TemporalProcess:
@@ -106,8 +121,9 @@ class TemporalProcess:
         else:
             args += ["--ui-port", str(self.ui_port)]
         if self.db_file is not None:
-            args += ["--db-filename", str(self.db_file),
-                     "--sqlite-pragma", "journal_mode=wal", "--sqlite-pragma", "synchronous=normal"]
+            args += ["--db-filename", str(self.db_file)]
+            for pragma in sqlite_pragmas():
+                args += ["--sqlite-pragma", pragma]
         for name, type_ in SEARCH_ATTRIBUTES.items():
             args += ["--search-attribute", f"{name}={type_}"]
         for key, value in self.dynamic_config.items():
