@@ -119,6 +119,12 @@ class Settings(BaseSettings):
     # workflows, and how old a row must be before a missing workflow counts as missing.
     RECONCILE_INTERVAL_SECONDS: float = Field(30, ge=0)
     RECONCILE_GRACE_SECONDS: float = Field(30, ge=0)
+    # It stays quiet while the workflows are behind (a notice has waited longer than
+    # FOLLOW_LAG_TARGET_SECONDS, or more workflow tasks are queued than DISPATCH_MAX_TEMPORAL_BACKLOG),
+    # and starts at most this many workflows per run.
+    RECONCILE_MAX_STARTS: int = Field(1000, ge=1)
+    # How long a notice may wait before the workflows count as behind (/ready says "behind").
+    FOLLOW_LAG_TARGET_SECONDS: float = Field(5, gt=0)
 
     # --- events / audit ---
     REDIS_URL: str = ""

@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 
 from temporalio import activity
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.service import RPCError, RPCStatusCode
 
 from rules import workflow_contract as wc
+from dispatcher.outbox import workflow_task_backlog
 from settings import Settings
 from storage import delegations as store
 from storage import workflow_outbox
@@ -39,32 +41,81 @@ class MaintenanceActivities:
 
     async def reconcile(self) -> int:
         """Start the workflow of every live session or invocation that has none (a lost namespace,
-        a restored backup, a workflow terminated by hand): a `sync` notice through the outbox."""
+        a restored backup, a workflow terminated by hand): a `sync` notice through the outbox.
+
+        It never adds to a backlog: while a notice waits longer than FOLLOW_LAG_TARGET_SECONDS
+        or Temporal's workflow-task queue is over DISPATCH_MAX_TEMPORAL_BACKLOG it does nothing (the
+        notices on their way start or update those workflows, and Temporal's visibility lags then);
+        Temporal unreachable, nothing either; and a workflow the visibility listing misses counts as
+        missing only once DescribeWorkflowExecution (the history service, not visibility) agrees."""
         if self.client is None:
             return 0
+        settings = self.settings
         async with self.db.transaction() as conn:
-            if not await workflow_outbox.claim_interval(conn, "reconciler_last_run",
-                                                        self.settings.RECONCILE_INTERVAL_SECONDS):
+            if not await workflow_outbox.claim_interval(conn, "reconciler_last_run", settings.RECONCILE_INTERVAL_SECONDS):
                 return 0
+            waited = await workflow_outbox.oldest_waiting_notice_age(conn)
             live = await workflow_outbox.live_counts(conn)
-        running: dict[str, set[str] | None] = {}
-        for kind, workflow_type in (("sessions", wc.SESSION_WORKFLOW), ("invocations", wc.INVOCATION_WORKFLOW)):
-            query = f'WorkflowType = "{workflow_type}" AND ExecutionStatus = "Running"'
-            # Counting is one cheap call; the ids are listed only when some workflow is missing.
-            if live[kind] == 0 or (await self.client.count_workflows(query)).count >= live[kind]:
-                running[kind] = None
-                continue
-            running[kind] = {w.id async for w in self.client.list_workflows(query, page_size=1000)}
-        if running["sessions"] is None and running["invocations"] is None:
+        try:
+            quiet = await self._quiet_reason(waited)
+            if quiet:
+                await self._count_quiet(quiet)
+                return 0
+            running: dict[str, set[str] | None] = {}
+            for kind, workflow_type in (("sessions", wc.SESSION_WORKFLOW), ("invocations", wc.INVOCATION_WORKFLOW)):
+                query = f'WorkflowType = "{workflow_type}" AND ExecutionStatus = "Running"'
+                # Counting is one cheap call; the ids are listed only when some workflow is missing.
+                if live[kind] == 0 or (await self.client.count_workflows(query)).count >= live[kind]:
+                    running[kind] = None
+                    continue
+                running[kind] = {w.id async for w in self.client.list_workflows(query, page_size=1000)}
+            if running["sessions"] is None and running["invocations"] is None:
+                return 0
+            async with self.db.transaction() as conn:
+                candidates = await workflow_outbox.missing_candidates(
+                    conn, _Everything() if running["sessions"] is None else running["sessions"],
+                    _Everything() if running["invocations"] is None else running["invocations"],
+                    settings.RECONCILE_GRACE_SECONDS, settings.RECONCILE_MAX_STARTS)
+            missing = [w for w in candidates.workflow_ids() if not await self._has_running_workflow(w)]
+        except RPCError as exc:
+            log.info("reconciler: Temporal unreachable (%s), nothing started", exc.status)
+            await self._count_quiet("temporal unreachable")
+            return 0
+        if not missing:
             return 0
         async with self.db.transaction() as conn:
-            started = await workflow_outbox.start_missing(
-                conn, running["sessions"] if running["sessions"] is not None else _Everything(),
-                running["invocations"] if running["invocations"] is not None else _Everything(),
-                self.settings.RECONCILE_GRACE_SECONDS)
+            # Re-checked in the transaction that writes the notices: a command may have queued one since.
+            confirmed = await workflow_outbox.missing_candidates(
+                conn, set(), set(), settings.RECONCILE_GRACE_SECONDS, settings.RECONCILE_MAX_STARTS,
+                only_workflow_ids=missing)
+            started = await workflow_outbox.start_missing(conn, confirmed)
         if started:
             log.warning("reconciler: started %d missing workflow(s)", started)
         return started
+
+    async def _quiet_reason(self, oldest_notice_age_s: float) -> str | None:
+        """Why the reconciler must not start anything now, if it must not."""
+        if oldest_notice_age_s > self.settings.FOLLOW_LAG_TARGET_SECONDS:
+            return f"dispatchers behind: a notice has waited {oldest_notice_age_s:.1f} s"
+        limit = self.settings.DISPATCH_MAX_TEMPORAL_BACKLOG
+        backlog = await workflow_task_backlog(self.client, self.settings.TEMPORAL_TASK_QUEUE)
+        if limit and backlog > limit:
+            return f"Temporal behind: {backlog} workflow tasks queued"
+        return None
+
+    async def _count_quiet(self, reason: str) -> None:
+        log.info("reconciler: quiet (%s)", reason)
+        async with self.db.transaction() as conn:
+            await workflow_outbox.add_counter(conn, "reconciler_quiet_runs", 1)
+
+    async def _has_running_workflow(self, workflow_id: str) -> bool:
+        try:
+            described = await self.client.get_workflow_handle(workflow_id).describe()
+        except RPCError as exc:
+            if exc.status == RPCStatusCode.NOT_FOUND:
+                return False
+            raise
+        return described.status == WorkflowExecutionStatus.RUNNING
 
 
 class _Everything(set):

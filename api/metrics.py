@@ -12,7 +12,10 @@ import os
 
 from fastapi import Request
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
+
+from storage.dispatch import LAG_BUCKETS_S, LagHistogram
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -51,9 +54,37 @@ WF_SIGNAL_LAG_P95 = _gauge("coordinator_workflow_signal_lag_p95_ms",
                            "Commit-to-signal lag, 95th percentile of the recent deliveries (worst dispatcher)")
 RECONCILER_STARTED = _gauge("coordinator_reconciler_started_total",
                             "Workflows the reconciler found missing and started")
+RECONCILER_QUIET = _gauge("coordinator_reconciler_quiet_runs_total",
+                          "Reconciler runs that started nothing because the dispatchers or Temporal were behind "
+                          "or Temporal was unreachable")
 
 
-def set_workflow_outbox(backlog: dict, stats: dict, reconciler_started: int) -> None:
+def follow_lag_text(lags: LagHistogram) -> bytes:
+    """`coordinator_follow_lag_seconds`: the running dispatchers' histograms, read from Postgres at
+    the scrape (so it is rendered here, not kept by this process)."""
+    family = HistogramMetricFamily(
+        "coordinator_follow_lag_seconds",
+        "Commit of a command to its notice's signal recorded in the workflow's history (every delivery "
+        "by the running dispatchers since they started)")
+    cumulative, buckets = 0, []
+    for bound, n in zip((*LAG_BUCKETS_S, float("inf")), lags.buckets):
+        cumulative += n
+        buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+    family.add_metric([], buckets, sum_value=lags.sum_s)
+    registry = CollectorRegistry()
+    registry.register(_Fixed([family]))
+    return generate_latest(registry)
+
+
+class _Fixed:
+    def __init__(self, families: list) -> None:
+        self.families = families
+
+    def collect(self):  # noqa: ANN201 — the prometheus_client collector protocol
+        return self.families
+
+
+def set_workflow_outbox(backlog: dict, stats: dict, reconciler_started: int, reconciler_quiet: int) -> None:
     WF_OUTBOX_BACKLOG.set(backlog["backlog"])
     WF_OUTBOX_OLDEST.set(backlog["oldest_age_seconds"])
     WF_OUTBOX_DELIVERED.set(stats["delivered_total"])
@@ -64,6 +95,7 @@ def set_workflow_outbox(backlog: dict, stats: dict, reconciler_started: int) -> 
     WF_SIGNAL_LAG_P50.set(stats["lag_p50_ms"] or 0)
     WF_SIGNAL_LAG_P95.set(stats["lag_p95_ms"] or 0)
     RECONCILER_STARTED.set(reconciler_started)
+    RECONCILER_QUIET.set(reconciler_quiet)
 
 
 def route_template(request: Request) -> str:

@@ -117,6 +117,16 @@ def _percentile(sorted_values: list[float], p: float) -> float | None:
     return sorted_values[rank]
 
 
+async def workflow_task_backlog(client: Client, task_queue: str) -> int:
+    """Workflow tasks waiting on the task queue (Temporal's estimate, cached by the server for
+    `matching.TaskQueueInfoByBuildIdTTL`)."""
+    request = DescribeTaskQueueRequest(
+        namespace=client.namespace, task_queue=TaskQueue(name=task_queue),
+        task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW, report_stats=True)
+    resp = await client.workflow_service.describe_task_queue(request, timeout=timedelta(seconds=2))
+    return int(resp.stats.approximate_backlog_count)
+
+
 class Dispatcher:
     """One dispatcher. Several may run at once, in one process or many (rows are claimed with
     SKIP LOCKED). `client=None` means no Temporal at all: the rows wait.
@@ -147,6 +157,7 @@ class Dispatcher:
         self._health_touched = float("-inf")
         self._recent: deque[tuple[float, int]] = deque()  # (monotonic, rows delivered) per batch
         self._lags_ms: deque[float] = deque(maxlen=LAG_SAMPLES)
+        self.lags = dispatch.LagHistogram()  # every delivery since start (the /metrics histogram)
         self._wake = asyncio.Event()
         self.max_temporal_backlog = settings.DISPATCH_MAX_TEMPORAL_BACKLOG
         self.temporal_backlog = 0  # workflow tasks waiting on the task queue (Temporal's estimate)
@@ -181,7 +192,7 @@ class Dispatcher:
         async with self.db.connection() as conn:
             await dispatch.record_stats(conn, self.id, delivered=self.delivered, failed=self.failed,
                                         rate_per_s=self.rate_per_s(), lag_p50_ms=p50, lag_p95_ms=p95,
-                                        temporal_ok=self.temporal_ok)
+                                        temporal_ok=self.temporal_ok, lags=self.lags)
 
     async def retire(self) -> None:
         """On a clean stop: this dispatcher's totals go to the retired totals, its row away (so
@@ -190,7 +201,7 @@ class Dispatcher:
         async with self.db.transaction() as conn:
             await dispatch.record_stats(conn, self.id, delivered=self.delivered, failed=self.failed,
                                         rate_per_s=self.rate_per_s(), lag_p50_ms=p50, lag_p95_ms=p95,
-                                        temporal_ok=self.temporal_ok)
+                                        temporal_ok=self.temporal_ok, lags=self.lags)
             await dispatch.retire(conn, [self.id])
 
     # --- one delivery -----------------------------------------------------------------------------
@@ -262,7 +273,10 @@ class Dispatcher:
                 self._signalled[group[0]["workflow_id"]] = time.monotonic()
             if not outcome.dropped:
                 now = datetime.now(timezone.utc)
-                self._lags_ms.extend(max(0.0, (now - row["created_at"]).total_seconds() * 1000) for row in group)
+                for row in group:
+                    lag_s = max(0.0, (now - row["created_at"]).total_seconds())
+                    self._lags_ms.append(lag_s * 1000)
+                    self.lags.observe(lag_s)
         return done
 
     def _put_off_hot(self, chains: dict[str, list[dict[str, Any]]]) -> tuple[list[dispatch.Deferral], int]:
@@ -463,13 +477,9 @@ class Dispatcher:
         """Every BACKLOG_POLL_S: how many workflow tasks wait on the task queue (backpressure)."""
         if self.client is None or not self.max_temporal_backlog:
             return
-        request = DescribeTaskQueueRequest(
-            namespace=self.client.namespace, task_queue=TaskQueue(name=self.task_queue),
-            task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW, report_stats=True)
         while not stop.is_set():
             try:
-                resp = await self.client.workflow_service.describe_task_queue(request, timeout=timedelta(seconds=2))
-                backlog = int(resp.stats.approximate_backlog_count)
+                backlog = await workflow_task_backlog(self.client, self.task_queue)
                 was_holding = self.temporal_backlog > self.max_temporal_backlog
                 self.temporal_backlog = backlog
                 if was_holding != (backlog > self.max_temporal_backlog):

@@ -11,8 +11,9 @@ releases the locks and the rows are delivered again (at least once).
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from rules import workflow_contract as wc
@@ -24,6 +25,8 @@ from storage.workflow_outbox import spread_fanouts_sql
 DUE_SOON_SECONDS = 60
 # A dispatcher whose heartbeat is older than this is not counted as running.
 LIVE_SECONDS = 15
+# Upper bounds (seconds) of the follow-lag histogram's buckets (migration 0010).
+LAG_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 _MAX_ERROR_CHARS = 2000
 # coordinator_counters names: the totals of dispatchers that have stopped (see `retire`).
 RETIRED_DELIVERED = "workflow_dispatch_delivered"
@@ -164,18 +167,50 @@ async def backlog(db: Database) -> dict[str, Any]:
             "retrying": int(row["retrying"])}
 
 
+@dataclass
+class LagHistogram:
+    """Follow lags counted into LAG_BUCKETS_S (one more bucket for the lags above every bound)."""
+
+    buckets: list[int] = field(default_factory=lambda: [0] * (len(LAG_BUCKETS_S) + 1))
+    sum_s: float = 0.0
+    count: int = 0
+
+    def observe(self, lag_s: float) -> None:
+        self.buckets[bisect.bisect_left(LAG_BUCKETS_S, lag_s)] += 1
+        self.sum_s += lag_s
+        self.count += 1
+
+
 async def record_stats(conn: Conn, dispatcher_id: str, *, delivered: int, failed: int, rate_per_s: float,
-                       lag_p50_ms: float | None, lag_p95_ms: float | None, temporal_ok: bool) -> None:
+                       lag_p50_ms: float | None, lag_p95_ms: float | None, temporal_ok: bool,
+                       lags: LagHistogram | None = None) -> None:
     """Upsert this dispatcher's counters (totals since it started) and its heartbeat."""
+    lags = lags or LagHistogram()
     await conn.execute("""
         INSERT INTO workflow_dispatchers (dispatcher_id, delivered, failed, rate_per_s, lag_p50_ms, lag_p95_ms,
-                                          temporal_ok, started_at, heartbeat_at)
-        VALUES (%s, %s, %s, %s, %s, %s, %s, now(), now())
+                                          temporal_ok, lag_buckets, lag_sum_s, lag_count, started_at, heartbeat_at)
+        VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, now(), now())
         ON CONFLICT (dispatcher_id) DO UPDATE
         SET delivered = EXCLUDED.delivered, failed = EXCLUDED.failed, rate_per_s = EXCLUDED.rate_per_s,
             lag_p50_ms = EXCLUDED.lag_p50_ms, lag_p95_ms = EXCLUDED.lag_p95_ms,
-            temporal_ok = EXCLUDED.temporal_ok, heartbeat_at = now()""",
-        (dispatcher_id, delivered, failed, rate_per_s, lag_p50_ms, lag_p95_ms, temporal_ok))
+            temporal_ok = EXCLUDED.temporal_ok, lag_buckets = EXCLUDED.lag_buckets,
+            lag_sum_s = EXCLUDED.lag_sum_s, lag_count = EXCLUDED.lag_count, heartbeat_at = now()""",
+        (dispatcher_id, delivered, failed, rate_per_s, lag_p50_ms, lag_p95_ms, temporal_ok,
+         lags.buckets, lags.sum_s, lags.count))
+
+
+async def lag_histogram(db: Database, live_seconds: float = LIVE_SECONDS) -> LagHistogram:
+    """The running dispatchers' follow-lag histograms summed (a stopped dispatcher's counts go
+    with its row, as a restarted process's counters would)."""
+    rows = await db.fetch("""SELECT lag_buckets, lag_sum_s, lag_count FROM workflow_dispatchers
+                             WHERE heartbeat_at > now() - make_interval(secs => %s)""", (live_seconds,))
+    total = LagHistogram()
+    for r in rows:
+        for i, n in enumerate(r["lag_buckets"][:len(total.buckets)]):
+            total.buckets[i] += int(n)
+        total.sum_s += float(r["lag_sum_s"])
+        total.count += int(r["lag_count"])
+    return total
 
 
 async def retire(conn: Conn, dispatcher_ids: Sequence[str] | None = None, *,

@@ -259,34 +259,68 @@ async def live_counts(conn: Conn) -> dict[str, int]:
     return {"sessions": int(found["sessions"]), "invocations": int(found["invocations"])}
 
 
-async def start_missing(conn: Conn, running_session_ids: set[str], running_invocation_ids: set[str],
-                        grace_seconds: float) -> int:
-    """Write a `sync` notice (signal-with-start) for every live session or invocation, older than
-    the grace period and with no notice waiting, whose workflow is not among the running ids."""
+async def oldest_waiting_notice_age(conn: Conn) -> float:
+    """Seconds the oldest notice (a row, or a fan-out row not yet spread) has waited; 0 when none."""
+    row = await conn.execute("""
+        SELECT COALESCE(GREATEST(EXTRACT(EPOCH FROM now() - least(
+                   (SELECT min(created_at) FROM workflow_outbox),
+                   (SELECT min(created_at) FROM workflow_outbox_fanout))), 0), 0)::float8 AS age""")
+    return float(one(await row.fetchone())["age"])
+
+
+@dataclass(frozen=True)
+class MissingCandidates:
+    """Live entities, older than the grace period, with no notice waiting, whose workflow the
+    visibility listing did not show as running: sessions' and invocations' snapshot rows."""
+
+    sessions: list[dict[str, Any]]
+    invocations: list[dict[str, Any]]
+
+    def workflow_ids(self) -> list[str]:
+        return ([wc.session_workflow_id(r["zone_id"], r["id"]) for r in self.sessions]
+                + [wc.invocation_workflow_id(r["zone_id"], r["id"]) for r in self.invocations])
+
+
+async def missing_candidates(conn: Conn, running_session_ids: set[str], running_invocation_ids: set[str],
+                             grace_seconds: float, limit: int, only_workflow_ids: list[str] | None = None
+                             ) -> MissingCandidates:
+    """Up to `limit` of each kind; `only_workflow_ids` narrows the search to those workflows (the
+    re-check, in the transaction that writes their notices, of candidates confirmed missing)."""
+    only = "AND {wid} = ANY(%(only)s::text[])" if only_workflow_ids is not None else ""
+    params = {"grace": grace_seconds, "limit": limit, "only": only_workflow_ids}
+    session_wid = wc.session_workflow_id_sql("s.zone_id", "s.id")
     sessions = await conn.execute(f"""
         WITH in_fanouts AS MATERIALIZED (
             SELECT e.zone_id, e.id FROM workflow_outbox_fanout f CROSS JOIN LATERAL unnest(f.sessions) e
         )
         SELECT {SNAPSHOT_COLUMNS} FROM sessions s
-        WHERE s.status IN ('active', 'suspended') AND s.updated_at < now() - make_interval(secs => %s)
-          AND NOT EXISTS (SELECT 1 FROM workflow_outbox o
-                          WHERE o.workflow_id = {wc.session_workflow_id_sql("s.zone_id", "s.id")})
+        WHERE s.status IN ('active', 'suspended') AND s.updated_at < now() - make_interval(secs => %(grace)s)
+          AND NOT EXISTS (SELECT 1 FROM workflow_outbox o WHERE o.workflow_id = {session_wid})
           AND NOT EXISTS (SELECT 1 FROM in_fanouts i WHERE i.zone_id = s.zone_id AND i.id = s.id)
-        ORDER BY s.id""", (grace_seconds,))
-    notices = [session_notice(r, wc.SESSION_SYNC, "reconciler: workflow was missing, started from the row")
-               for r in await sessions.fetchall()
-               if wc.session_workflow_id(r["zone_id"], r["id"]) not in running_session_ids]
+          {only.format(wid=session_wid)}
+        ORDER BY s.id""", params)
+    session_rows = [r for r in await sessions.fetchall()
+                    if wc.session_workflow_id(r["zone_id"], r["id"]) not in running_session_ids][:limit]
+    invocation_wid = wc.invocation_workflow_id_sql("x.zone_id", "x.id")
     invocations = await conn.execute(f"""
         SELECT {SNAPSHOT_INVOCATION_COLUMNS} FROM agent_invocations x
         WHERE x.status NOT IN ('succeeded', 'canceled', 'timed_out', 'dead')
           AND NOT (x.status = 'failed' AND x.attempts >= x.max_attempts)
-          AND x.updated_at < now() - make_interval(secs => %s)
-          AND NOT EXISTS (SELECT 1 FROM workflow_outbox o
-                          WHERE o.workflow_id = {wc.invocation_workflow_id_sql("x.zone_id", "x.id")})
-        ORDER BY x.id""", (grace_seconds,))
+          AND x.updated_at < now() - make_interval(secs => %(grace)s)
+          AND NOT EXISTS (SELECT 1 FROM workflow_outbox o WHERE o.workflow_id = {invocation_wid})
+          {only.format(wid=invocation_wid)}
+        ORDER BY x.id""", params)
+    invocation_rows = [r for r in await invocations.fetchall()
+                       if wc.invocation_workflow_id(r["zone_id"], r["id"]) not in running_invocation_ids][:limit]
+    return MissingCandidates(session_rows, invocation_rows)
+
+
+async def start_missing(conn: Conn, missing: MissingCandidates) -> int:
+    """A `sync` notice (signal-with-start) for each entity whose workflow is missing; counted."""
+    notices = [session_notice(r, wc.SESSION_SYNC, "reconciler: workflow was missing, started from the row")
+               for r in missing.sessions]
     notices += [invocation_notice(r, wc.INVOCATION_SYNC, "reconciler: workflow was missing, started from the row")
-                for r in await invocations.fetchall()
-                if wc.invocation_workflow_id(r["zone_id"], r["id"]) not in running_invocation_ids]
+                for r in missing.invocations]
     await enqueue(conn, notices)
     if notices:
         await add_counter(conn, "reconciler_started", len(notices))

@@ -480,7 +480,8 @@ async def test_rows_wait_while_temporal_is_unreachable_and_drain_when_it_is_back
     workflows = [env.wid(f"outage-{i}") for i in range(5)]
     await env.enqueue([(w, n) for n in range(3) for w in workflows])
     d = env.dispatcher(lazy)
-    services = Services(env.settings, env.db, TemporalGateway(lazy, env.settings), Authenticator(env.settings, env.db))
+    settings = env.settings.model_copy(update={"FOLLOW_LAG_TARGET_SECONDS": 1.0})
+    services = Services(settings, env.db, TemporalGateway(lazy, settings), Authenticator(settings, env.db))
     http = httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(services=services)), base_url="http://t")
     try:
         async with running(d):
@@ -497,6 +498,7 @@ async def test_rows_wait_while_temporal_is_unreachable_and_drain_when_it_is_back
             outbox = body["workflow_outbox"]
             assert outbox["backlog"] >= 15 and outbox["oldest_age_seconds"] >= 1.0
             assert outbox["dispatchers"] >= 1 and outbox["temporal"] == "unreachable"
+            assert outbox["following"] == "behind"  # and still ready
             with pytest.raises(TimeoutError):
                 await env.dispatcher(lazy).drain(timeout=0.5)
             # Temporal is back.
@@ -509,7 +511,7 @@ async def test_rows_wait_while_temporal_is_unreachable_and_drain_when_it_is_back
                 r = await http.get("/metrics", headers={"Authorization": f"Bearer {OPERATOR_TOKEN}"})
                 assert r.status_code == 200, r.text
                 values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in r.text.splitlines()
-                          if line.startswith("coordinator_workflow_") or line.startswith("coordinator_reconciler")}
+                          if line.startswith(("coordinator_workflow_", "coordinator_reconciler", "coordinator_follow"))}
                 return values if values["coordinator_workflow_outbox_backlog"] == 0 else None
 
             # The backlog is the whole outbox's: another stack sharing this database (the session
@@ -519,6 +521,11 @@ async def test_rows_wait_while_temporal_is_unreachable_and_drain_when_it_is_back
             assert metrics["coordinator_workflow_outbox_delivered_per_second"] > 0
             assert metrics["coordinator_workflow_signal_lag_p95_ms"] >= 1000  # they waited for Temporal
             assert "coordinator_reconciler_started_total" in metrics
+            assert "coordinator_reconciler_quiet_runs_total" in metrics
+            # The follow-lag histogram counts them, none under a second (they waited for Temporal).
+            assert metrics["coordinator_follow_lag_seconds_count"] >= 15
+            assert (metrics['coordinator_follow_lag_seconds_bucket{le="+Inf"}']
+                    - metrics['coordinator_follow_lag_seconds_bucket{le="1.0"}']) >= 15
         for w in workflows:
             assert await env.got(w) == [0, 1, 2]
         assert d.delivered == 15

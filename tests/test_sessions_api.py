@@ -25,7 +25,7 @@ from rules.timefmt import iso_ms
 from settings import DEV_IDEMPOTENCY_HMAC_KEY
 from storage.pages import iso_ms_sql
 from storage.outbox import AGENTS_LIFECYCLE, DELEGATIONS_INVALIDATE, SESSIONS_REVOKE
-from storage.workflow_outbox import SNAPSHOT_COLUMNS, fanout_sql, session_snapshot, start_missing
+from storage.workflow_outbox import SNAPSHOT_COLUMNS, fanout_sql, missing_candidates, session_snapshot, start_missing
 from tests.conftest import Zone, eventually, seed_zone
 
 ROTATED_HMAC_KEY = hashlib.sha256(b"rotated idempotency key").hexdigest()
@@ -1091,7 +1091,7 @@ async def test_the_reconciler_starts_no_workflow_for_a_session_whose_notice_wait
                 SELECT count(*) FROM written""",
                                {"zone": zone.id, "id": waiting, "signal": wc.SESSION_SUSPENDED, "summary": "cascade",
                                 "reason": "requested"})
-            await start_missing(conn, set(), set(), grace_seconds=0)
+            await start_missing(conn, await missing_candidates(conn, set(), set(), grace_seconds=0, limit=1000))
             cur = await conn.execute("SELECT workflow_id, signal FROM workflow_outbox WHERE workflow_id = ANY(%s)",
                                      (workflow_ids,))
             written = [(r["workflow_id"], r["signal"]) for r in await cur.fetchall()]

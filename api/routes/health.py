@@ -111,6 +111,9 @@ async def ready(request: Request, svc: ServicesDep) -> Response:
             "delivered_per_second": round(stats["delivered_per_second"], 2),
             "dispatchers": stats["dispatchers"],
             "temporal": "ok" if temporal_ok else "unreachable",
+            # Still ready while the workflows lag (Postgres decides; they catch up): says so.
+            "following": "behind" if backlog["oldest_age_seconds"] > svc.settings.FOLLOW_LAG_TARGET_SECONDS else "keeping_up",
+            "lag_p95_ms": None if stats["lag_p95_ms"] is None else round(stats["lag_p95_ms"], 1),
         },
     })
 
@@ -137,8 +140,10 @@ async def metrics_endpoint(request: Request, ident: Caller, svc: ServicesDep) ->
     for r in rows:
         metrics.OUTBOX.labels(r["status"]).set(r["n"])
     backlog, stats = await _outbox(svc)
-    metrics.set_workflow_outbox(backlog, stats, await dispatch.counter(svc.db, "reconciler_started"))
-    return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+    metrics.set_workflow_outbox(backlog, stats, await dispatch.counter(svc.db, "reconciler_started"),
+                                await dispatch.counter(svc.db, "reconciler_quiet_runs"))
+    body = metrics.render() + metrics.follow_lag_text(await dispatch.lag_histogram(svc.db))
+    return Response(body, media_type="text/plain; version=0.0.4")
 
 
 @router.get("/stats", summary="Operational counters (operator token)", responses=OPERATOR_ERRORS)
