@@ -88,6 +88,10 @@ PARAMS: dict[str, dict[str, Any]] = {
         "follow_burst": 500,
         "follow_rates": [50, 100, 150],
         "follow_seconds": 20,
+        "follow_curve_rates": [50, 100, 200, 400],
+        "follow_curve_mix_rates": [150],
+        "follow_curve_seconds": 60,
+        "follow_curve_lag_sample": 300,
     },
     "quick": {
         "create_requests": {1: 5, 16: 16, 64: 64},
@@ -114,6 +118,10 @@ PARAMS: dict[str, dict[str, Any]] = {
         "follow_burst": 32,
         "follow_rates": [20],
         "follow_seconds": 2,
+        "follow_curve_rates": [10],
+        "follow_curve_mix_rates": [20],
+        "follow_curve_seconds": 3,
+        "follow_curve_lag_sample": 10,
     },
 }
 

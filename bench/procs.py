@@ -93,26 +93,45 @@ def _port(url: str | None, default: int | None = None) -> int | None:
         return default
 
 
+def _is_dispatcher(cmd: list[str]) -> bool:
+    return "-m dispatcher" in " ".join(cmd)
+
+
+def stack_processes(base_url: str, database_url: str | None, temporal_address: str | None
+                    ) -> dict[str, tuple[list, str]]:
+    """The processes of each role found by their anchors, and how each role was found."""
+    import psutil
+
+    found: dict[str, tuple[list, str]] = {}
+    api = _listener(_port(base_url, 80))
+    if api is not None and _is_api(_cmd(api)):
+        try:  # several API processes (one per core) are children of the listening one
+            found["api"] = ([api, *api.children(recursive=True)], f"listening on :{_port(base_url, 80)}")
+            parent = api.parent()
+            siblings = parent.children() if parent else []
+        except psutil.Error:
+            siblings = []
+        for role, match in (("worker", _is_worker), ("dispatcher", _is_dispatcher)):
+            procs = [c for c in siblings if match(_cmd(c))]
+            if procs:
+                found[role] = (procs, "sibling of the API")
+    tmp = _listener(_port(temporal_address))
+    if tmp is not None and _is_temporal(_cmd(tmp)):
+        found["temporal"] = ([tmp], f"listening on :{_port(temporal_address)}")
+    pg = _listener(_port(database_url, 5432) if database_url else None)
+    if pg is not None and _is_postgres(pg):
+        found["postgres"] = ([pg, *pg.children(recursive=True)], f"postmaster on :{_port(database_url)}")
+    return found
+
+
 def stack_memory(base_url: str, database_url: str | None, temporal_address: str | None) -> dict[str, dict[str, Any]]:
     import psutil
 
-    found: dict[str, dict[str, Any]] = {}
-    api = _listener(_port(base_url, 80))
-    if api is not None and _is_api(_cmd(api)):
-        found["api"] = _memory([api], f"listening on :{_port(base_url, 80)}")
-        try:
-            parent = api.parent()
-            workers = [c for c in parent.children() if _is_worker(_cmd(c))] if parent else []
-        except psutil.Error:
-            workers = []
-        if workers:
-            found["worker"] = _memory(workers, "sibling of the API")
-    tmp = _listener(_port(temporal_address))
-    if tmp is not None and _is_temporal(_cmd(tmp)):
-        found["temporal"] = _memory([tmp], f"listening on :{_port(temporal_address)}")
-    pg = _listener(_port(database_url, 5432) if database_url else None)
-    if pg is not None and _is_postgres(pg):
-        found["postgres"] = _memory([pg, *pg.children(recursive=True)], f"postmaster on :{_port(database_url)}")
+    found: dict[str, dict[str, Any]] = {
+        # The API as the process listening (as measured before the dispatcher had its own process).
+        role: _memory(procs[:1] if role == "api" else procs, how)
+        for role, (procs, how) in stack_processes(base_url, database_url, temporal_address).items()
+        if role != "dispatcher"}
 
     # Fallback, only for roles the harness was given no anchor for (no --temporal-address, no
     # --database-url): command-line matches over the whole machine.

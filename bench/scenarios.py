@@ -635,6 +635,9 @@ async def follow(ctx: Ctx) -> list[Row]:
     return out
 
 
+from bench.follow_curve import follow_curve  # noqa: E402 — it imports this module's helpers lazily
+
+
 @dataclass(frozen=True)
 class Scenario:
     key: str
@@ -654,4 +657,6 @@ SCENARIOS: list[Scenario] = [
     Scenario("heartbeat", "9. service heartbeats", heartbeat),
     Scenario("rss", "10. RSS of api, worker, Temporal, Postgres", rss),
     Scenario("follow", "11. Temporal follows: signal lag, burst convergence, sustained rate", follow),
+    Scenario("follow_curve", "12. follow curve: lag, backlog, drain and cost per session at offered rates",
+             lambda ctx: follow_curve(ctx)),
 ]
