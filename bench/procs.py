@@ -14,6 +14,7 @@ buffers); PSS splits them between the processes sharing them.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -104,8 +105,12 @@ def stack_processes(base_url: str, database_url: str | None, temporal_address: s
 
     found: dict[str, tuple[list, str]] = {}
     api = _listener(_port(base_url, 80))
+    with contextlib.suppress(psutil.Error):
+        # Several API processes (API_PROCESSES) listen as multiprocessing children of `python -m api`.
+        if api is not None and not _is_api(_cmd(api)) and api.parent() is not None and _is_api(_cmd(api.parent())):
+            api = api.parent()
     if api is not None and _is_api(_cmd(api)):
-        try:  # several API processes (one per core) are children of the listening one
+        try:
             found["api"] = ([api, *api.children(recursive=True)], f"listening on :{_port(base_url, 80)}")
             parent = api.parent()
             siblings = parent.children() if parent else []
@@ -128,8 +133,7 @@ def stack_memory(base_url: str, database_url: str | None, temporal_address: str 
     import psutil
 
     found: dict[str, dict[str, Any]] = {
-        # The API as the process listening (as measured before the dispatcher had its own process).
-        role: _memory(procs[:1] if role == "api" else procs, how)
+        role: _memory(procs, how)
         for role, (procs, how) in stack_processes(base_url, database_url, temporal_address).items()
         if role != "dispatcher"}
 
