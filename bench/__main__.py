@@ -60,9 +60,16 @@ def _parser() -> argparse.ArgumentParser:
     sized.add_argument("--tree-fanout", type=int, help="children per parent in that tree (10 / 10)")
     sized.add_argument("--impact-edges", type=int, help="edges of the impact graph (10000 / 300)")
     sized.add_argument("--impact-sessions", type=int, help="sessions of the impact graph (2000 / 60)")
+    sized.add_argument("--follow-curve-rates", help="offered create rates of follow_curve (50,100,200,400 / 10)")
+    sized.add_argument("--follow-curve-mix-rates", help="offered rates of its mixed load (150 / 20; empty: none)")
+    sized.add_argument("--follow-curve-seconds", type=float, help="seconds of each load (60 / 3)")
     p.add_argument("--note", action="append", default=[], help="free text stored in the JSON notes (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     return p
+
+
+def _rates(text: str | None) -> list[int] | None:
+    return None if text is None else [int(r) for r in text.split(",") if r.strip()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         expiry_live=args.expiry_live, expiry_probes=args.expiry_probes,
         heartbeat_sessions=args.heartbeat_sessions, heartbeat_interval=args.heartbeat_interval,
         heartbeat_duration=args.heartbeat_duration, tree_size=args.tree_size, tree_fanout=args.tree_fanout,
-        impact_edges=args.impact_edges, impact_sessions=args.impact_sessions, notes=args.note,
+        impact_edges=args.impact_edges, impact_sessions=args.impact_sessions,
+        follow_curve_rates=_rates(args.follow_curve_rates), follow_curve_mix_rates=_rates(args.follow_curve_mix_rates),
+        follow_curve_seconds=args.follow_curve_seconds, notes=args.note,
         verbose=not args.quiet)
     document = asyncio.run(run_bench(cfg))
     failed = [s["name"] for s in document["scenarios"] if s["status"] == "failed"]

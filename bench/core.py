@@ -52,6 +52,9 @@ class Config:
     tree_fanout: int | None = None
     impact_edges: int | None = None
     impact_sessions: int | None = None
+    follow_curve_rates: list[int] | None = None
+    follow_curve_mix_rates: list[int] | None = None
+    follow_curve_seconds: float | None = None
     notes: list[str] = field(default_factory=list)
     run_id: str = field(default_factory=lambda: time.strftime("%m%d%H%M") + uuid.uuid4().hex[:4])
     verbose: bool = True
