@@ -48,16 +48,18 @@ class MaintenanceActivities:
         notices on their way start or update those workflows, and Temporal's visibility lags then);
         Temporal unreachable, nothing either; and a workflow the visibility listing misses counts as
         missing only once DescribeWorkflowExecution (the history service, not visibility) agrees."""
-        if self.client is None:
+        client = self.client
+        if client is None:
             return 0
         settings = self.settings
         async with self.db.transaction() as conn:
-            if not await workflow_outbox.claim_interval(conn, "reconciler_last_run", settings.RECONCILE_INTERVAL_SECONDS):
+            if not await workflow_outbox.claim_interval(
+                    conn, "reconciler_last_run", settings.RECONCILE_INTERVAL_SECONDS):
                 return 0
             waited = await workflow_outbox.oldest_waiting_notice_age(conn)
             live = await workflow_outbox.live_counts(conn)
         try:
-            quiet = await self._quiet_reason(waited)
+            quiet = await self._quiet_reason(client, waited)
             if quiet:
                 await self._count_quiet(quiet)
                 return 0
@@ -65,10 +67,10 @@ class MaintenanceActivities:
             for kind, workflow_type in (("sessions", wc.SESSION_WORKFLOW), ("invocations", wc.INVOCATION_WORKFLOW)):
                 query = f'WorkflowType = "{workflow_type}" AND ExecutionStatus = "Running"'
                 # Counting is one cheap call; the ids are listed only when some workflow is missing.
-                if live[kind] == 0 or (await self.client.count_workflows(query)).count >= live[kind]:
+                if live[kind] == 0 or (await client.count_workflows(query)).count >= live[kind]:
                     running[kind] = None
                     continue
-                running[kind] = {w.id async for w in self.client.list_workflows(query, page_size=1000)}
+                running[kind] = {w.id async for w in client.list_workflows(query, page_size=1000)}
             if running["sessions"] is None and running["invocations"] is None:
                 return 0
             async with self.db.transaction() as conn:
@@ -76,7 +78,7 @@ class MaintenanceActivities:
                     conn, _Everything() if running["sessions"] is None else running["sessions"],
                     _Everything() if running["invocations"] is None else running["invocations"],
                     settings.RECONCILE_GRACE_SECONDS, settings.RECONCILE_MAX_STARTS)
-            missing = [w for w in candidates.workflow_ids() if not await self._has_running_workflow(w)]
+            missing = [w for w in candidates.workflow_ids() if not await _has_running_workflow(client, w)]
         except RPCError as exc:
             log.info("reconciler: Temporal unreachable (%s), nothing started", exc.status)
             await self._count_quiet("temporal unreachable")
@@ -93,12 +95,12 @@ class MaintenanceActivities:
             log.warning("reconciler: started %d missing workflow(s)", started)
         return started
 
-    async def _quiet_reason(self, oldest_notice_age_s: float) -> str | None:
+    async def _quiet_reason(self, client: Client, oldest_notice_age_s: float) -> str | None:
         """Why the reconciler must not start anything now, if it must not."""
         if oldest_notice_age_s > self.settings.FOLLOW_LAG_TARGET_SECONDS:
             return f"dispatchers behind: a notice has waited {oldest_notice_age_s:.1f} s"
         limit = self.settings.DISPATCH_MAX_TEMPORAL_BACKLOG
-        backlog = await workflow_task_backlog(self.client, self.settings.TEMPORAL_TASK_QUEUE)
+        backlog = await workflow_task_backlog(client, self.settings.TEMPORAL_TASK_QUEUE)
         if limit and backlog > limit:
             return f"Temporal behind: {backlog} workflow tasks queued"
         return None
@@ -108,14 +110,6 @@ class MaintenanceActivities:
         async with self.db.transaction() as conn:
             await workflow_outbox.add_counter(conn, "reconciler_quiet_runs", 1)
 
-    async def _has_running_workflow(self, workflow_id: str) -> bool:
-        try:
-            described = await self.client.get_workflow_handle(workflow_id).describe()
-        except RPCError as exc:
-            if exc.status == RPCStatusCode.NOT_FOUND:
-                return False
-            raise
-        return described.status == WorkflowExecutionStatus.RUNNING
 
 
 class _Everything(set):
@@ -123,3 +117,13 @@ class _Everything(set):
 
     def __contains__(self, item: object) -> bool:
         return True
+
+
+async def _has_running_workflow(client: Client, workflow_id: str) -> bool:
+    try:
+        described = await client.get_workflow_handle(workflow_id).describe()
+    except RPCError as exc:
+        if exc.status == RPCStatusCode.NOT_FOUND:
+            return False
+        raise
+    return described.status == WorkflowExecutionStatus.RUNNING

@@ -67,7 +67,7 @@ def follow_lag_text(lags: LagHistogram) -> bytes:
         "Commit of a command to its notice's signal recorded in the workflow's history (every delivery "
         "by the running dispatchers since they started)")
     cumulative, buckets = 0, []
-    for bound, n in zip((*LAG_BUCKETS_S, float("inf")), lags.buckets):
+    for bound, n in zip((*LAG_BUCKETS_S, float("inf")), lags.buckets, strict=True):
         cumulative += n
         buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
     family.add_metric([], buckets, sum_value=lags.sum_s)

@@ -97,7 +97,8 @@ async def follow_curve(ctx) -> list[Row]:
     store_note = f"Temporal store: {store.count} workflows, {running.count} running"
     log(ctx.cfg, f"follow_curve: {store_note}")
     seconds = ctx.p("follow_curve_seconds")
-    loads = [("creates", r) for r in ctx.p("follow_curve_rates")] + [("mix", r) for r in ctx.p("follow_curve_mix_rates")]
+    loads = ([("creates", r) for r in ctx.p("follow_curve_rates")]
+             + [("mix", r) for r in ctx.p("follow_curve_mix_rates")])
     out: list[Row] = []
     for kind, rate in loads:
         out += await _one_load(ctx, temporal, stack_processes, _backlog, kind, rate, seconds, store_note)
@@ -201,7 +202,7 @@ async def _one_load(ctx, temporal, stack_processes, backlog_of, kind: str, rate:
               "command_errors": errors, "cost": cost, "disk_kb_per_session": disk_kb, "offered_s": round(offered_s, 1)}
     log(ctx.cfg, f"follow_curve {label}: lag p95 {_pct(lags, 0.95)} ms, backlog {backlog_end}, drained in "
                  f"{drained_s:.1f} s, disk {disk_kb} KB/session, {cost}")
-    notes = f"{followed} sessions followed; {sum(errors.values())} errors" if errors else f"{followed} sessions followed"
+    notes = f"{followed} sessions followed" + (f"; {sum(errors.values())} errors" if errors else "")
     return [
         value_row("follow_curve", f"{label}: follow lag p50", _pct(lags, 0.5), requests=len(lags), **common),
         value_row("follow_curve", f"{label}: follow lag p95", _pct(lags, 0.95),
@@ -212,5 +213,6 @@ async def _one_load(ctx, temporal, stack_processes, backlog_of, kind: str, rate:
                   [Target("value", 10000, "≤ 10 s")] if rate <= 150 else []),
         value_row("follow_curve", f"{label}: disk written per followed session (KB)", disk_kb,
                   [Target("value", 100, "≤ 100 KB")], notes=", ".join(
-                      f"{r} {c['cpu_ms_per_session']} ms CPU / {c['kb_written_per_session']} KB" for r, c in cost.items())),
+                      f"{r} {c['cpu_ms_per_session']} ms CPU / {c['kb_written_per_session']} KB"
+                      for r, c in cost.items())),
     ]

@@ -11,17 +11,22 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from typing import TYPE_CHECKING
 
+from rules import workflow_contract as wc
 from rules.workflow_contract import LEGACY_WORKFLOW_TYPES
 
+if TYPE_CHECKING:
+    from settings import Settings
 
-async def upgrade() -> tuple[int, int]:
+
+async def upgrade(settings: Settings | None = None) -> tuple[int, int]:
     from settings import get_settings
     from storage import workflow_outbox
     from storage.db import Database
     from worker import connect_temporal
 
-    settings = get_settings()
+    settings = settings or get_settings()
     client = await connect_temporal(settings, attempts=5)
     query = " OR ".join(f'WorkflowType = "{t}"' for t in LEGACY_WORKFLOW_TYPES)
     terminated = 0
@@ -31,9 +36,20 @@ async def upgrade() -> tuple[int, int]:
     db = Database(settings.DATABASE_URL, max_size=1, task_queue=settings.TEMPORAL_TASK_QUEUE)
     await db.open()
     try:
-        async with db.transaction() as conn:
-            # No running id is known to belong to the new types yet: every live entity gets a sync.
-            started = await workflow_outbox.start_missing(conn, set(), set(), grace_seconds=0)
+        # No running id is known to belong to the new types yet: every live entity gets a sync, a
+        # batch per transaction; the ids queued so far are passed as running, so an entity whose
+        # notice the dispatcher has delivered meanwhile is not queued twice.
+        queued_sessions: set[str] = set()
+        queued_invocations: set[str] = set()
+        while True:
+            async with db.transaction() as conn:
+                missing = await workflow_outbox.missing_candidates(
+                    conn, queued_sessions, queued_invocations, 0, 1000)
+                if not await workflow_outbox.start_missing(conn, missing):
+                    break
+            queued_sessions.update(wc.session_workflow_id(r["zone_id"], r["id"]) for r in missing.sessions)
+            queued_invocations.update(wc.invocation_workflow_id(r["zone_id"], r["id"]) for r in missing.invocations)
+        started = len(queued_sessions) + len(queued_invocations)
     finally:
         await db.close()
     return terminated, started

@@ -9,7 +9,7 @@ from temporalio.client import WorkflowExecutionStatus
 from activities.maintenance import MaintenanceActivities
 from rules import workflow_contract as wc
 from storage import dispatch
-from tests.conftest import Zone, eventually
+from tests.conftest import Zone, eventually, notices_in
 
 
 def reconciler(zone: Zone, **overrides) -> MaintenanceActivities:
@@ -42,7 +42,7 @@ async def sync_notices(zone: Zone, workflow_id: str) -> int:
         "SELECT count(*) FROM workflow_outbox WHERE workflow_id = %s AND signal = %s", (workflow_id, wc.SESSION_SYNC))
 
 
-async def test_while_notices_wait_the_reconciler_starts_nothing_and_once_they_are_delivered_it_restarts_the_lost_workflow(
+async def test_while_notices_wait_the_reconciler_starts_nothing_and_once_delivered_it_restarts_the_lost_workflow(
         zone: Zone):
     session_id, workflow_id = await lost_workflow(zone)
     # A real backlog: 300 notices no dispatcher takes (their task queue has none), waiting longer
@@ -87,3 +87,21 @@ async def test_while_notices_wait_the_reconciler_starts_nothing_and_once_they_ar
 
     assert await signals() == [wc.SESSION_SYNC]
     assert (await zone.session_row(session_id))["status"] == "active"
+
+
+async def test_the_upgrade_queues_one_sync_per_live_session_and_stops(zone: Zone):
+    from devstack.upgrade_workflows import upgrade
+
+    session_id = (await zone.start())["agent_session_id"]
+    workflow_id = wc.session_workflow_id(zone.id, session_id)
+    await zone.stack.workflows_caught_up()
+    live = await zone.stack.db.fetchval("SELECT count(*) FROM sessions WHERE status IN ('active', 'suspended')")
+    live += await zone.stack.db.fetchval(
+        "SELECT count(*) FROM agent_invocations WHERE status NOT IN ('succeeded', 'canceled', 'timed_out', 'dead')"
+        " AND NOT (status = 'failed' AND attempts >= max_attempts)")
+    terminated, started = await upgrade(zone.stack.settings)
+    assert terminated == 0
+    assert started == live
+    await zone.stack.workflows_caught_up()
+    history = await zone.stack.client.get_workflow_handle(workflow_id).fetch_history()
+    assert notices_in(history).count(wc.SESSION_SYNC) == 1

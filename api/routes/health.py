@@ -112,7 +112,8 @@ async def ready(request: Request, svc: ServicesDep) -> Response:
             "dispatchers": stats["dispatchers"],
             "temporal": "ok" if temporal_ok else "unreachable",
             # Still ready while the workflows lag (Postgres decides; they catch up): says so.
-            "following": "behind" if backlog["oldest_age_seconds"] > svc.settings.FOLLOW_LAG_TARGET_SECONDS else "keeping_up",
+            "following": ("behind" if backlog["oldest_age_seconds"] > svc.settings.FOLLOW_LAG_TARGET_SECONDS
+                          else "keeping_up"),
             "lag_p95_ms": None if stats["lag_p95_ms"] is None else round(stats["lag_p95_ms"], 1),
         },
     })
