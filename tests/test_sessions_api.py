@@ -1091,7 +1091,9 @@ async def test_the_reconciler_starts_no_workflow_for_a_session_whose_notice_wait
                 SELECT count(*) FROM written""",
                                {"zone": zone.id, "id": waiting, "signal": wc.SESSION_SUSPENDED, "summary": "cascade",
                                 "reason": "requested"})
-            await start_missing(conn, await missing_candidates(conn, set(), set(), grace_seconds=0, limit=1000))
+            # Narrowed to the two: the shared database holds other tests' live sessions, more than a limit.
+            await start_missing(conn, await missing_candidates(conn, set(), set(), grace_seconds=0, limit=1000,
+                                                               only_workflow_ids=workflow_ids))
             cur = await conn.execute("SELECT workflow_id, signal FROM workflow_outbox WHERE workflow_id = ANY(%s)",
                                      (workflow_ids,))
             written = [(r["workflow_id"], r["signal"]) for r in await cur.fetchall()]
