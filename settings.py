@@ -154,6 +154,11 @@ class Settings(BaseSettings):
     DISPATCH_LINGER_MS: int = Field(100, ge=0)
     # A file the dispatcher touches while its batches complete (container healthchecks); "" = none.
     DISPATCH_HEALTH_FILE: str = ""
+    # Dispatchers run inside the worker process (`python worker.py`), on the worker's own Temporal
+    # client: a workflow's first notices then start it eagerly, its first workflow task coming back
+    # in the start's answer instead of through matching (README, "Capacity model"). 0: none; run
+    # `python -m dispatcher` processes instead (or as well).
+    WORKER_DISPATCHERS: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _check(self) -> "Settings":

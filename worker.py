@@ -125,6 +125,24 @@ async def connect_temporal(settings: Settings, attempts: int = 60) -> Client:
     raise RuntimeError("unreachable")
 
 
+async def start_dispatchers(client: Client, settings: Settings, stop: asyncio.Event) -> tuple[Any, list]:
+    """WORKER_DISPATCHERS dispatchers on the worker's client (so their starts can be eager), with a
+    pool of their own: their batch transactions stay open while they deliver."""
+    if not settings.WORKER_DISPATCHERS:
+        return None, []
+    from dispatcher.outbox import Dispatcher
+    from storage.db import Database
+
+    db = Database(settings.DATABASE_URL, max_size=4 * settings.WORKER_DISPATCHERS,
+                  statement_timeout_ms=settings.DB_STATEMENT_TIMEOUT_MS,
+                  connect_timeout_s=min(2.0, settings.DB_CONNECTION_TIMEOUT_MS / 1000))
+    await db.open(wait=False)
+    tasks = [asyncio.create_task(Dispatcher(db, client, settings).run(stop), name=f"dispatcher-{i}")
+             for i in range(settings.WORKER_DISPATCHERS)]
+    log.info("worker: %d dispatcher(s) delivering the workflow outbox", len(tasks))
+    return db, tasks
+
+
 async def main() -> None:
     from storage.db import Database
     from storage.migrate import require_migrated
@@ -146,8 +164,14 @@ async def main() -> None:
         from activities.relay import OutboxPublisher
 
         publisher = asyncio.create_task(OutboxPublisher(db, settings).run(stop))
+    dispatch_db, dispatchers = await start_dispatchers(client, settings, stop)
     async with worker:
         await stop.wait()
+        # The batches in flight finish (their eager starts need this worker) before it shuts down.
+        if dispatchers:
+            await asyncio.wait(dispatchers, timeout=4 * settings.DISPATCH_RPC_TIMEOUT_SECONDS)
+    if dispatch_db is not None:
+        await dispatch_db.close()
     if publisher is not None:
         await asyncio.wait({publisher}, timeout=5)
     await db.close()

@@ -3,7 +3,8 @@
 For each offered rate (creates per second) and for a mixed load (creates, suspends, resumes,
 deletes, delegations and revokes), `follow_curve_seconds` of open-loop load, then:
 - follow lag p50/p95/max: from a command's request to the workflow task that applied its notice
-  (the first WorkflowTaskCompleted after the notice's signal in the workflow's history), over a
+  (the first WorkflowTaskCompleted after the notice's signal, or after the start that carried it,
+  in the workflow's history), over a
   sample of the commands (a create's, or one command's on a session no other command touched);
 - the outbox backlog when the load stops and the time it takes to drain;
 - per followed session: CPU seconds of each process of the stack and bytes it wrote (its
@@ -55,7 +56,8 @@ def _usage(procs: dict[str, list]) -> dict[str, tuple[float, int]]:
 
 
 async def _applied_lags(temporal, sampled: list[tuple[str, float]]) -> list[float]:
-    """ms from each request to the workflow task that applied the first signal after it."""
+    """ms from each request to the workflow task that applied the first notice after it: one that
+    came by signal, or in the input of the start (a new workflow's first notices)."""
     lags: list[float] = []
     sem = asyncio.Semaphore(16)
 
@@ -68,7 +70,8 @@ async def _applied_lags(temporal, sampled: list[tuple[str, float]]) -> list[floa
             signalled = False
             for e in history.events:
                 at = e.event_time.ToDatetime().timestamp() if hasattr(e.event_time, "ToDatetime") else 0.0
-                if e.HasField("workflow_execution_signaled_event_attributes") and at >= sent - 0.001:
+                if at >= sent - 0.001 and (e.HasField("workflow_execution_signaled_event_attributes")
+                                           or e.HasField("workflow_execution_started_event_attributes")):
                     signalled = True
                 elif signalled and e.HasField("workflow_task_completed_event_attributes"):
                     lags.append(max(0.0, (at - sent) * 1000))

@@ -9,9 +9,10 @@
    on http://127.0.0.1:8233 — unless TEMPORAL_ADDRESS is set (then that server is used);
 4. the local signing key in `.data/keys` (JWKS_FILE points at its jwks.json unless JWKS_URL or
    JWKS_FILE is set) and the operator token (CARACAL_COORDINATOR_TOKEN, else `.data/operator-token`);
-5. the worker (`python worker.py`), the workflow-outbox dispatcher (`python -m dispatcher`) and the
-   API (`python -m api`, port $PORT, default 4000, one process per core), logs in `.data/logs/`;
-   REPLICAS=N (`make dev REPLICAS=2`) runs N workers, N dispatchers and N API processes
+5. the worker (`python worker.py`) with the workflow-outbox dispatcher inside it (WORKER_DISPATCHERS,
+   default 1; 0 runs `python -m dispatcher` beside it instead) and the API (`python -m api`, port
+   $PORT, default 4000, one process per core), logs in `.data/logs/`; REPLICAS=N
+   (`make dev REPLICAS=2`) runs N workers (each with its dispatchers) and N API processes
    (API_PROCESSES, when set, still decides the API's count);
 6. once `GET /ready` answers 200: the demo zone is seeded and a 24 h bearer token is printed.
 
@@ -204,16 +205,21 @@ class DevStack:
         env = self._child_env()
         nice = background_nice()
         replicas = replica_count()
-        workers = [Child(_numbered("worker", i, replicas), [sys.executable, "worker.py"], env,
+        # The dispatchers run inside the workers (WORKER_DISPATCHERS, default 1 each here), so a new
+        # session's workflow starts eagerly; WORKER_DISPATCHERS=0 runs `python -m dispatcher`s instead.
+        per_worker = os.environ.get("WORKER_DISPATCHERS", "1")
+        worker_env = {**env, "WORKER_DISPATCHERS": per_worker}
+        workers = [Child(_numbered("worker", i, replicas), [sys.executable, "worker.py"], worker_env,
                          LOG_DIR / f"{_numbered('worker', i, replicas)}.log", nice) for i in range(replicas)]
-        dispatchers = [Child(_numbered("dispatcher", i, replicas), [sys.executable, "-m", "dispatcher"], env,
-                             LOG_DIR / f"{_numbered('dispatcher', i, replicas)}.log", nice) for i in range(replicas)]
+        dispatchers = [] if per_worker != "0" else [
+            Child(_numbered("dispatcher", i, replicas), [sys.executable, "-m", "dispatcher"], env,
+                  LOG_DIR / f"{_numbered('dispatcher', i, replicas)}.log", nice) for i in range(replicas)]
         api = Child("api", [sys.executable, "-m", "api"], env, LOG_DIR / "api.log")
         self.children += [*workers, *dispatchers, api]  # stopped in reverse order
         for child in self.children:
             child.start()
         say(f"api: {env['API_PROCESSES']} process(es) on port {self.port}; {replicas} worker(s), "
-            f"{replicas} dispatcher(s)")
+            + (f"{per_worker} dispatcher(s) in each" if not dispatchers else f"{replicas} dispatcher(s)"))
         self._wait_ready()
         self._seed_and_print(env)
 

@@ -48,7 +48,9 @@ from temporalio.common import (
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from rules.workflow_contract import INVOCATION_SYNC, NOTICES, SA_BUILD_IDS, SESSION_SYNC, build_ids
+from rules.workflow_contract import (
+    INVOCATION_SYNC, NOTICES, OPENING_SIGNALS, SA_BUILD_IDS, SESSION_SYNC, build_ids,
+)
 from settings import Settings
 from storage import dispatch
 from storage.db import ChannelListener, Database
@@ -207,20 +209,40 @@ class Dispatcher:
     # --- one delivery -----------------------------------------------------------------------------
 
     async def _deliver(self, rows: list[dict[str, Any]], timeout: float) -> Outcome:
-        """One signal-with-start for consecutive rows of one workflow: the row's own signal when
-        alone, else one `notices` signal carrying them all in order."""
+        """Consecutive rows of one workflow in one RPC. Rows opening a workflow (its `created`
+        notice first) start it with them in its input (`opening`), eagerly where a worker
+        shares this client; otherwise, and when that workflow exists already, signal-with-start:
+        the row's own signal when alone, else one `notices` signal carrying them all in order."""
         if self.client is None:
             return Outcome(False, unreachable=True, error="no Temporal client")
         row = rows[0]
+        items = [{"signal": r["signal"], "notice": r["payload"]} for r in rows]
         if len(rows) == 1:
             signal, args = row["signal"], [row["payload"]]
         else:
-            signal, args = NOTICES, [[{"signal": r["signal"], "notice": r["payload"]} for r in rows]]
+            signal, args = NOTICES, [items]
         attrs: list[SearchAttributePair[Any]] = [
             SearchAttributePair(SearchAttributeKey.for_keyword(k), str(v))
             for k, v in (row["search_attributes"] or {}).items() if v is not None]
         attrs.append(self._build_ids)
+        common: dict[str, Any] = {
+            "id": row["workflow_id"], "task_queue": row.get("task_queue") or self.task_queue,
+            "search_attributes": TypedSearchAttributes(attrs), "static_summary": row["summary"] or None,
+            "rpc_timeout": timedelta(seconds=timeout)}
         try:
+            if row["signal"] in OPENING_SIGNALS:
+                # A start whose answer carries the first workflow task (when a worker of this client
+                # has a free slot) costs Temporal one write fewer than signal-with-start and saves
+                # matching a dispatch. The conflict policy is FAIL: a workflow that exists already
+                # (a sync started it, or it completed) is left to signal-with-start below.
+                try:
+                    await asyncio.wait_for(self.client.start_workflow(
+                        row["workflow_type"], {**row["start_args"], "opening": items}, request_eager_start=True,
+                        id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY, **common),
+                        timeout + 0.5)
+                    return DELIVERED
+                except WorkflowAlreadyStartedError:
+                    pass
             # Signal-with-start: signals the running workflow, or starts it with `start_args` and
             # then signals it. The conflict policy is left unset: for signal-with-start the server
             # treats it as USE_EXISTING (FAIL is rejected as invalid). ALLOW_DUPLICATE_FAILED_ONLY:
@@ -229,14 +251,10 @@ class Dispatcher:
             # workflow running (e.g. a restored backup), so it may start a new run; were the row
             # ended meanwhile, that run settles from the row and ends.
             await asyncio.wait_for(self.client.start_workflow(
-                row["workflow_type"], row["start_args"], id=row["workflow_id"],
-                task_queue=row.get("task_queue") or self.task_queue,
-                start_signal=signal, start_signal_args=args,
-                search_attributes=TypedSearchAttributes(attrs),
-                static_summary=row["summary"] or None,
+                row["workflow_type"], row["start_args"], start_signal=signal, start_signal_args=args,
                 id_reuse_policy=(WorkflowIDReusePolicy.ALLOW_DUPLICATE if row["signal"] == SYNC
                                  else WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY),
-                rpc_timeout=timedelta(seconds=timeout)), timeout + 0.5)
+                **common), timeout + 0.5)
             return DELIVERED
         except WorkflowAlreadyStartedError:
             return DROPPED  # completed normally: nothing more to tell it

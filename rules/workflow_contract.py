@@ -57,6 +57,11 @@ INVOCATION_SYNC = "sync"
 INVOCATION_SIGNALS = (INVOCATION_CREATED, INVOCATION_STARTED, INVOCATION_CANCEL_REQUESTED, INVOCATION_COMPLETED,
                       INVOCATION_SYNC)
 
+# A workflow's first notice: the dispatcher starts the workflow with it in the input (`opening`;
+# eager start: a worker on the dispatcher's own client gets the first workflow task in the
+# start's answer), not by signal-with-start. Any other notice may find the workflow running.
+OPENING_SIGNALS = frozenset({SESSION_CREATED, INVOCATION_CREATED})
+
 # Several notices for one workflow, claimed together, travel as one signal (a list of
 # {"signal": <one of the names above>, "notice": <its payload>}, applied in order): the more the
 # dispatcher is behind, the fewer Temporal round trips and history events it costs.

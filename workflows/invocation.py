@@ -146,6 +146,9 @@ class InvocationWorkflow:
     @workflow.run
     async def run(self, state: InvocationState) -> str:
         workflow.set_current_details(self._details())
+        if state.opening:  # started by the dispatcher's eager start (see SessionWorkflow.run)
+            opening, self.state.opening = state.opening, []
+            self.notices(opening)
         await workflow.wait_condition(lambda: self.state.current is not None)
         self._sync_status_attribute()
         while not finished(self.state.current):

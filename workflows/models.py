@@ -67,6 +67,8 @@ class SessionState:
     runs: int = 1
     # Delegation notices change no state_version: their edge ids make duplicates no-ops.
     edges: dict[str, str] = field(default_factory=dict)
+    # The notices a run was started with (the dispatcher's start of a new workflow), applied first.
+    opening: list[SessionNoticeItem] = field(default_factory=list)
 
 
 @dataclass
@@ -101,6 +103,7 @@ class InvocationState:
     invocation_id: str
     current: InvocationSnapshot | None = None
     runs: int = 1
+    opening: list[InvocationNoticeItem] = field(default_factory=list)  # as SessionState.opening
 
 
 @dataclass

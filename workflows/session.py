@@ -218,7 +218,11 @@ class SessionWorkflow:
     @workflow.run
     async def run(self, state: SessionState) -> str:
         workflow.set_current_details(self._details())
-        # Started by signal-with-start, the first notice comes with the first task.
+        # Started by signal-with-start, the first notice comes with the first task; started by the
+        # dispatcher's (eager) start, the notices come in the input (runs before that had none).
+        if state.opening:
+            opening, self.state.opening = state.opening, []
+            self.notices(opening)
         await workflow.wait_condition(lambda: self.state.current is not None)
         self._sync_status_attribute()  # a run continued as new, or started without attributes
         while not self._ended():
