@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     WORKER_BUILD_ID: str = ""
     # host:port where the worker serves the Temporal SDK's Prometheus metrics ("" = off).
     WORKER_METRICS_ADDRESS: str = ""
+    # Workflows the worker keeps in memory between their tasks (the SDK's sticky cache): one beyond
+    # it is evicted and replays its history at its next task.
+    WORKER_MAX_CACHED_WORKFLOWS: int = Field(1000, ge=0)
     CARACAL_MODE: str = "dev"
     DB_POOL_MAX: int = Field(20, ge=1)
     DB_STATEMENT_TIMEOUT_MS: int = Field(10000, ge=0)

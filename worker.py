@@ -69,6 +69,7 @@ def build_worker(client: Client, db, settings: Settings, task_queue: str | None 
         build_id=settings.worker_build_id,  # what the dispatcher's starts expect (settings.WORKER_BUILD_ID)
         workflows=build_workflows(),
         activities=build_activities(db, settings, client),
+        max_cached_workflows=settings.WORKER_MAX_CACHED_WORKFLOWS,
         max_concurrent_activities=100,
         max_concurrent_local_activities=100,
         # A worker killed with -9 leaves tasks on its sticky queue; hand them to the shared queue

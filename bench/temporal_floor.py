@@ -90,7 +90,10 @@ async def _measure(client: Client, server: psutil.Process, queue: str, way: str,
             "client_and_worker_ms": round((m1 - m0) * 1000 / count, 2)}
 
 
-async def run(address: str, namespace: str, count: int, concurrency: int) -> None:
+WAYS = ("signal_with_start", "start", "eager_start")
+
+
+async def run(address: str, namespace: str, count: int, concurrency: int, ways: tuple[str, ...] = WAYS) -> None:
     port = address.rpartition(":")[2]
     server = _listener(int(port))
     if server is None:
@@ -99,7 +102,7 @@ async def run(address: str, namespace: str, count: int, concurrency: int) -> Non
     queue = f"floor-{uuid.uuid4().hex[:8]}"
     async with Worker(client, task_queue=queue, workflows=[FloorSession],
                       workflow_runner=UnsandboxedWorkflowRunner()):
-        for way in ("signal_with_start", "start", "eager_start"):
+        for way in ways:
             result = await _measure(client, server, queue, way, count, concurrency)
             print(f"{way}: {result}", flush=True)
 
@@ -110,8 +113,12 @@ def main() -> None:
     parser.add_argument("--namespace", default="default")
     parser.add_argument("--count", type=int, default=3000)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--ways", default=",".join(WAYS), help="comma list of " + ", ".join(WAYS))
     args = parser.parse_args()
-    asyncio.run(run(args.address, args.namespace, args.count, args.concurrency))
+    ways = tuple(w.strip() for w in args.ways.split(",") if w.strip())
+    if set(ways) - set(WAYS):
+        parser.error(f"--ways: unknown {sorted(set(ways) - set(WAYS))}")
+    asyncio.run(run(args.address, args.namespace, args.count, args.concurrency, ways))
 
 
 if __name__ == "__main__":

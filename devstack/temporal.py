@@ -40,14 +40,16 @@ __all__ = ["SEARCH_ATTRIBUTES", "TemporalProcess", "start_temporal", "temporal_e
 
 _READY_TIMEOUT_S = 30.0
 _STOP_GRACE_S = 5.0
-# WAL without fsync, and a 128 MB page cache. synchronous=normal fsyncs the WAL and the database at
-# every checkpoint (each ~4 MB of WAL), which sent every rewritten page to the disk: ~1.1 MB of
-# writes per followed session; with synchronous=off the kernel writes each hot page back once per
-# writeback interval: ~25 KB. A crash of the server process loses nothing; a power loss may lose or
-# damage the dev server's store, which the reconciler rebuilds for every live session from
-# Postgres (the histories of ended ones are lost). A Temporal cluster on Postgres (docker-compose.yml)
-# is not affected.
-SQLITE_PRAGMAS = ("journal_mode=wal", "synchronous=off", "cache_size=-131072")
+# WAL without fsync, a page cache of up to 1 GB and reads through a memory map of up to 4 GB.
+# synchronous=normal fsyncs the WAL and the database at every checkpoint (each ~4 MB of WAL), which
+# sent every rewritten page to the disk: ~1.1 MB of writes per followed session; with
+# synchronous=off the kernel writes each hot page back once per writeback interval: ~25 KB. The
+# store takes ~23 KB per workflow, so a 128 MB cache stops holding its indexes at a few thousand
+# workflows; the larger cache and the map keep them in memory (README, "Capacity model"). A crash
+# of the server process loses nothing; a power loss may lose or damage the dev server's store,
+# which the reconciler rebuilds for every live session from Postgres (the histories of ended ones
+# are lost). A Temporal cluster on Postgres (docker-compose.yml) is not affected.
+SQLITE_PRAGMAS = ("journal_mode=wal", "synchronous=off", "cache_size=-1048576", "mmap_size=4294967296")
 
 
 def temporal_executable() -> str:

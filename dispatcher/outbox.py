@@ -152,6 +152,7 @@ class Dispatcher:
         # Counters since start (written to workflow_dispatchers about once a second).
         self.delivered = 0
         self.dropped = 0
+        self.eager_started = 0  # workflows whose first task came back in the start's answer
         self.failed = 0
         self.temporal_ok = client is not None
         self.listening = False
@@ -186,8 +187,8 @@ class Dispatcher:
     def stats(self) -> dict[str, Any]:
         p50, p95 = self.lag_percentiles_ms()
         return {"dispatcher_id": self.id, "delivered": self.delivered, "dropped": self.dropped,
-                "failed": self.failed, "rate_per_s": self.rate_per_s(), "lag_p50_ms": p50, "lag_p95_ms": p95,
-                "temporal_ok": self.temporal_ok, "listening": self.listening}
+                "failed": self.failed, "eager_started": self.eager_started, "rate_per_s": self.rate_per_s(),
+                "lag_p50_ms": p50, "lag_p95_ms": p95, "temporal_ok": self.temporal_ok, "listening": self.listening}
 
     async def write_stats(self) -> None:
         p50, p95 = self.lag_percentiles_ms()
@@ -236,10 +237,11 @@ class Dispatcher:
                 # matching a dispatch. The conflict policy is FAIL: a workflow that exists already
                 # (a sync started it, or it completed) is left to signal-with-start below.
                 try:
-                    await asyncio.wait_for(self.client.start_workflow(
+                    handle = await asyncio.wait_for(self.client.start_workflow(
                         row["workflow_type"], {**row["start_args"], "opening": items}, request_eager_start=True,
                         id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY, **common),
                         timeout + 0.5)
+                    self.eager_started += bool(getattr(handle, "__temporal_eagerly_started", False))
                     return DELIVERED
                 except WorkflowAlreadyStartedError:
                     pass

@@ -8,6 +8,7 @@ version of the code must still replay. After a `workflow.patched` change, bump R
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pytest
 from tests.conftest import Zone, eventually, seed_zone
 from workflows.models import invocation_workflow_id, session_workflow_id
 
-RECORD_SET = "v3"
+RECORD_SET = "v4"
 HISTORIES = Path(__file__).parent / "histories" / RECORD_SET
 
 pytestmark = pytest.mark.skipif(os.environ.get("RECORD_HISTORIES") != "1",
@@ -31,8 +32,15 @@ async def _save(zone_stack, workflow_id: str, name: str, *, run_id: str | None =
 
 
 async def _completed(stack, workflow_id: str) -> None:
+    from temporalio.service import RPCError, RPCStatusCode
+
     async def done():
-        desc = await stack.client.get_workflow_handle(workflow_id).describe()
+        try:
+            desc = await stack.client.get_workflow_handle(workflow_id).describe()
+        except RPCError as exc:  # not started yet: the dispatcher is behind
+            if exc.status == RPCStatusCode.NOT_FOUND:
+                return False
+            raise
         return desc.status.name == "COMPLETED"
     await eventually(done, timeout=15)
 
@@ -91,14 +99,25 @@ async def test_record_service_paths(stack_factory, signing_key):
         # Lease loss: stop heartbeating; the workflow's lease timer suspends the session.
         await eventually(lambda: _status(zone, sid, "suspended"), timeout=6)
         assert (await zone.http.patch(f"/zones/{zone.id}/agents/{sid}/resume", headers=h)).status_code == 200
-        # Grow the history past the test server's continue-as-new suggestion.
-        for _ in range(20):
-            await zone.http.patch(f"/zones/{zone.id}/agents/{sid}/suspend", headers=h)
-            await zone.http.patch(f"/zones/{zone.id}/agents/{sid}/resume", headers=h)
+        # Grow the history past the test server's continue-as-new suggestion (how many transitions
+        # that takes depends on how many notices the dispatcher delivers together).
         wf = session_workflow_id(zone.id, sid)
-        runs = [w async for w in stack.client.list_workflows(f'WorkflowId = "{wf}"')]
-        first = min(runs, key=lambda w: w.start_time)
-        assert first.status.name == "CONTINUED_AS_NEW", [w.status for w in runs]
+
+        async def first_run_continued():
+            runs = [w async for w in stack.client.list_workflows(f'WorkflowId = "{wf}"')]
+            first = min(runs, key=lambda w: w.start_time)
+            return first if first.status.name == "CONTINUED_AS_NEW" else None
+        first = None
+        for _ in range(20):
+            for _ in range(10):
+                await zone.http.patch(f"/zones/{zone.id}/agents/{sid}/suspend", headers=h)
+                await zone.http.patch(f"/zones/{zone.id}/agents/{sid}/resume", headers=h)
+                await asyncio.sleep(0.15)  # past the dispatcher's linger: one signal each
+            await stack.workflows_caught_up()
+            first = await first_run_continued()
+            if first is not None:
+                break
+        assert first is not None, "the service session's workflow never continued as new"
         await _save(stack, wf, "session_service_lease_loss_takeover_can", run_id=first.run_id)
         r = await zone.http.request("DELETE", f"/zones/{zone.id}/agents/{sid}", json={"lease_generation": 2}, headers=h)
         assert r.status_code == 204, r.text

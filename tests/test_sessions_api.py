@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import json
 import uuid
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -246,6 +247,49 @@ async def test_a_session_workflow_starts_with_the_build_ids_its_worker_reports(z
     assert description.raw_description.workflow_execution_info.most_recent_worker_version_stamp.build_id == build_id
     assert description.typed_search_attributes.get(SearchAttributeKey.for_keyword_list(wc.SA_BUILD_IDS)) == \
         ["unversioned", f"unversioned:{build_id}"]
+
+
+async def test_a_new_session_workflow_starts_with_its_created_notice_and_its_first_task(zone: Zone):
+    """The dispatcher starts a new session's workflow with the `created` notice in its input, and,
+    its worker sharing the dispatcher's Temporal client, gets the first workflow task back in the
+    start's answer (eager start): no signal, no trip through matching."""
+    dispatcher = zone.stack.dispatcher
+    eager_before = dispatcher.eager_started
+    created = await zone.start()
+    workflow_id = f"session/{zone.id}/{sid(created)}"
+    assert await zone.workflow_state(workflow_id) == session_snapshot(await zone.session_row(sid(created)))
+    events = (await zone.stack.client.get_workflow_handle(workflow_id).fetch_history()).events
+    started = events[0].workflow_execution_started_event_attributes
+    opening = json.loads(started.input.payloads[0].data)["opening"]
+    assert [item["signal"] for item in opening] == [wc.SESSION_CREATED]
+    assert opening[0]["notice"]["session"]["session_id"] == sid(created)
+    assert not any(e.HasField("workflow_execution_signaled_event_attributes") for e in events)
+    assert dispatcher.eager_started > eager_before
+
+
+async def test_a_created_notice_for_a_workflow_that_already_runs_is_signalled(stack_factory, signing_key):
+    """A workflow may exist before its `created` notice is delivered (a reconciler's sync started
+    it): the start fails as already started and the notice goes by signal-with-start instead."""
+    from storage.workflow_outbox import session_notice
+
+    s = await stack_factory()
+    try:
+        await s.stop_dispatcher()
+        z = await seed_zone(s, signing_key)
+        created = await z.start()
+        row = await z.session_row(sid(created))
+        sync = session_notice(row, wc.SESSION_SYNC, "a sync ahead of the created notice")
+        handle = await s.client.start_workflow(
+            wc.SESSION_WORKFLOW, sync.start_args, id=sync.workflow_id, task_queue=s.settings.TEMPORAL_TASK_QUEUE,
+            start_signal=wc.SESSION_SYNC, start_signal_args=[sync.payload])
+        await s.start_dispatcher()
+        assert await z.workflow_state(sync.workflow_id) == session_snapshot(row)
+        signals = [e.workflow_execution_signaled_event_attributes.signal_name
+                   for e in (await handle.fetch_history()).events
+                   if e.HasField("workflow_execution_signaled_event_attributes")]
+        assert signals == [wc.SESSION_SYNC, wc.SESSION_CREATED]
+    finally:
+        await s.close()
 
 
 async def test_subject_defaults_to_token_sid(zone: Zone):  # 21
