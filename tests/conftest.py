@@ -9,6 +9,7 @@ fresh zone (`zone` fixture), seeded through the directory routes, and mints ES25
 
 from __future__ import annotations
 
+import contextlib
 import asyncio
 import os
 import uuid
@@ -136,10 +137,15 @@ class Stack:
             self.worker_task = None
 
     async def close(self) -> None:
+        # The notices of its last commands go first; whatever stays (a workflow a test stopped) is
+        # removed, so the shared outbox holds no rows of a queue nobody dispatches any more.
+        with contextlib.suppress(AssertionError):
+            await self.workflows_caught_up(timeout=5)
         await self.stop_dispatcher()
         await self.stop_worker()
         await self.http.aclose()
         await self.services.auth.aclose()
+        await self.db.execute("DELETE FROM workflow_outbox WHERE task_queue = %s", (self.settings.TEMPORAL_TASK_QUEUE,))
         await self.db.close()
 
 
@@ -285,13 +291,20 @@ async def eventually(check, timeout: float = 5.0, interval: float = 0.05):
 
 
 def notices_in(history) -> list[str]:
-    """The notices a workflow received, in order, by kind: a `notices` batch counts as its items."""
+    """The notices a workflow received, in order, by kind: a `notices` batch counts as its items,
+    and so do the opening notices a start carried."""
     import json
 
     from temporalio.api.enums.v1 import EventType
 
     names: list[str] = []
     for e in history.events:
+        if e.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED:
+            # an eager start carries the workflow's first notices in its input
+            payloads = e.workflow_execution_started_event_attributes.input.payloads
+            if payloads:
+                names += [item["signal"] for item in json.loads(payloads[0].data).get("opening", [])]
+            continue
         if e.event_type != EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED:
             continue
         attrs = e.workflow_execution_signaled_event_attributes
