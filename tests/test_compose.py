@@ -1,4 +1,4 @@
-"""docker-compose.yml (issue 12): valid against the compose-spec JSON schema (the copy vendored by
+"""docker-compose.yml: valid against the compose-spec JSON schema (the copy vendored by
 check-jsonschema; no container engine runs here) and shaped as the README describes."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Hostile and off-contract inputs (issue 11): each answers 4xx with a JSON error and changes nothing.
+"""Hostile and off-contract inputs: each answers 4xx with a JSON error and changes nothing.
 
 One test per case. "Nothing changed" is checked on the rows the request would have written (no
 session, no service, no edge, no invocation) or, for reads, on the answer of the same read.

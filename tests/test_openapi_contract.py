@@ -1,4 +1,4 @@
-"""The OpenAPI document (issue 11): what it documents, and schemathesis against a running stack.
+"""The OpenAPI document: what it documents, and schemathesis against a running stack.
 
 `test_schemathesis_all_checks` serves the app on a real uvicorn server wired to the test session's
 Postgres and Temporal (worker and dispatcher running), then runs the pinned schemathesis CLI

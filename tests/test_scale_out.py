@@ -1,4 +1,4 @@
-"""Several API processes on one database (issue 12): `python -m api` with API_PROCESSES=2 over the
+"""Several API processes on one database: `python -m api` with API_PROCESSES=2 over the
 session's Postgres. Rate limits hold for the deployment, an identity revoked through one process is
 refused by every process, and SIGTERM drains both and exits 0."""
 

@@ -1,4 +1,4 @@
-"""Replicas (issue 12): two API processes, two workers, two dispatchers on one Postgres and one
+"""Replicas: two API processes, two workers, two dispatchers on one Postgres and one
 Temporal; one of each is killed with SIGKILL under load."""
 
 from __future__ import annotations
