@@ -9,8 +9,8 @@ fresh zone (`zone` fixture), seeded through the directory routes, and mints ES25
 
 from __future__ import annotations
 
-import contextlib
 import asyncio
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator
@@ -145,7 +145,8 @@ class Stack:
         await self.stop_worker()
         await self.http.aclose()
         await self.services.auth.aclose()
-        await self.db.execute("DELETE FROM workflow_outbox WHERE task_queue = %s", (self.settings.TEMPORAL_TASK_QUEUE,))
+        for table in ("workflow_outbox", "workflow_outbox_fanout"):
+            await self.db.execute(f"DELETE FROM {table} WHERE task_queue = %s", (self.settings.TEMPORAL_TASK_QUEUE,))
         await self.db.close()
 
 
