@@ -28,7 +28,7 @@ import pytest
 from devstack.postgres import free_port
 from devstack.temporal import start_temporal
 from storage import dispatch
-from tests.conftest import eventually, make_settings, open_stack, seed_zone
+from tests.conftest import eventually, make_settings, notices_in, open_stack, seed_zone
 
 try:
     from playwright.async_api import TimeoutError as PlaywrightTimeout, async_playwright
@@ -95,6 +95,9 @@ async def test_session_suspend_and_resume_are_traceable_in_the_temporal_ui(postg
             r = await zone.http.patch(f"/zones/{zone.id}/agents/{session_id}/{action}", headers=zone.headers())
             assert r.status_code == 200, r.text
             assert r.json() == expected
+        await stack.workflows_caught_up()
+        history = await stack.client.get_workflow_handle(workflow_id).fetch_history()
+        assert notices_in(history) == ["created", "suspended", "resumed"]
         # Visibility is eventually consistent: wait until the UI's own query finds the workflow.
         await eventually(lambda: _listed(stack, zone.id, workflow_id), timeout=15)
 
@@ -115,8 +118,11 @@ async def test_session_suspend_and_resume_are_traceable_in_the_temporal_ui(postg
                 await link.click()
                 await page.get_by_test_id("history-tab").click()
                 await page.wait_for_url(re.compile(r"/history(\?|$)"))
-                # Each notice the dispatcher delivered shows as a signal, by name.
-                for name in ("created", "suspended", "resumed"):
+                # The start carried the `created` notice (eager start); each later notice shows as a
+                # signal, by name.
+                await page.locator("tr").filter(has_text=re.compile(r"Workflow\s*Execution\s*Started", re.I)) \
+                    .first.wait_for(state="visible")
+                for name in ("suspended", "resumed"):
                     await _history_row(page, "Signaled", name).first.wait_for(state="visible")
                 # The table scrolls inside its own pane: a tall viewport shows all of this short
                 # history; make sure the suspend is on screen whatever the layout.
