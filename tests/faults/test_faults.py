@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections import Counter
 
@@ -127,9 +128,18 @@ async def _converged(s: FaultStack, client: Client, handles, final: dict[str, st
             assert await handle.result() == final[handle.id.rsplit("/", 1)[1]], handle.id
             if expected_upserts is not None:
                 history = await handle.fetch_history()
-                upserts = [e for e in history.events
-                           if e.event_type == EventType.EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES]
-                assert len(upserts) == len(expected_upserts), (handle.id, len(upserts))
+                # The status attribute as it was upserted, in order. Notices that arrive together
+                # (several in one task, or in the start's input) record only the status they end
+                # at, so the upserts are the expected ones in order, each at most once, ending at
+                # the final status.
+                upserts = [json.loads(field.data)
+                           for e in history.events
+                           if e.event_type == EventType.EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES
+                           for field in e.upsert_workflow_search_attributes_event_attributes
+                           .search_attributes.indexed_fields.values()]
+                remaining = iter(expected_upserts)
+                assert all(status in remaining for status in upserts), (handle.id, upserts)
+                assert upserts and upserts[-1] == expected_upserts[-1], (handle.id, upserts)
     await asyncio.gather(*(check(h) for h in handles))
 
 
