@@ -9,12 +9,10 @@ from __future__ import annotations
 
 TASK_QUEUE = "coordinator"
 
-# Workflow types. "Session"/"Invocation" were the update-driven types of the first design;
-# these follow Postgres by signal (README: "Upgrading from the update-driven workflows").
+# Workflow types.
 SESSION_WORKFLOW = "AgentSession"
 INVOCATION_WORKFLOW = "AgentInvocation"
 MAINTENANCE_WORKFLOW = "Maintenance"
-LEGACY_WORKFLOW_TYPES = ("Session", "Invocation")
 
 
 def session_workflow_id(zone_id: str, session_id: str) -> str:
@@ -67,10 +65,7 @@ OPENING_SIGNALS = frozenset({SESSION_CREATED, INVOCATION_CREATED})
 # dispatcher is behind, the fewer Temporal round trips and history events it costs.
 NOTICES = "notices"
 
-# Status sets.
-SESSION_LIVE = ("active", "suspended")
-SESSION_TERMINAL = ("terminated", "expired")
-INVOCATION_FINAL = ("succeeded", "canceled", "timed_out", "dead")
+# The status sets and deadline rules the notices carry live in rules/lifecycle.py.
 
 # The server's own `BuildIds` search attribute (KeywordList) holds what a workflow's tasks were
 # completed by: "unversioned" and "unversioned:<build id>" for workers without versioning. The

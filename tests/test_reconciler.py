@@ -9,7 +9,7 @@ from temporalio.client import WorkflowExecutionStatus
 from activities.maintenance import MaintenanceActivities
 from rules import workflow_contract as wc
 from storage import dispatch
-from tests.conftest import Zone, eventually, notices_in
+from tests.conftest import Zone, eventually
 
 
 def reconciler(zone: Zone, **overrides) -> MaintenanceActivities:
@@ -88,20 +88,3 @@ async def test_while_notices_wait_the_reconciler_starts_nothing_and_once_deliver
     assert await signals() == [wc.SESSION_SYNC]
     assert (await zone.session_row(session_id))["status"] == "active"
 
-
-async def test_the_upgrade_queues_one_sync_per_live_session_and_stops(zone: Zone):
-    from devstack.upgrade_workflows import upgrade
-
-    session_id = (await zone.start())["agent_session_id"]
-    workflow_id = wc.session_workflow_id(zone.id, session_id)
-    await zone.stack.workflows_caught_up()
-    live = await zone.stack.db.fetchval("SELECT count(*) FROM sessions WHERE status IN ('active', 'suspended')")
-    live += await zone.stack.db.fetchval(
-        "SELECT count(*) FROM agent_invocations WHERE status NOT IN ('succeeded', 'canceled', 'timed_out', 'dead')"
-        " AND NOT (status = 'failed' AND attempts >= max_attempts)")
-    terminated, started = await upgrade(zone.stack.settings)
-    assert terminated == 0
-    assert started == live
-    await zone.stack.workflows_caught_up()
-    history = await zone.stack.client.get_workflow_handle(workflow_id).fetch_history()
-    assert notices_in(history).count(wc.SESSION_SYNC) == 1
