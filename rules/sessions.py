@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from rules.jscompat import js_trim, utf16_len
+from rules.lifecycle import DEFAULT_TASK_TTL_SECONDS, LIFECYCLES
 
 MAX_LABELS = 32
 MAX_LABEL_LENGTH = 64
-DEFAULT_TASK_TTL_SECONDS = 3600
-LIFECYCLES = ("task", "service")
 
 
 def normalize_labels(labels: Any) -> list[str]:

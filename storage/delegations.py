@@ -13,6 +13,7 @@ from typing import Any
 from psycopg.types.json import Jsonb
 
 from rules.authority import fold_effective_authority
+from rules import lifecycle
 from rules.errors import CoordinatorError
 from rules.narrowing import check_narrowing
 from rules.timefmt import iso_ms, parse_iso_z
@@ -345,8 +346,8 @@ async def revoke_cascade(conn: Conn, zone_id: str, edge_id: str, expected_epoch:
     # in each authority record's revoke event, §5.5 step 6) follow the walk.
     revoked.sort(key=lambda r: (r["depth"], r["id"]))
     target_ids = list(dict.fromkeys(r["target_session_id"] for r in revoked))
-    targets = await q(conn, """SELECT id, subject_authority_record_id FROM sessions
-                               WHERE zone_id = %s AND id = ANY(%s) AND status IN ('active', 'suspended')""",
+    targets = await q(conn, f"""SELECT id, subject_authority_record_id FROM sessions
+                                WHERE zone_id = %s AND id = ANY(%s) AND status IN {lifecycle.SESSION_LIVE_SQL}""",
                       (zone_id, target_ids))
     order = {sid: i for i, sid in enumerate(target_ids)}
     targets.sort(key=lambda t: order[t["id"]])

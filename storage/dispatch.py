@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rules import workflow_contract as wc
-from rules.sessions import DEFAULT_TASK_TTL_SECONDS
 from storage.db import Conn, Database, one, q
 from storage.workflow_outbox import spread_fanouts_sql
 
@@ -45,8 +44,7 @@ async def spread_fanouts(db: Database, task_queue: str, limit: int) -> int:
     `fanout_sql`) of this task queue into their outbox rows; the rows written. One statement,
     committed at once: an unspread fan-out row holds back every later row (`_BEFORE_FANOUTS`), so it
     must not wait for the commit of a batch that is still delivering."""
-    return int(await db.fetchval(spread_fanouts_sql(), {"queue": task_queue, "limit": limit,
-                                                        "default_ttl": DEFAULT_TASK_TTL_SECONDS}))
+    return int(await db.fetchval(spread_fanouts_sql(), {"queue": task_queue, "limit": limit}))
 
 
 async def claim(conn: Conn, limit: int, per_workflow: int, task_queue: str, *, due_soon_only: bool = False

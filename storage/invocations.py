@@ -16,6 +16,7 @@ from rules.timefmt import iso_ms
 from settings import Settings
 from storage.db import Conn, one, q1
 from storage.idempotency import IdempotencyRequest, find_receipt, store_receipt
+from rules import lifecycle
 from rules import workflow_contract as wc
 from storage.outbox import INVOCATIONS_LIFECYCLE, Event
 from storage.workflow_outbox import invocation_notice, publish
@@ -24,7 +25,7 @@ INVOCATION_COLUMNS = """x.id, x.zone_id, x.service_id, x.source_session_id, x.ta
     x.attempts, x.max_attempts, x.timeout_ms, x.retry_policy_json, x.deadline_at, x.cancel_requested_at,
     x.started_at, x.completed_at, x.created_at, x.state_version"""
 
-TERMINAL = wc.INVOCATION_FINAL
+TERMINAL = lifecycle.INVOCATION_FINAL
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,7 @@ async def cancel(conn: Conn, zone_id: str, invocation_id: str, reason: str | Non
                                  ELSE x.metadata_json || jsonb_build_object('cancel_reason', %s::text) END,
             updated_at = now(), state_version = x.state_version + 1
         WHERE x.zone_id = %s AND x.id = %s
-          AND x.status NOT IN ('succeeded', 'canceled', 'timed_out', 'dead', 'failed')
+          AND x.status NOT IN {lifecycle.INVOCATION_SETTLED_SQL}
         RETURNING {INVOCATION_COLUMNS}""", (reason, reason, zone_id, invocation_id))
     if row is None:
         raise CoordinatorError(409, "invocation_not_cancelable")

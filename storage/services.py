@@ -6,6 +6,7 @@ from typing import Any
 
 from psycopg.types.json import Jsonb
 
+from rules import lifecycle
 from rules.errors import CoordinatorError
 from rules.ids import new_id
 from rules.timefmt import iso_ms
@@ -58,7 +59,7 @@ async def lease_lapsed(conn: Conn, session_id: str) -> bool:
 async def heartbeat(conn: Conn, settings: Settings, zone_id: str, session: dict[str, Any], *, service_id: str | None,
                     status: str, metadata: dict[str, Any], lease_generation: int | None) -> dict[str, Any]:
     """Refresh the lease row (fenced on lease_generation); the caller holds the row lock."""
-    if session["status"] not in ("active", "suspended"):
+    if session["status"] not in lifecycle.SESSION_LIVE:
         raise CoordinatorError(409, "session_not_live")
     if session["lifecycle"] != "service":
         raise CoordinatorError(409, "session_not_service")

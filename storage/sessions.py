@@ -22,24 +22,16 @@ from settings import Settings
 from storage.db import XACT_LOCK_SQL, Conn, Database, Refused, at_commit, one, q, q1, q_batch, refuse_sql
 from storage.pages import body_columns, iso_ms_sql
 from storage.idempotency import IdempotencyRequest, find_receipt, inactive_result, store_receipt
+from rules import lifecycle
 from rules import workflow_contract as wc
-from rules.sessions import DEFAULT_TASK_TTL_SECONDS
 from storage.outbox import AGENTS_LIFECYCLE, DELEGATIONS_INVALIDATE, NEW_ID_SQL, SESSIONS_REVOKE, Event, bump_epoch
 from storage.workflow_outbox import (
     SNAPSHOT_COLUMNS, WorkflowNotice, enqueue, fanout_sql, notify_sql, publish, session_notice, session_notices,
 )
 
-LIVE_STATUSES = wc.SESSION_LIVE
+LIVE_STATUSES = lifecycle.SESSION_LIVE
 
-# "capacity-live" (reference §4): counts against zone and application caps. Takes %(default_ttl)s.
-# `terminated_at IS NULL` says what the status does (a check constraint keeps them equal); it lets
-# the zone's count read the partial index `sessions_zone_live` (migration 0005).
-CAPACITY_LIVE_SQL = """
-    s.terminated_at IS NULL AND s.status IN ('active', 'suspended') AND (
-      (s.lifecycle = 'service' AND (s.status = 'suspended' OR s.heartbeat_deadline_at > now()))
-      OR (s.lifecycle = 'task'
-          AND s.started_at + make_interval(secs => COALESCE(s.ttl_seconds, %(default_ttl)s)) > now()))
-"""
+CAPACITY_LIVE_SQL = lifecycle.capacity_live_sql("s")
 
 SESSION_COLUMNS = """s.id, s.zone_id, s.application_id, s.parent_id, s.root_id, s.subject_authority_record_id,
     s.lifecycle, s.labels, s.status, s.depth, s.ttl_seconds, s.metadata_json, s.started_at, s.terminated_at,
@@ -143,8 +135,7 @@ async def replay_start(conn: Conn, settings: Settings, req: IdempotencyRequest, 
         return None
     live = await q1(conn, f"""SELECT 1 FROM sessions s WHERE s.zone_id = %(zone)s AND s.id = %(id)s
                               AND s.application_id = %(app)s AND {CAPACITY_LIVE_SQL}""",
-                    {"zone": zone_id, "id": receipt.resource_id, "app": application_id,
-                     "default_ttl": DEFAULT_TASK_TTL_SECONDS})
+                    {"zone": zone_id, "id": receipt.resource_id, "app": application_id})
     if live is None:
         raise inactive_result()
     return StartResult(receipt.response_status, receipt.response_json, replayed=True)
@@ -311,7 +302,7 @@ async def _start_locked(conn: Conn, settings: Settings, cmd: StartSession, param
         counts = one(await q1(conn, f"""
             SELECT count(*) AS zone_n, count(*) FILTER (WHERE s.application_id = %(app)s) AS app_n
             FROM sessions s WHERE s.zone_id = %(zone)s AND {CAPACITY_LIVE_SQL}""",
-                          {"app": cmd.application_id, "zone": cmd.zone_id, "default_ttl": DEFAULT_TASK_TTL_SECONDS}))
+                          {"app": cmd.application_id, "zone": cmd.zone_id}))
     if counts["zone_n"] >= settings.MAX_AGENTS_PER_ZONE:
         raise CoordinatorError(429, "session_zone_limit_exceeded")
     if dcr and counts["app_n"] > 0:
@@ -423,7 +414,7 @@ def _exempt_record_sql(ar: str, affected: str) -> str:
     an application record, or one with another live session."""
     return f"""({ar}.session_type = 'application' OR EXISTS (
         SELECT 1 FROM sessions o WHERE o.zone_id = {ar}.zone_id AND o.subject_authority_record_id = {ar}.id
-          AND o.status IN ('active', 'suspended') AND o.id NOT IN ({affected})))"""
+          AND o.status IN {lifecycle.SESSION_LIVE_SQL} AND o.id NOT IN ({affected})))"""
 
 
 async def _revocation_events(conn: Conn, zone_id: str, rows: list[dict[str, Any]], kind: str,
@@ -545,7 +536,7 @@ async def terminate_subtree(conn: Conn, zone_id: str, root_ids: list[str], reaso
                             root_status: str = "terminated") -> list[dict[str, Any]]:
     """Reference §5.2: end the roots (status `root_status`) and their live descendants."""
     rows = await q(conn, f"""
-        WITH RECURSIVE {_subtree("('active', 'suspended')", root_flag=True)}, collected AS (
+        WITH RECURSIVE {_subtree(lifecycle.SESSION_LIVE_SQL, root_flag=True)}, collected AS (
             SELECT id, bool_or(is_root) AS is_root FROM tree GROUP BY id
         )
         UPDATE sessions s SET
@@ -553,7 +544,7 @@ async def terminate_subtree(conn: Conn, zone_id: str, root_ids: list[str], reaso
             termination_reason = CASE WHEN c.is_root THEN %(reason)s ELSE 'parent_terminated' END,
             terminated_at = now(), updated_at = now(), state_version = s.state_version + 1
         FROM collected c
-        WHERE s.id = ANY(ARRAY(SELECT id FROM collected)) AND s.id = c.id AND s.status IN ('active', 'suspended')
+        WHERE s.id = ANY(ARRAY(SELECT id FROM collected)) AND s.id = c.id AND s.status IN {lifecycle.SESSION_LIVE_SQL}
         RETURNING {SNAPSHOT_COLUMNS}, s.subject_authority_record_id
         """, {"zone": zone_id, "roots": root_ids, "reason": reason, "root_status": root_status})
     if not rows:
@@ -613,7 +604,7 @@ async def edge_end_notices(conn: Conn, zone_id: str, edges: list[dict[str, Any]]
     endpoints = {e[k] for e in edges for k in ("source_session_id", "target_session_id")}
     live = {r["id"]: r for r in await q(conn, f"""SELECT {SNAPSHOT_COLUMNS} FROM sessions s
                                                  WHERE s.zone_id = %s AND s.id = ANY(%s)
-                                                   AND s.status IN ('active', 'suspended')""",
+                                                   AND s.status IN {lifecycle.SESSION_LIVE_SQL}""",
                                         (zone_id, sorted(endpoints)))}
     notices = []
     for e in edges:
@@ -653,12 +644,10 @@ async def settle_deadline(conn: Conn, zone_id: str, session_id: str) -> dict[str
     Run by the session workflow's timer (and by a heartbeat or takeover that finds the lease lapsed
     first). Nothing due (a heartbeat moved the lease, the session ended meanwhile): nothing changes.
     """
-    due = await q1(conn, """
-        SELECT (s.lifecycle = 'task' AND s.status IN ('active', 'suspended')
-                AND s.started_at + make_interval(secs => COALESCE(s.ttl_seconds, %(default_ttl)s)) <= now()) AS ttl_due,
-               (s.lifecycle = 'service' AND s.status = 'active' AND s.heartbeat_deadline_at <= now()) AS lease_due
+    due = await q1(conn, f"""
+        SELECT {lifecycle.ttl_due_sql("s")} AS ttl_due, {lifecycle.lease_due_sql("s")} AS lease_due
         FROM sessions s WHERE s.zone_id = %(zone)s AND s.id = %(id)s FOR UPDATE""",
-                   {"zone": zone_id, "id": session_id, "default_ttl": DEFAULT_TASK_TTL_SECONDS})
+                   {"zone": zone_id, "id": session_id})
     if due is None:
         return None
     if due["ttl_due"]:

@@ -14,13 +14,13 @@ dispatcher spreads into the same rows (`spread_fanouts_sql`) before it claims.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+
 from typing import Any
 
 from psycopg.types.json import Jsonb
 
+from rules import lifecycle
 from rules import workflow_contract as wc
-from rules.sessions import DEFAULT_TASK_TTL_SECONDS
 from rules.timefmt import iso_ms
 from storage.db import Conn, at_commit, one
 from storage.outbox import Event, emit
@@ -69,13 +69,10 @@ def _due_at(payload: dict[str, Any]) -> str | None:
     """The deadline the notice's workflow will arm a timer for (ISO), if any."""
     session = payload.get("session")
     if session is not None:
-        if session["lifecycle"] == "task" and session["status"] in wc.SESSION_LIVE:
-            return session["expires_at"]
-        if session["lifecycle"] == "service" and session["status"] == "active":
-            return session["heartbeat_deadline_at"]
-        return None
+        return lifecycle.session_deadline(session["lifecycle"], session["status"], session["expires_at"],
+                                          session["heartbeat_deadline_at"])[1]
     invocation = payload.get("invocation") or {}
-    return invocation.get("deadline_at") if invocation.get("status") == "running" else None
+    return lifecycle.invocation_deadline(invocation.get("status", ""), invocation.get("deadline_at"))
 
 
 async def publish(conn: Conn, zone_id: str, events: list[Event], notices: list[WorkflowNotice]) -> None:
@@ -91,21 +88,16 @@ SNAPSHOT_COLUMNS = """s.id, s.zone_id, s.application_id, s.lifecycle, s.status, 
     s.root_id, s.started_at, s.ttl_seconds, s.heartbeat_deadline_at, s.lease_generation, s.termination_reason"""
 
 
-def task_expires_at(row: dict[str, Any]) -> datetime | None:
-    if row["lifecycle"] != "task":
-        return None
-    return row["started_at"] + timedelta(seconds=row["ttl_seconds"] or DEFAULT_TASK_TTL_SECONDS)
-
-
 def session_snapshot(row: dict[str, Any], reason: str | None = None) -> dict[str, Any]:
     """`SessionSnapshot` as JSON. `reason`: why it is suspended (termination_reason covers ends)."""
     return {
         "zone_id": row["zone_id"], "session_id": row["id"], "application_id": row["application_id"],
         "lifecycle": row["lifecycle"], "status": row["status"], "state_version": int(row["state_version"]),
-        "parent_id": row["parent_id"], "root_id": row["root_id"], "expires_at": iso_ms(task_expires_at(row)),
+        "parent_id": row["parent_id"], "root_id": row["root_id"],
+        "expires_at": iso_ms(lifecycle.task_expires_at(row["lifecycle"], row["started_at"], row["ttl_seconds"])),
         "heartbeat_deadline_at": iso_ms(row["heartbeat_deadline_at"]),
         "lease_generation": int(row["lease_generation"] or 0),
-        "reason": row.get("termination_reason") if row["status"] in wc.SESSION_TERMINAL else reason,
+        "reason": row.get("termination_reason") if row["status"] in lifecycle.SESSION_TERMINAL else reason,
     }
 
 
@@ -140,27 +132,24 @@ def session_notice_sql(a: str, f: str) -> str:
     """`session_notice` (no edge, no peer) rendered by Postgres for the rows of alias `a` (with
     SNAPSHOT_COLUMNS) and the `signal`, `summary` and `reason` of alias `f`: the OUTBOX_COLUMNS of
     their workflow-outbox rows. Spreads a cascade's fan-out row (`fanout_sql`) into the notices of
-    hundreds of sessions without the rows going to Python and back. Takes %(default_ttl)s;
-    tests/test_notice_sql.py holds it to `session_notice` and `enqueue`."""
-    expires = (f"CASE WHEN {a}.lifecycle = 'task' THEN {a}.started_at + make_interval("
-               f"secs => COALESCE(NULLIF({a}.ttl_seconds, 0), %(default_ttl)s)) END")
-    live, ended = (", ".join(f"'{x}'" for x in statuses) for statuses in (wc.SESSION_LIVE, wc.SESSION_TERMINAL))
+    hundreds of sessions without the rows going to Python and back. tests/test_notice_sql.py holds
+    it to `session_notice` and `enqueue`."""
+    expires = lifecycle.task_expires_at_sql(a)
     snapshot = f"""jsonb_build_object(
         'zone_id', {a}.zone_id, 'session_id', {a}.id, 'application_id', {a}.application_id,
         'lifecycle', {a}.lifecycle, 'status', {a}.status, 'state_version', {a}.state_version,
         'parent_id', {a}.parent_id, 'root_id', {a}.root_id, 'expires_at', {iso_ms_sql(expires)},
         'heartbeat_deadline_at', {iso_ms_sql(f"{a}.heartbeat_deadline_at")},
         'lease_generation', COALESCE({a}.lease_generation, 0),
-        'reason', CASE WHEN {a}.status IN ({ended}) THEN {a}.termination_reason ELSE {f}.reason END)"""
+        'reason', CASE WHEN {a}.status IN {lifecycle.SESSION_TERMINAL_SQL} THEN {a}.termination_reason
+                       ELSE {f}.reason END)"""
     attrs = f"""jsonb_build_object(
         '{wc.SA_ZONE}', {a}.zone_id, '{wc.SA_SESSION}', {a}.id, '{wc.SA_APPLICATION}', {a}.application_id,
         '{wc.SA_LIFECYCLE}', {a}.lifecycle, '{wc.SA_SESSION_STATUS}', {a}.status,
         '{wc.SA_ROOT}', COALESCE({a}.root_id, {a}.id))
         || CASE WHEN {a}.parent_id IS NOT NULL THEN jsonb_build_object('{wc.SA_PARENT}', {a}.parent_id)
                 ELSE '{{}}'::jsonb END"""
-    due = f"""date_trunc('milliseconds', CASE
-        WHEN {a}.lifecycle = 'task' AND {a}.status IN ({live}) THEN {expires}
-        WHEN {a}.lifecycle = 'service' AND {a}.status = 'active' THEN {a}.heartbeat_deadline_at END)"""
+    due = f"date_trunc('milliseconds', {lifecycle.session_deadline_sql(a)})"
     return f"""{wc.session_workflow_id_sql(f"{a}.zone_id", f"{a}.id")}, '{wc.SESSION_WORKFLOW}', {f}.signal,
         jsonb_build_object('session', {snapshot}, 'summary', {f}.summary, 'edge_id', NULL,
                            'peer_session_id', NULL),
@@ -250,11 +239,10 @@ def invocation_notice(row: dict[str, Any], signal: str, summary: str) -> Workflo
 
 
 async def live_counts(conn: Conn) -> dict[str, int]:
-    row = await conn.execute("""
-        SELECT (SELECT count(*) FROM sessions WHERE status IN ('active', 'suspended')) AS sessions,
-               (SELECT count(*) FROM agent_invocations
-                WHERE status NOT IN ('succeeded', 'canceled', 'timed_out', 'dead')
-                  AND NOT (status = 'failed' AND attempts >= max_attempts)) AS invocations""")
+    row = await conn.execute(f"""
+        SELECT (SELECT count(*) FROM sessions WHERE status IN {lifecycle.SESSION_LIVE_SQL}) AS sessions,
+               (SELECT count(*) FROM agent_invocations x
+                WHERE NOT {lifecycle.invocation_finished_sql("x")}) AS invocations""")
     found = one(await row.fetchone())
     return {"sessions": int(found["sessions"]), "invocations": int(found["invocations"])}
 
@@ -294,7 +282,7 @@ async def missing_candidates(conn: Conn, running_session_ids: set[str], running_
             SELECT e.zone_id, e.id FROM workflow_outbox_fanout f CROSS JOIN LATERAL unnest(f.sessions) e
         )
         SELECT {SNAPSHOT_COLUMNS} FROM sessions s
-        WHERE s.status IN ('active', 'suspended') AND s.updated_at < now() - make_interval(secs => %(grace)s)
+        WHERE s.status IN {lifecycle.SESSION_LIVE_SQL} AND s.updated_at < now() - make_interval(secs => %(grace)s)
           AND NOT EXISTS (SELECT 1 FROM workflow_outbox o WHERE o.workflow_id = {session_wid})
           AND NOT EXISTS (SELECT 1 FROM in_fanouts i WHERE i.zone_id = s.zone_id AND i.id = s.id)
           {only.format(wid=session_wid)}
@@ -304,8 +292,7 @@ async def missing_candidates(conn: Conn, running_session_ids: set[str], running_
     invocation_wid = wc.invocation_workflow_id_sql("x.zone_id", "x.id")
     invocations = await conn.execute(f"""
         SELECT {SNAPSHOT_INVOCATION_COLUMNS} FROM agent_invocations x
-        WHERE x.status NOT IN ('succeeded', 'canceled', 'timed_out', 'dead')
-          AND NOT (x.status = 'failed' AND x.attempts >= x.max_attempts)
+        WHERE NOT {lifecycle.invocation_finished_sql("x")}
           AND x.updated_at < now() - make_interval(secs => %(grace)s)
           AND NOT EXISTS (SELECT 1 FROM workflow_outbox o WHERE o.workflow_id = {invocation_wid})
           {only.format(wid=invocation_wid)}

@@ -15,7 +15,7 @@ from psycopg.rows import dict_row
 
 from rules import workflow_contract as wc
 from rules.ids import new_id
-from rules.sessions import DEFAULT_TASK_TTL_SECONDS
+from rules.lifecycle import DEFAULT_TASK_TTL_SECONDS
 from storage.outbox import NEW_ID_SQL
 from storage.workflow_outbox import SNAPSHOT_TYPES, _due_at, fanout_sql, session_notice, spread_fanouts_sql
 

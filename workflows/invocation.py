@@ -16,6 +16,7 @@ from temporalio import workflow
 from temporalio.common import SearchAttributeKey
 
 with workflow.unsafe.imports_passed_through():
+    from rules import lifecycle
     from rules import workflow_contract as wc
     from workflows.common import DURABLE_RETRY, parse_time, wait_until
     from workflows.models import (
@@ -30,7 +31,7 @@ DEADLINE = "invocation deadline"
 
 def finished(snap: InvocationSnapshot | None) -> bool:
     """Final, or failed with no attempt left: nothing can happen to it any more."""
-    return snap is not None and (snap.status in wc.INVOCATION_FINAL
+    return snap is not None and (snap.status in lifecycle.INVOCATION_FINAL
                                  or (snap.status == "failed" and snap.attempts >= snap.max_attempts))
 
 

@@ -23,6 +23,7 @@ from temporalio import workflow
 from temporalio.common import SearchAttributeKey
 
 with workflow.unsafe.imports_passed_through():
+    from rules import lifecycle
     from rules import workflow_contract as wc
     from workflows.common import DURABLE_RETRY, parse_time, wait_until
     from workflows.models import (
@@ -249,12 +250,12 @@ class SessionWorkflow:
         return self.state.current
 
     def _ended(self) -> bool:
-        return self.state.current is not None and self.state.current.status in wc.SESSION_TERMINAL
+        return self.state.current is not None and self.state.current.status in lifecycle.SESSION_TERMINAL
 
     def _deadline(self) -> tuple[str, str | None]:
         """Which timer the known state arms, and its deadline (ISO), if any."""
         c = self.state.current
-        if c is not None and c.lifecycle == "task" and c.status in wc.SESSION_LIVE and c.expires_at:
+        if c is not None and c.lifecycle == "task" and c.status in lifecycle.SESSION_LIVE and c.expires_at:
             return TTL_EXPIRY, c.expires_at
         if c is not None and c.lifecycle == "service" and c.status == "active" and c.heartbeat_deadline_at:
             return LEASE_DEADLINE, c.heartbeat_deadline_at
