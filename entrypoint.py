@@ -1,5 +1,5 @@
-"""The glue of the long-running processes' entry points (`python worker.py`, `python -m dispatcher`,
-`python -m activities.relay`): logging from LOG_LEVEL, a stop event for SIGINT and SIGTERM, the run."""
+"""The glue of the long-running processes' entry points (`python worker.py`, `python -m notices`,
+`python -m feed.relay`): logging from LOG_LEVEL, a stop event for SIGINT and SIGTERM, the run."""
 
 from __future__ import annotations
 

@@ -138,7 +138,7 @@ class Settings(BaseSettings):
     OUTBOX_MAX_ATTEMPTS: int = Field(10, ge=1)
     AUDIT_HMAC_KEY: str = ""
 
-    # Workflow outbox dispatcher (dispatcher/): workflows claimed per batch, signal-with-start RPCs
+    # Workflow outbox dispatcher (notices/): workflows claimed per batch, signal-with-start RPCs
     # in flight, rows of one workflow per batch, poll fallback to LISTEN/NOTIFY (also how soon a
     # deferred row is retried), cap of a row's retry backoff, deadline of one RPC.
     DISPATCH_BATCH_SIZE: int = Field(200, ge=1)
@@ -160,7 +160,7 @@ class Settings(BaseSettings):
     # Dispatchers run inside the worker process (`python worker.py`), on the worker's own Temporal
     # client: a workflow's first notices then start it eagerly, its first workflow task coming back
     # in the start's answer instead of through matching (README, "Capacity model"). 0: none; run
-    # `python -m dispatcher` processes instead (or as well).
+    # `python -m notices` processes instead (or as well).
     WORKER_DISPATCHERS: int = Field(0, ge=0)
 
     @model_validator(mode="after")

@@ -131,7 +131,7 @@ async def start_dispatchers(client: Client, settings: Settings, stop: asyncio.Ev
     pool of their own: their batch transactions stay open while they deliver."""
     if not settings.WORKER_DISPATCHERS:
         return None, []
-    from dispatcher.outbox import Dispatcher
+    from notices.dispatcher import Dispatcher
     from storage.db import Database
 
     db = Database(settings.DATABASE_URL, max_size=4 * settings.WORKER_DISPATCHERS,
@@ -161,8 +161,8 @@ async def main() -> None:
     stop = entrypoint.stop_event()
     log.info("worker polling task queue %s on %s", settings.TEMPORAL_TASK_QUEUE, settings.TEMPORAL_ADDRESS)
     publisher = None
-    if settings.REDIS_URL:  # outbox → Redis Streams (activities/relay.py)
-        from activities.relay import OutboxPublisher
+    if settings.REDIS_URL:  # outbox → Redis Streams (feed/relay.py)
+        from feed.relay import OutboxPublisher
 
         publisher = asyncio.create_task(OutboxPublisher(db, settings).run(stop))
     dispatch_db, dispatchers = await start_dispatchers(client, settings, stop)

@@ -1,6 +1,6 @@
 """Invocation activities: what an invocation workflow's timer does when it fires.
 
-Create, start, cancel and complete are command transactions run by the API (DESIGN.md, "Postgres
+Create, start, cancel and complete are command transactions run by the API (docs/DESIGN.md, "Postgres
 decides, Temporal follows"); only the running deadline is driven from the workflow.
 """
 
@@ -11,7 +11,7 @@ from temporalio import activity
 from settings import Settings
 from storage import invocations as store
 from storage.db import Database
-from storage.workflow_outbox import invocation_snapshot
+from storage.notices import invocation_snapshot
 from workflows import models as m
 
 

@@ -1,6 +1,6 @@
 """Session activities: what a session workflow's timer does when it fires.
 
-Every other session change is a command transaction run by the API (DESIGN.md, "Postgres decides,
+Every other session change is a command transaction run by the API (docs/DESIGN.md, "Postgres decides,
 Temporal follows"); only time is driven from the workflow.
 """
 
@@ -11,7 +11,7 @@ from temporalio import activity
 from settings import Settings
 from storage import sessions as store
 from storage.db import Database
-from storage.workflow_outbox import session_snapshot
+from storage.notices import session_snapshot
 from workflows import models as m
 
 

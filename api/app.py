@@ -32,7 +32,6 @@ from api.deps import BEARER_SCHEME, Services, identity
 from api.http import (
     InvalidBody, adopt_request_id, error_response, internal_error, invalid_body_response, validation_error_response,
 )
-from api.temporal_gateway import TemporalGateway
 from rules.errors import CoordinatorError
 from settings import Settings, get_settings
 from storage.db import Database, is_outage, postgres_unavailable
@@ -63,7 +62,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
         await db.open(wait=False)
         client = await connect_temporal(settings)
         auth = Authenticator(settings, db)
-        app.state.services = Services(settings, db, TemporalGateway(client, settings), auth)
+        app.state.services = Services(settings, db, client, auth)
         try:
             yield
         finally:
@@ -84,6 +83,13 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
 
     app.add_middleware(ConventionsMiddleware)
 
+    _add_error_handlers(app)
+    _include_routers(app)
+    return app
+
+
+def _add_error_handlers(app: CoordinatorAPI) -> None:
+    """Every error answers JSON `{"error": <code>, ...}`: ours, the body's and FastAPI's own."""
     @app.exception_handler(CoordinatorError)
     async def coordinator_error(request: Request, exc: CoordinatorError):
         return error_response(request, exc)
@@ -114,6 +120,9 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return internal_error(request, 500, "internal error")
 
+
+
+def _include_routers(app: FastAPI) -> None:
     from api.routes import delegations, directory, health, invocations, services as service_routes, sessions
 
     app.include_router(health.router)
@@ -126,7 +135,6 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
 
     app.include_router(events.router)
     app.include_router(v1.router)
-    return app
 
 
 DESCRIPTION = """Runtime state of AI-agent authority: sessions, services, invocations and delegation edges,

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
+from temporalio.client import Client
 
 from api.auth import Authenticator, Identity
 from api.http import path_ids
-from api.temporal_gateway import TemporalGateway
 from rules.errors import CoordinatorError
 from settings import Settings
 from storage.db import Database
@@ -22,7 +22,9 @@ from storage.db import Database
 class Services:
     settings: Settings
     db: Database
-    temporal: TemporalGateway
+    # The API's only handle on Temporal: `/ready` reports its state; no command waits on it
+    # (commands reach the workflows through the workflow outbox). None: not configured.
+    temporal: Client | None
     auth: Authenticator
 
 

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from storage.dispatch import LAG_BUCKETS_S, LagHistogram
+from storage.notice_dispatch import LAG_BUCKETS_S, LagHistogram
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -35,7 +35,7 @@ SESSIONS = _gauge("coordinator_sessions", "Sessions by status", ("status",))
 INVOCATIONS = _gauge("caracal_invocations_total", "Invocations by status (current row count)", ("status",))
 OUTBOX = _gauge("caracal_outbox_total", "Coordinator outbox rows by status", ("status",))
 
-# The workflow outbox and its dispatchers (storage/dispatch.py), read from Postgres at each scrape.
+# The workflow outbox and its dispatchers (storage/notice_dispatch.py), read from Postgres at each scrape.
 WF_OUTBOX_BACKLOG = _gauge("coordinator_workflow_outbox_backlog", "Workflow-outbox rows waiting for delivery")
 WF_OUTBOX_OLDEST = _gauge("coordinator_workflow_outbox_oldest_age_seconds",
                           "Age of the oldest undelivered workflow-outbox row")

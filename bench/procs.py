@@ -95,7 +95,7 @@ def _port(url: str | None, default: int | None = None) -> int | None:
 
 
 def _is_dispatcher(cmd: list[str]) -> bool:
-    return "-m dispatcher" in " ".join(cmd)
+    return "-m notices" in " ".join(cmd)
 
 
 def stack_processes(base_url: str, database_url: str | None, temporal_address: str | None

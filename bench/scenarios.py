@@ -1,6 +1,6 @@
 """The scenarios. Each seeds its own zone(s) and returns result rows.
 
-Targets (DESIGN.md "Targets"): the reference coordinator's p50 on a 2-core machine of this kind,
+Targets (docs/DESIGN.md "Targets"): the reference coordinator's p50 on a 2-core machine of this kind,
 with an aiohttp client, and the absolute targets of our design.
 """
 
@@ -527,13 +527,13 @@ async def _backlog(ctx: Ctx) -> int:
     """Notices waiting in the workflow outbox: from Postgres when given (/ready has its own rate
     limit)."""
     if ctx.cfg.database_url:
-        from storage import dispatch
+        from storage import notice_dispatch
         from storage.db import Database
 
         db = Database(ctx.cfg.database_url, max_size=1)
         await db.open()
         try:
-            return int((await dispatch.backlog(db))["backlog"])
+            return int((await notice_dispatch.backlog(db))["backlog"])
         finally:
             await db.close()
     await asyncio.sleep(0.5)  # within READY_RATE_LIMIT_PER_MIN

@@ -10,7 +10,7 @@
 4. the local signing key in `.data/keys` (JWKS_FILE points at its jwks.json unless JWKS_URL or
    JWKS_FILE is set) and the operator token (CARACAL_COORDINATOR_TOKEN, else `.data/operator-token`);
 5. the worker (`python worker.py`) with the workflow-outbox dispatcher inside it (WORKER_DISPATCHERS,
-   default 1; 0 runs `python -m dispatcher` beside it instead) and the API (`python -m api`, port
+   default 1; 0 runs `python -m notices` beside it instead) and the API (`python -m api`, port
    $PORT, default 4000, one process per core), logs in `.data/logs/`; REPLICAS=N
    (`make dev REPLICAS=2`) runs N workers (each with its dispatchers) and N API processes
    (API_PROCESSES, when set, still decides the API's count);
@@ -206,13 +206,13 @@ class DevStack:
         nice = background_nice()
         replicas = replica_count()
         # The dispatchers run inside the workers (WORKER_DISPATCHERS, default 1 each here), so a new
-        # session's workflow starts eagerly; WORKER_DISPATCHERS=0 runs `python -m dispatcher`s instead.
+        # session's workflow starts eagerly; WORKER_DISPATCHERS=0 runs `python -m notices`s instead.
         per_worker = os.environ.get("WORKER_DISPATCHERS", "1")
         worker_env = {**env, "WORKER_DISPATCHERS": per_worker}
         workers = [Child(_numbered("worker", i, replicas), [sys.executable, "worker.py"], worker_env,
                          LOG_DIR / f"{_numbered('worker', i, replicas)}.log", nice) for i in range(replicas)]
         dispatchers = [] if per_worker != "0" else [
-            Child(_numbered("dispatcher", i, replicas), [sys.executable, "-m", "dispatcher"], env,
+            Child(_numbered("dispatcher", i, replicas), [sys.executable, "-m", "notices"], env,
                   LOG_DIR / f"{_numbered('dispatcher', i, replicas)}.log", nice) for i in range(replicas)]
         api = Child("api", [sys.executable, "-m", "api"], env, LOG_DIR / "api.log")
         self.children += [*workers, *dispatchers, api]  # stopped in reverse order

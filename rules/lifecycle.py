@@ -9,7 +9,7 @@ to the same answers on a real Postgres. No I/O here: workflow code imports this 
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import TypeVar
+from typing import Literal, TypeVar, get_args
 
 T = TypeVar("T")
 
@@ -21,7 +21,8 @@ def sql_list(values: tuple[str, ...]) -> str:
 
 # ------------------------------------------------------------------------------------- sessions
 
-SESSION_STATUSES = ("active", "suspended", "terminated", "expired")
+SessionStatus = Literal["active", "suspended", "terminated", "expired"]
+SESSION_STATUSES: tuple[str, ...] = get_args(SessionStatus)
 # Live: not ended; a live session's workflow runs, its edges may stand, its subtree cascades.
 SESSION_LIVE = ("active", "suspended")
 SESSION_LIVE_SQL = sql_list(SESSION_LIVE)
@@ -96,6 +97,21 @@ def capacity_live_sql(a: str) -> str:
     return f"""{a}.terminated_at IS NULL AND {a}.status IN {SESSION_LIVE_SQL} AND (
       ({a}.lifecycle = 'service' AND ({a}.status = 'suspended' OR {a}.heartbeat_deadline_at > now()))
       OR ({a}.lifecycle = 'task' AND {task_expires_at_sql(a)} > now()))"""
+
+
+def delegation_endpoint_live_sql(a: str) -> str:
+    """Reference "delegation-endpoint-live": may give or receive an edge. Active, and within an
+    explicit TTL, or a service within its lease."""
+    return f"""{a}.status = 'active' AND (
+    ({a}.ttl_seconds IS NOT NULL AND {a}.started_at + make_interval(secs => {a}.ttl_seconds) > now())
+    OR ({a}.lifecycle = 'service' AND {a}.heartbeat_deadline_at IS NOT NULL AND {a}.heartbeat_deadline_at > now()))"""
+
+
+def invocation_live_sql(a: str) -> str:
+    """Reference "invocation-live": may take part in an invocation. Active within an explicit TTL
+    (a service with no ttl_seconds never qualifies)."""
+    return (f"{a}.status = 'active' AND {a}.ttl_seconds IS NOT NULL"
+            f" AND {a}.started_at + make_interval(secs => {a}.ttl_seconds) > now()")
 
 
 # ---------------------------------------------------------------------------------- invocations

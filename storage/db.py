@@ -48,6 +48,8 @@ class _Connection(psycopg.AsyncConnection[DictRow]):
 
 Conn = psycopg.AsyncConnection[DictRow]
 T = TypeVar("T")
+# Run by `Database.run` inside the transaction, just before its COMMIT, with the command's result.
+BeforeCommit = Callable[[Conn, T], Awaitable[None]]
 
 # Two commands whose cascades overlap can deadlock (Postgres aborts one); that one runs again.
 _RETRYABLE = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)

@@ -7,7 +7,6 @@ WHERE status = 'active'`, so each step is an index probe.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 from psycopg.types.json import Jsonb
@@ -15,15 +14,15 @@ from psycopg.types.json import Jsonb
 from rules.authority import fold_effective_authority
 from rules import lifecycle
 from rules.errors import CoordinatorError
-from rules.narrowing import check_narrowing
-from rules.timefmt import iso_ms, parse_iso_z
+from rules.timefmt import iso_ms
 from settings import Settings
-from storage.db import XACT_LOCK_SQL, Conn, at_commit, q, q1, q_batch
-from storage.idempotency import IdempotencyRequest, find_receipt, inactive_result, store_receipt
-from storage.outbox import BUMP_EPOCH_SQL, DELEGATIONS_INVALIDATE, SESSIONS_REVOKE, Event, bump_epoch
+from storage.db import XACT_LOCK_SQL, Conn, Database, at_commit, q, q1, q_batch
+from storage.pages import Page, list_page
+from storage.idempotency import CreateResult, IdempotencyRequest, find_receipt, inactive_result
+from storage.event_feed import BUMP_EPOCH_SQL, DELEGATIONS_INVALIDATE, SESSIONS_REVOKE, Event, bump_epoch
 from rules import workflow_contract as wc
 from storage.sessions import edge_end_notices, terminate_subtree
-from storage.workflow_outbox import SNAPSHOT_COLUMNS, publish, session_notice
+from storage.notices import SNAPSHOT_COLUMNS, publish, session_notice
 
 MAX_WALK_DEPTH = 10
 
@@ -31,15 +30,9 @@ EDGE_COLUMNS = """x.id, x.zone_id, x.source_session_id, x.target_session_id, x.i
     x.receiver_application_id, x.parent_edge_id, x.resource_id, x.scopes, x.constraints_json, x.status,
     x.expires_at, x.edge_version, x.revoked_at, x.created_at"""
 
-# "delegation-endpoint-live" session (reference §4).
-ENDPOINT_LIVE_SQL = """status = 'active' AND (
-    (ttl_seconds IS NOT NULL AND started_at + make_interval(secs => ttl_seconds) > now())
-    OR (lifecycle = 'service' AND heartbeat_deadline_at IS NOT NULL AND heartbeat_deadline_at > now()))"""
-
-
 @dataclass
 class CreateEdge:
-    """A delegation create after the API's request checks (reference §4.18 steps 1-6)."""
+    """A delegation create after its request checks (reference §4.18 steps 1-6, commands/delegations.py)."""
 
     zone_id: str
     edge_id: str
@@ -85,12 +78,40 @@ def active_projection(row: dict[str, Any]) -> dict[str, Any]:
     return body
 
 
+@dataclass(frozen=True)
+class EdgeFilter:
+    """Which edges of a zone a listing shows."""
+
+    active: bool = False  # active and not yet expired
+    source_session_id: str | None = None
+    target_session_id: str | None = None
+
+
+async def list_edges(db: Database, zone_id: str, where: EdgeFilter, limit: int, cursor: str | None) -> Page:
+    sql, params = f"SELECT {EDGE_COLUMNS} FROM delegation_edges x WHERE x.zone_id = %s", [zone_id]
+    if where.active:
+        sql += " AND x.status = 'active' AND x.expires_at > now()"
+    for column in ("source_session_id", "target_session_id"):
+        if getattr(where, column) is not None:
+            sql += f" AND x.{column} = %s"
+            params.append(getattr(where, column))
+    return await list_page(db, table="delegation_edges", zone_id=zone_id, limit=limit, cursor=cursor, sql=sql,
+                           params=params, project=active_projection if where.active else edge_projection)
+
+
+async def active_inbound_edge(db: Database, zone_id: str, session_id: str, edge_id: str) -> dict[str, Any] | None:
+    row = await db.fetchrow(f"""SELECT {EDGE_COLUMNS} FROM delegation_edges x
+                                WHERE x.zone_id = %s AND x.id = %s AND x.target_session_id = %s
+                                  AND x.status = 'active' AND x.expires_at > now()""", (zone_id, edge_id, session_id))
+    return None if row is None else edge_projection(row)
+
+
 async def get_edge(conn: Conn, zone_id: str, edge_id: str) -> dict[str, Any] | None:
     return await q1(conn, f"SELECT {EDGE_COLUMNS} FROM delegation_edges x WHERE x.zone_id = %s AND x.id = %s",
                     (zone_id, edge_id))
 
 
-async def replay_create(conn: Conn, settings: Settings, req: IdempotencyRequest, issuer: str) -> dict[str, Any] | None:
+async def replay_create(conn: Conn, settings: Settings, req: IdempotencyRequest, issuer: str) -> CreateResult | None:
     """A repeated create answered from its receipt, only while the edge is live with the same issuer."""
     receipt = await find_receipt(conn, settings, req)
     if receipt is None:
@@ -101,163 +122,97 @@ async def replay_create(conn: Conn, settings: Settings, req: IdempotencyRequest,
                     (req.zone_id, receipt.resource_id, issuer))
     if live is None:
         raise inactive_result()
-    return {"status": receipt.response_status, "body": receipt.response_json, "replayed": True}
+    return CreateResult(receipt.response_status, receipt.response_json, replayed=True)
 
 
-async def _resolve_resources(conn: Conn, cmd: CreateEdge) -> tuple[str | None, list[dict[str, Any]]]:
-    """§6.4: canonical resource id and the resolved resource rows (union by row id)."""
-    rows: dict[str, dict[str, Any]] = {}
-    canonical = None
-    if cmd.resource_id is not None:
-        row = await q1(conn, """SELECT id, identifier, scopes FROM resources WHERE zone_id = %s AND archived_at IS NULL
-                                AND (id = %s OR identifier = %s) ORDER BY (id = %s) DESC LIMIT 1""",
-                       (cmd.zone_id, cmd.resource_id, cmd.resource_id, cmd.resource_id))
-        if row is None:
-            raise CoordinatorError(404, "resource_not_found")
-        canonical = row["id"]
-        rows[row["id"]] = row
+_RESOURCE_BY_ID_OR_IDENTIFIER = """
+    SELECT id, identifier, scopes FROM resources WHERE zone_id = %s AND archived_at IS NULL
+      AND (id = %s OR identifier = %s) ORDER BY (id = %s) DESC LIMIT 1"""
+_RESOURCES_BY_IDENTIFIER = """
+    SELECT id, identifier, scopes FROM resources WHERE zone_id = %s AND archived_at IS NULL AND identifier = ANY(%s)"""
+
+
+@dataclass(frozen=True)
+class CreateContext:
+    """What a delegation create's checks read, under the zone's delegation lock."""
+
+    now: Any  # the transaction's time: created_at, and what expiry is measured against
+    endpoints: dict[str, dict[str, Any]]  # the delegation-endpoint-live sessions among source and target
+    parents: list[dict[str, Any]]  # the source's active inbound edges, by id
+    cycle: bool  # a live path leads from the target back to the source
+    resource: dict[str, Any] | None  # the resource named by `resource_id` (by id or identifier)
+    resources: list[dict[str, Any]]  # the resources named in constraints.resources
+
+
+async def load_create_context(conn: Conn, cmd: CreateEdge) -> CreateContext:
+    """Take the zone's delegation lock, then read everything the checks need in one round trip
+    (each statement after the lock has a snapshot taken under it)."""
     wanted = list(dict.fromkeys(cmd.constraints.get("resources") or []))
-    if wanted:
-        found = await q(conn, """SELECT id, identifier, scopes FROM resources WHERE zone_id = %s AND archived_at IS NULL
-                                 AND identifier = ANY(%s)""", (cmd.zone_id, wanted))
-        if len(found) != len(wanted):
-            raise CoordinatorError(404, "resource_not_found")
-        if cmd.resource_id is not None and not any(cmd.resource_id in (r["id"], r["identifier"]) for r in found):
-            raise CoordinatorError(400, "delegation_resource_scope_mismatch")
-        for r in found:
-            rows.setdefault(r["id"], r)
-    return canonical, list(rows.values())
-
-
-async def create_edge(conn: Conn, settings: Settings, cmd: CreateEdge,
-                      idempotency: IdempotencyRequest | None) -> dict[str, Any]:
-    """Steps 7-16 of §4.18 in one transaction. Idempotent for one edge id."""
-    requested = parse_iso_z(cmd.requested_expires_at) if cmd.requested_expires_at else None
-    if idempotency is not None:
-        replay = await replay_create(conn, settings, idempotency, cmd.issuer_application_id)
-        if replay is not None:
-            return replay
-
-    # The zone's delegation lock, then every read the checks need, in one round trip (each statement
-    # after the lock has a snapshot taken under it); the checks then run in the reference's order.
-    _, _, (clock,), endpoints, parents, (cycle,) = await q_batch(
+    _, _, (clock,), endpoints, parents, (cycle,), resource, resources = await q_batch(
         conn,
         # Planned once per connection: these plans do not depend on the values (index lookups by id),
         # and planning the cycle walk and the endpoint lookup anew took 0.7 ms under the zone's lock.
         ("SET LOCAL plan_cache_mode = force_generic_plan", ()),
         (XACT_LOCK_SQL, (delegation_lock_key(cmd.zone_id),)),
-        ("SELECT now() AS now", ()),  # the transaction's time: created_at, and what expiry is measured against
+        ("SELECT now() AS now", ()),
         (f"""SELECT {SNAPSHOT_COLUMNS} FROM sessions s WHERE s.zone_id = %s AND s.id = ANY(%s)
-             AND {ENDPOINT_LIVE_SQL} FOR SHARE""", (cmd.zone_id, [cmd.source_session_id, cmd.target_session_id])),
+             AND {lifecycle.delegation_endpoint_live_sql("s")} FOR SHARE""",
+         (cmd.zone_id, [cmd.source_session_id, cmd.target_session_id])),
         (f"""SELECT {EDGE_COLUMNS}, r.identifier AS resource_identifier
              FROM delegation_edges x LEFT JOIN resources r ON r.zone_id = x.zone_id AND r.id = x.resource_id
              WHERE x.zone_id = %s AND x.target_session_id = %s AND x.status = 'active'
                AND x.expires_at > now() ORDER BY x.id""", (cmd.zone_id, cmd.source_session_id)),
-        (CYCLE_SQL, cycle_params(cmd.zone_id, cmd.source_session_id, cmd.target_session_id)))
-    by_id = {r["id"]: r for r in endpoints}
-    apps = {r["id"]: r["application_id"] for r in endpoints}
-    if cmd.source_session_id not in apps or cmd.target_session_id not in apps:
-        raise CoordinatorError(404, "delegation_endpoint_not_found")
-    if (apps[cmd.source_session_id] != cmd.issuer_application_id
-            or apps[cmd.target_session_id] != cmd.receiver_application_id):
-        raise CoordinatorError(409, "delegation_application_mismatch")
+        (CYCLE_SQL, cycle_params(cmd.zone_id, cmd.source_session_id, cmd.target_session_id)),
+        (_RESOURCE_BY_ID_OR_IDENTIFIER, (cmd.zone_id, cmd.resource_id, cmd.resource_id, cmd.resource_id)),
+        (_RESOURCES_BY_IDENTIFIER, (cmd.zone_id, wanted)))
+    return CreateContext(now=clock["now"], endpoints={r["id"]: r for r in endpoints}, parents=parents,
+                         cycle=bool(cycle["cycle"]), resource=resource[0] if resource else None,
+                         resources=resources)
 
-    resource_id, resolved = await _resolve_resources(conn, cmd)
-    if resolved:
-        allowed = {s for r in resolved for s in r["scopes"]}
-        if not set(cmd.scopes) <= allowed:
-            raise CoordinatorError(403, "delegation_scopes_exceed_resource")
 
-    parent = None
-    if parents:
-        if cmd.parent_edge_id is not None:
-            parent = next((p for p in parents if p["id"] == cmd.parent_edge_id), None)
-            if parent is None:
-                raise CoordinatorError(403, "parent_delegation_not_active")
-        elif len(parents) > 1:
-            raise CoordinatorError(409, "parent_delegation_ambiguous")
-        else:
-            parent = parents[0]
-        narrowed = check_narrowing(
-            {"scopes": list(parent["scopes"]), "expires_at": parent["expires_at"],
-             "resource_id": parent["resource_id"], "constraints": parent["constraints_json"]},
-            {"scopes": cmd.scopes, "requested_expires_at": requested, "resource_id": resource_id,
-             "resolved_resource_ids": [r["id"] for r in resolved],
-             "resolved_identifiers": [r["identifier"] for r in resolved],
-             "constraints": cmd.constraints, "ttl_seconds": cmd.body_ttl_seconds})
-        if not narrowed:
-            raise CoordinatorError(403, "delegation_exceeds_parent_authority")
-
-    if cycle["cycle"]:
-        raise CoordinatorError(409, "delegation_cycle_denied")
-
-    now = clock["now"]
-    expires_at = requested if requested is not None else now + timedelta(seconds=cmd.ttl_seconds or 0)
-    if not expires_at > now or (parent is not None and expires_at > parent["expires_at"]):
-        if parent is not None:
-            raise CoordinatorError(403, "delegation_exceeds_parent_authority")
-        raise CoordinatorError(400, "delegation_expired")
-
-    # Every check has passed: the edge and the epoch bump go with the COMMIT (no round trip of
-    # their own while the zone's lock is held); the answer is built from what they write.
-    row = {"id": cmd.edge_id, "zone_id": cmd.zone_id, "source_session_id": cmd.source_session_id,
-           "target_session_id": cmd.target_session_id, "issuer_application_id": cmd.issuer_application_id,
-           "receiver_application_id": cmd.receiver_application_id, "parent_edge_id": parent["id"] if parent else None,
-           "resource_id": resource_id, "scopes": cmd.scopes, "constraints_json": jsonb_key_order(cmd.constraints),
-           "status": "active", "expires_at": expires_at, "edge_version": 0, "revoked_at": None, "created_at": now}
+async def write_edge(conn: Conn, row: dict[str, Any], constraints: dict[str, Any], context: CreateContext) -> None:
+    """Insert the checked edge `row` (an `edge_projection` row): the insert and the epoch bump go
+    with the COMMIT (no round trip of their own while the zone's lock is held), with its event and
+    the notices to both endpoints."""
     await at_commit(conn, """
         INSERT INTO delegation_edges (id, zone_id, source_session_id, target_session_id, issuer_application_id,
             receiver_application_id, parent_edge_id, resource_id, scopes, constraints_json, expires_at)
         VALUES (%(id)s, %(zone_id)s, %(source_session_id)s, %(target_session_id)s, %(issuer_application_id)s,
             %(receiver_application_id)s, %(parent_edge_id)s, %(resource_id)s, %(scopes)s, %(constraints)s,
-            %(expires_at)s)""", dict(row, constraints=Jsonb(cmd.constraints)))
-    await at_commit(conn, BUMP_EPOCH_SQL, (cmd.zone_id,))
+            %(expires_at)s)""", dict(row, constraints=Jsonb(constraints)))
+    await at_commit(conn, BUMP_EPOCH_SQL, (row["zone_id"],))
+    edge_id, source, target = row["id"], row["source_session_id"], row["target_session_id"]
+    scopes = ", ".join(row["scopes"]) or "no scopes"
+    await publish(conn, row["zone_id"], [Event(DELEGATIONS_INVALIDATE, f"edge_create:{edge_id}", {
+        "event": "edge_create", "zone_id": row["zone_id"], "edge_id": edge_id,
+        "source_session_id": source, "target_session_id": target}, with_graph_epoch=True)], [
+        session_notice(context.endpoints[source], wc.DELEGATION_GIVEN, f"gave edge {edge_id} to {target} ({scopes})",
+                       edge_id=edge_id, peer_session_id=target),
+        session_notice(context.endpoints[target], wc.DELEGATION_RECEIVED,
+                       f"received edge {edge_id} from {source} ({scopes})", edge_id=edge_id, peer_session_id=source)])
 
-    body = edge_projection(row)
-    body["delegation_edge_id"] = body.pop("id")
-    scoped = resource_id is not None or bool(resolved)
-    body["warnings"] = [] if scoped else ["resource_null_delegation_broadens_resource_matching"]
-    body["allow_reason"] = ["same_zone_endpoints_active",
-                            "resource_scope_checked" if scoped else "broad_delegation_elevated",
-                            "parent_authority_narrowed" if parent else "source_authority_root",
-                            "typed_constraints_validated"]
-    body["effective_authority"] = {
-        "source_session_id": cmd.source_session_id, "target_session_id": cmd.target_session_id,
-        "parent_edge_id": parent["id"] if parent else None, "resource_id": resource_id,
-        "resources": [r["identifier"] for r in resolved], "scopes": cmd.scopes,
-        "expires_at": iso_ms(row["expires_at"]), "max_hops": cmd.constraints.get("max_hops", 1),
-        "ttl_seconds": cmd.constraints.get("ttl_seconds"), "broad": resource_id is None and not resolved,
-        "parent_edges_considered": [p["id"] for p in parents]}
-    scopes = ", ".join(cmd.scopes) or "no scopes"
-    await publish(conn, cmd.zone_id, [Event(DELEGATIONS_INVALIDATE, f"edge_create:{cmd.edge_id}", {
-        "event": "edge_create", "zone_id": cmd.zone_id, "edge_id": cmd.edge_id,
-        "source_session_id": cmd.source_session_id, "target_session_id": cmd.target_session_id},
-        with_graph_epoch=True)], [
-        session_notice(by_id[cmd.source_session_id], wc.DELEGATION_GIVEN,
-                       f"gave edge {cmd.edge_id} to {cmd.target_session_id} ({scopes})",
-                       edge_id=cmd.edge_id, peer_session_id=cmd.target_session_id),
-        session_notice(by_id[cmd.target_session_id], wc.DELEGATION_RECEIVED,
-                       f"received edge {cmd.edge_id} from {cmd.source_session_id} ({scopes})",
-                       edge_id=cmd.edge_id, peer_session_id=cmd.source_session_id)])
-    if idempotency is not None:
-        await store_receipt(conn, settings, idempotency, resource_type="delegation_edge", resource_id=cmd.edge_id,
-                            status=201, body=body)
-    return {"status": 201, "body": body, "replayed": False}
+
+def walk_sql(start: str, *, unexpired: bool = True) -> str:
+    """The graph walk, written once: `WITH RECURSIVE walk` holds every path (id, source_session_id,
+    target_session_id, depth, path) from the active edges `e` of zone %(zone)s that satisfy `start`
+    along active edges, at most %(max)s deep, never through an edge twice. `unexpired`: only edges
+    whose expiry has not passed (a revoke also walks edges past their expiry not yet settled)."""
+    def active(a: str) -> str:
+        return f"{a}.status = 'active'" + (f" AND {a}.expires_at > now()" if unexpired else "")
+    return f"""
+    WITH RECURSIVE walk AS (
+        SELECT e.id, e.source_session_id, e.target_session_id, 1 AS depth, ARRAY[e.id] AS path
+        FROM delegation_edges e
+        WHERE e.zone_id = %(zone)s AND {start} AND {active("e")}
+        UNION ALL
+        SELECT n.id, n.source_session_id, n.target_session_id, w.depth + 1, w.path || n.id
+        FROM walk w JOIN delegation_edges n ON n.source_session_id = w.target_session_id
+        WHERE {active("n")} AND n.zone_id = %(zone)s AND NOT n.id = ANY(w.path) AND w.depth < %(max)s
+    )"""
 
 
 # §6.6: does a live path lead from the proposed target back to the proposed source? (column `cycle`)
-CYCLE_SQL = """
-    WITH RECURSIVE walk AS (
-        SELECT e.id, e.target_session_id, 1 AS depth, ARRAY[e.id] AS path
-        FROM delegation_edges e
-        WHERE e.zone_id = %(zone)s AND e.source_session_id = %(target)s
-          AND e.status = 'active' AND e.expires_at > now()
-        UNION ALL
-        SELECT n.id, n.target_session_id, w.depth + 1, w.path || n.id
-        FROM walk w JOIN delegation_edges n ON n.source_session_id = w.target_session_id
-        WHERE n.status = 'active' AND n.expires_at > now() AND n.zone_id = %(zone)s
-          AND NOT n.id = ANY(w.path) AND w.depth < %(max)s
-    )
+CYCLE_SQL = walk_sql("e.source_session_id = %(target)s") + """
     SELECT EXISTS (SELECT 1 FROM walk WHERE target_session_id = %(source)s) AS cycle"""
 
 
@@ -265,18 +220,7 @@ def cycle_params(zone_id: str, source: str, target: str) -> dict[str, Any]:
     return {"zone": zone_id, "source": source, "target": target, "max": MAX_WALK_DEPTH}
 
 
-WALK_SQL = """
-    WITH RECURSIVE walk AS (
-        SELECT e.id, e.source_session_id, e.target_session_id, 1 AS depth, ARRAY[e.id] AS path
-        FROM delegation_edges e
-        WHERE e.zone_id = %(zone)s AND e.id = %(edge)s AND e.status = 'active' AND e.expires_at > now()
-        UNION ALL
-        SELECT n.id, n.source_session_id, n.target_session_id, w.depth + 1, w.path || n.id
-        FROM walk w JOIN delegation_edges n ON n.source_session_id = w.target_session_id
-        WHERE n.status = 'active' AND n.expires_at > now() AND n.zone_id = %(zone)s
-          AND NOT n.id = ANY(w.path) AND w.depth < %(max)s
-    )
-"""
+WALK_SQL = walk_sql("e.id = %(edge)s")
 
 
 async def traverse(conn: Conn, zone_id: str, edge_id: str) -> list[dict[str, Any]]:
@@ -326,15 +270,8 @@ async def revoke_cascade(conn: Conn, zone_id: str, edge_id: str, expected_epoch:
         raise CoordinatorError(404, "delegation_not_found")
     if expected_epoch is not None and expected_epoch != await current_epoch(conn, zone_id):
         raise CoordinatorError(409, "delegation_graph_changed")
-    revoked = await q(conn, """
-        WITH RECURSIVE walk AS (
-            SELECT e.id, e.target_session_id, 1 AS depth, ARRAY[e.id] AS path
-            FROM delegation_edges e WHERE e.zone_id = %(zone)s AND e.id = %(edge)s AND e.status = 'active'
-            UNION ALL
-            SELECT n.id, n.target_session_id, w.depth + 1, w.path || n.id
-            FROM walk w JOIN delegation_edges n ON n.source_session_id = w.target_session_id
-            WHERE n.status = 'active' AND n.zone_id = %(zone)s AND NOT n.id = ANY(w.path) AND w.depth < %(max)s
-        ), walked AS (SELECT id, min(depth) AS depth FROM walk GROUP BY id)
+    revoked = await q(conn, walk_sql("e.id = %(edge)s", unexpired=False) + """,
+        walked AS (SELECT id, min(depth) AS depth FROM walk GROUP BY id)
         UPDATE delegation_edges x SET status = 'revoked', revoked_at = now(), updated_at = now(),
             edge_version = x.edge_version + 1
         FROM walked WHERE x.id = walked.id AND x.status = 'active'
@@ -388,27 +325,3 @@ async def expire_edges(conn: Conn, batch: int) -> int:
             "event": "edge_expire", "zone_id": zone_id, "affected_edges": len(ids), "edge_ids": sorted(ids),
             "epoch": epoch})], notices)
     return len(rows)
-
-
-async def retention(conn: Conn, settings: Settings) -> dict[str, int]:
-    """§9 retention: old revoked/expired edges, published outbox rows, expired receipts, old op results."""
-    batch = settings.RETENTION_CLEANUP_BATCH_SIZE
-    counts = {}
-    for name, sql, params in (
-        ("deleted_edges", """DELETE FROM delegation_edges WHERE id IN (
-            SELECT id FROM delegation_edges WHERE status IN ('revoked', 'expired')
-              AND COALESCE(revoked_at, expires_at, updated_at, created_at) < now() - make_interval(days => %s)
-            LIMIT %s)""", (settings.DELEGATION_RETENTION_DAYS, batch)),
-        ("deleted_outbox", """DELETE FROM caracal_outbox WHERE id IN (
-            SELECT id FROM caracal_outbox WHERE producer = 'coordinator' AND status IN ('published', 'dead')
-              AND updated_at < now() - make_interval(days => %s) LIMIT %s)""", (settings.OUTBOX_RETENTION_DAYS, batch)),
-        ("deleted_idempotency_receipts", """DELETE FROM coordinator_idempotency_receipts WHERE id IN (
-            SELECT id FROM coordinator_idempotency_receipts WHERE expires_at <= now()
-            ORDER BY expires_at, id LIMIT %s)""",
-         (batch,)),
-        ("deleted_operation_results", """DELETE FROM operation_results WHERE op_id IN (
-            SELECT op_id FROM operation_results WHERE created_at < now() - interval '1 day' LIMIT %s)""", (batch,)),
-    ):
-        cur = await conn.execute(sql, params)
-        counts[name] = cur.rowcount
-    return counts

@@ -19,6 +19,15 @@ INVOCATION_CREATE = "invocation.create.v2"
 
 
 @dataclass(frozen=True)
+class CreateResult:
+    """What every create answers: the status and body, and whether they were replayed from a receipt."""
+
+    status: int
+    body: dict[str, Any]
+    replayed: bool = False
+
+
+@dataclass(frozen=True)
 class IdempotencyRequest:
     operation: str
     zone_id: str

@@ -1,7 +1,7 @@
 """Invocation transactions and projections (reference §4.14-4.17, §5.4).
 
 Outbox keys are per transition: `invocation.<event>:<id>` for events that happen once, with the
-attempt number appended for those a retry repeats (started, failed) — DESIGN.md.
+attempt number appended for those a retry repeats (started, failed) — docs/DESIGN.md.
 """
 
 from __future__ import annotations
@@ -14,12 +14,13 @@ from psycopg.types.json import Jsonb
 from rules.errors import CoordinatorError
 from rules.timefmt import iso_ms
 from settings import Settings
-from storage.db import Conn, one, q1
-from storage.idempotency import IdempotencyRequest, find_receipt, store_receipt
+from storage.db import Conn, Database, one, q1
+from storage.idempotency import CreateResult, IdempotencyRequest, find_receipt, store_receipt
 from rules import lifecycle
 from rules import workflow_contract as wc
-from storage.outbox import INVOCATIONS_LIFECYCLE, Event
-from storage.workflow_outbox import invocation_notice, publish
+from storage.event_feed import INVOCATIONS_LIFECYCLE, Event
+from storage.notices import invocation_notice, publish
+from storage.pages import Page, list_page
 
 INVOCATION_COLUMNS = """x.id, x.zone_id, x.service_id, x.source_session_id, x.target_session_id, x.method, x.status,
     x.attempts, x.max_attempts, x.timeout_ms, x.retry_policy_json, x.deadline_at, x.cancel_requested_at,
@@ -44,9 +45,6 @@ class CreateInvocation:
     retry_policy: dict[str, int]
     scope_id: str
 
-# "invocation-live" session (reference §4): active with an unexpired TTL; services with a NULL ttl never qualify.
-INVOCATION_LIVE_SQL = """status = 'active' AND ttl_seconds IS NOT NULL
-    AND started_at + make_interval(secs => ttl_seconds) > now()"""
 
 
 def projection(row: dict[str, Any]) -> dict[str, Any]:
@@ -64,6 +62,30 @@ def list_projection(row: dict[str, Any]) -> dict[str, Any]:
     for key in ("retry_policy_json", "cancel_requested_at"):
         del body[key]
     return body
+
+
+@dataclass(frozen=True)
+class InvocationFilter:
+    """Which invocations of a zone a listing shows."""
+
+    status: str | None = None
+    service_id: str | None = None
+    session_id: str | None = None  # the source or the target
+
+
+async def list_invocations(db: Database, zone_id: str, where: InvocationFilter, limit: int,
+                           cursor: str | None) -> Page:
+    sql = f"SELECT {INVOCATION_COLUMNS} FROM agent_invocations x WHERE x.zone_id = %s"
+    params: list[Any] = [zone_id]
+    if where.status:
+        sql, params = sql + " AND x.status = %s", params + [where.status]
+    if where.service_id:
+        sql, params = sql + " AND x.service_id = %s", params + [where.service_id]
+    if where.session_id:
+        sql += " AND (x.source_session_id = %s OR x.target_session_id = %s)"
+        params += [where.session_id, where.session_id]
+    return await list_page(db, table="agent_invocations", zone_id=zone_id, limit=limit, cursor=cursor, sql=sql,
+                           params=params, project=list_projection)
 
 
 async def get(conn: Conn, zone_id: str, invocation_id: str, *, lock: bool = False) -> dict[str, Any] | None:
@@ -84,8 +106,8 @@ async def check_create(conn: Conn, zone_id: str, service_id: str, session_ids: l
         if session_id is None:
             apps.append("")
             continue
-        row = await q1(conn, "SELECT application_id FROM sessions "
-                             f"WHERE zone_id = %s AND id = %s AND {INVOCATION_LIVE_SQL}",
+        row = await q1(conn, "SELECT application_id FROM sessions s "
+                             f"WHERE s.zone_id = %s AND s.id = %s AND {lifecycle.invocation_live_sql('s')}",
                        (zone_id, session_id))
         if row is None:
             raise CoordinatorError(404, "session_not_found")
@@ -93,16 +115,16 @@ async def check_create(conn: Conn, zone_id: str, service_id: str, session_ids: l
     return apps[0] or service["application_id"]
 
 
-async def replay(conn: Conn, settings: Settings, req: IdempotencyRequest) -> dict[str, Any] | None:
+async def replay(conn: Conn, settings: Settings, req: IdempotencyRequest) -> CreateResult | None:
     receipt = await find_receipt(conn, settings, req)
-    return None if receipt is None else {"status": receipt.response_status, "body": receipt.response_json}
+    return None if receipt is None else CreateResult(receipt.response_status, receipt.response_json, replayed=True)
 
 
-async def create(conn: Conn, settings: Settings, cmd: CreateInvocation, idem: IdempotencyRequest) -> dict[str, Any]:
+async def create(conn: Conn, settings: Settings, cmd: CreateInvocation, idem: IdempotencyRequest) -> CreateResult:
     await check_create(conn, cmd.zone_id, cmd.service_id, [cmd.source_session_id, cmd.target_session_id])
     replayed = await replay(conn, settings, idem)
     if replayed is not None:
-        return {**replayed, "replayed": True}
+        return replayed
     await conn.execute("""
         INSERT INTO agent_invocations (id, zone_id, service_id, source_session_id, target_session_id, idempotency_key,
             method, params_json, metadata_json, max_attempts, timeout_ms, retry_policy_json)
@@ -117,7 +139,7 @@ async def create(conn: Conn, settings: Settings, cmd: CreateInvocation, idem: Id
     body = projection(row)
     await store_receipt(conn, settings, idem, resource_type="agent_invocation", resource_id=cmd.invocation_id,
                         status=201, body=body)
-    return {"status": 201, "body": body, "replayed": False}
+    return CreateResult(201, body)
 
 
 async def _transitioned(conn: Conn, row: dict[str, Any], event: str, signal: str, summary: str) -> None:

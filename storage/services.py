@@ -11,7 +11,8 @@ from rules.errors import CoordinatorError
 from rules.ids import new_id
 from rules.timefmt import iso_ms
 from settings import Settings
-from storage.db import Conn, one, q1
+from storage.db import Conn, Database, one, q1
+from storage.pages import Page, list_page
 
 SERVICE_COLUMNS = """x.id, x.zone_id, x.application_id, x.endpoint_url, x.protocol_versions, x.framework_name,
     x.framework_version, x.capabilities, x.health, x.metadata_json, x.last_heartbeat_at"""
@@ -23,6 +24,12 @@ def service_projection(row: dict[str, Any]) -> dict[str, Any]:
             "framework_name": row["framework_name"], "framework_version": row["framework_version"],
             "capabilities": list(row["capabilities"]), "health": row["health"],
             "metadata_json": row["metadata_json"], "last_heartbeat_at": iso_ms(row["last_heartbeat_at"])}
+
+
+async def list_services(db: Database, zone_id: str, limit: int, cursor: str | None) -> Page:
+    return await list_page(db, table="agent_services", zone_id=zone_id, limit=limit, cursor=cursor,
+                           sql=f"SELECT {SERVICE_COLUMNS} FROM agent_services x WHERE x.zone_id = %s",
+                           params=[zone_id], project=service_projection)
 
 
 async def upsert_service(conn: Conn, zone_id: str, body: dict[str, Any]) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 Every function that changes state takes a connection already inside a transaction and writes, in
 that same transaction, its outbox events and one workflow-outbox notice per session it changed
-(storage/workflow_outbox.py): the command's answer never waits on Temporal.
+(storage/notices.py): the command's answer never waits on Temporal.
 """
 
 from __future__ import annotations
@@ -14,18 +14,17 @@ from typing import Any
 
 from psycopg.types.json import Jsonb
 
-from rules import authz
 from rules.errors import CoordinatorError
 from rules.ids import new_id
 from rules.timefmt import iso_ms
 from settings import Settings
 from storage.db import XACT_LOCK_SQL, Conn, Database, Refused, at_commit, one, q, q1, q_batch, refuse_sql
-from storage.pages import body_columns, iso_ms_sql
-from storage.idempotency import IdempotencyRequest, find_receipt, inactive_result, store_receipt
+from storage.pages import body_columns, iso_ms_sql, json_page
+from storage.idempotency import CreateResult, IdempotencyRequest, find_receipt, inactive_result, store_receipt
 from rules import lifecycle
 from rules import workflow_contract as wc
-from storage.outbox import AGENTS_LIFECYCLE, DELEGATIONS_INVALIDATE, NEW_ID_SQL, SESSIONS_REVOKE, Event, bump_epoch
-from storage.workflow_outbox import (
+from storage.event_feed import AGENTS_LIFECYCLE, DELEGATIONS_INVALIDATE, NEW_ID_SQL, SESSIONS_REVOKE, Event, bump_epoch
+from storage.notices import (
     SNAPSHOT_COLUMNS, WorkflowNotice, enqueue, fanout_sql, notify_sql, publish, session_notice, session_notices,
 )
 
@@ -65,6 +64,41 @@ SESSION_BODY = body_columns(_SESSION_BODY_FIELDS)
 CHILD_BODY = body_columns(f for f in _SESSION_BODY_FIELDS if f[0] not in ("terminated_at", "termination_reason"))
 
 
+@dataclass(frozen=True)
+class SessionFilter:
+    """Which sessions of a zone a listing shows."""
+
+    status: str | None = None
+    lifecycle: str | None = None
+    application_id: str | None = None
+    label: str | None = None  # sessions carrying this label
+
+
+async def list_sessions(db: Database, zone_id: str, where: SessionFilter, limit: int, cursor: str | None) -> bytes:
+    """A page of the zone's sessions (`SESSION_BODY`s) as JSON bytes."""
+    sql = "FROM sessions x WHERE x.zone_id = %s"
+    params: list[Any] = [zone_id]
+    for column in ("status", "lifecycle", "application_id"):
+        value = getattr(where, column)
+        if value is not None:
+            sql += f" AND x.{column} = %s"
+            params.append(value)
+    if where.label is not None:
+        sql += " AND %s = ANY(x.labels)"
+        params.append(where.label)
+    return await json_page(db, table="sessions", zone_id=zone_id, limit=limit, cursor=cursor, body=SESSION_BODY,
+                           id_key="agent_session_id", sql_from=sql, params=params)
+
+
+async def list_children(db: Database, zone_id: str, session_id: str, limit: int, cursor: str | None) -> bytes:
+    """A page of a session's children (`CHILD_BODY`s) as JSON bytes."""
+    return await json_page(
+        db, table="sessions", zone_id=zone_id, limit=limit, cursor=cursor, body=CHILD_BODY,
+        id_key="agent_session_id",
+        sql_from="FROM agent_topology t JOIN sessions x ON x.id = t.child_id WHERE t.parent_id = %s AND x.zone_id = %s",
+        params=[session_id, zone_id])
+
+
 async def session_body(db: Database, zone_id: str, session_id: str) -> str | None:
     """The session's body (`SESSION_BODY`) as JSON text, or None when the zone has no such session."""
     return await db.fetchval(f"SELECT row_to_json(b)::text FROM (SELECT {SESSION_BODY} FROM sessions x "
@@ -98,7 +132,7 @@ async def get_session(conn: Conn, zone_id: str, session_id: str, *, lock: bool =
 
 @dataclass(frozen=True)
 class StartSession:
-    """A session start after the API's request checks (reference §4.4 steps 1-4)."""
+    """A session start after its request checks (reference §4.4 steps 1-4, commands/sessions.py)."""
 
     zone_id: str
     session_id: str
@@ -111,24 +145,17 @@ class StartSession:
     parent_authority: str
     inherit_parent_edge_id: str | None
     metadata: dict[str, Any]
-    caller_client_id: str
-    caller_scopes: list[str]
+    # The caller's right to start a child under a session of another application (the command's
+    # authorization rule, asked here because the parent row is read under the capacity lock).
+    may_spawn_under: Callable[[str], bool]
 
 
 # ----------------------------------------------------------------------------------------------
 # start
 
 
-@dataclass(frozen=True)
-class StartResult:
-    status: int
-    body: dict[str, Any]
-    replayed: bool
-    root_id: str | None = None
-
-
 async def replay_start(conn: Conn, settings: Settings, req: IdempotencyRequest, zone_id: str,
-                       application_id: str) -> StartResult | None:
+                       application_id: str) -> CreateResult | None:
     """Answer a repeated start from its receipt (reference §4.4 step 5), None when the key is new."""
     receipt = await find_receipt(conn, settings, req)
     if receipt is None:
@@ -138,7 +165,7 @@ async def replay_start(conn: Conn, settings: Settings, req: IdempotencyRequest, 
                     {"zone": zone_id, "id": receipt.resource_id, "app": application_id})
     if live is None:
         raise inactive_result()
-    return StartResult(receipt.response_status, receipt.response_json, replayed=True)
+    return CreateResult(receipt.response_status, receipt.response_json, replayed=True)
 
 
 # The session row a start inserts, from `source` (its counts as `c`) where `condition` holds.
@@ -211,7 +238,7 @@ def _check_application_and_record(found: dict[str, Any], cmd: StartSession) -> N
 
 
 async def start(db: Database, settings: Settings, cmd: StartSession, idempotency: IdempotencyRequest | None,
-                before_commit: Callable[[Conn, StartResult], Awaitable[None]] | None = None) -> StartResult:
+                before_commit: Callable[[Conn, CreateResult], Awaitable[None]] | None = None) -> CreateResult:
     """A session start as one transaction (`start_session`). A root start checks its zone's capacity
     before taking the lock and inserts with the COMMIT; if the zone filled up in between, it runs
     again, counting under the lock."""
@@ -225,7 +252,7 @@ async def start(db: Database, settings: Settings, cmd: StartSession, idempotency
 
 
 async def start_session(conn: Conn, settings: Settings, cmd: StartSession,
-                        idempotency: IdempotencyRequest | None, *, lock_first: bool = False) -> StartResult:
+                        idempotency: IdempotencyRequest | None, *, lock_first: bool = False) -> CreateResult:
     """Steps 5-15 of reference §4.4 in one transaction. Run it with `start`: a root start not near a
     limit (unless `lock_first`) takes the capacity lock with its COMMIT, and a refusal there
     (`Refused(CAPACITY_CHANGED)`) means: run again with `lock_first`."""
@@ -251,7 +278,6 @@ async def start_session(conn: Conn, settings: Settings, cmd: StartSession,
     parent = None
     if row is None:
         row, parent = await _start_locked(conn, settings, cmd, params)
-    root_id = row["root_id"]
 
     events: list[Event] = []
     edge_id = None
@@ -279,7 +305,7 @@ async def start_session(conn: Conn, settings: Settings, cmd: StartSession,
     if idempotency is not None:
         await store_receipt(conn, settings, idempotency, resource_type="session", resource_id=cmd.session_id,
                             status=201, body=body)
-    return StartResult(201, body, False, root_id)
+    return CreateResult(201, body)
 
 
 def _near_a_limit(found: dict[str, Any], settings: Settings) -> bool:
@@ -324,8 +350,7 @@ async def _start_locked(conn: Conn, settings: Settings, cmd: StartSession, param
             raise CoordinatorError(409, "dcr_application_cannot_start_child")
         if parent["lifecycle"] == "task" and cmd.lifecycle == "service":
             raise CoordinatorError(409, "task_session_cannot_start_service")
-        if parent["application_id"] != cmd.application_id and not authz.can_spawn_under(
-                _Caller(cmd.caller_client_id, frozenset(cmd.caller_scopes)), parent["application_id"]):
+        if parent["application_id"] != cmd.application_id and not cmd.may_spawn_under(parent["application_id"]):
             raise CoordinatorError(403, "parent_ownership_required")
         if parent["child_count"] >= min(parent["max_children"], settings.MAX_CHILDREN):
             raise CoordinatorError(429, "session_children_limit_exceeded")
@@ -363,12 +388,6 @@ async def _start_root_at_commit(conn: Conn, settings: Settings, cmd: StartSessio
             "last_heartbeat_at": now if service else None,
             "heartbeat_deadline_at": now + timedelta(seconds=settings.SERVICE_AGENT_LEASE_SECONDS) if service else None,
             "lease_generation": 1 if service else 0, "state_version": 1}
-
-
-@dataclass(frozen=True)
-class _Caller:
-    client_id: str
-    scopes: frozenset[str]
 
 
 async def _inherit_parent_edge(conn: Conn, cmd: StartSession, events: list[Event]) -> str | None:

@@ -26,13 +26,12 @@ from temporalio.client import Client
 from api.app import create_app
 from api.auth import Authenticator
 from api.deps import Services
-from api.temporal_gateway import TemporalGateway
 from devstack.keys import SigningKey, generate_signing_key, write_jwks
 from devstack.postgres import PostgresProcess, free_port, start_postgres
 from devstack.temporal import TemporalProcess, start_temporal
 from devstack.tokens import mint_token
 from settings import Settings, load_settings
-from storage import dispatch
+from storage import notice_dispatch
 from storage.db import Database
 from storage.migrate import upgrade
 from worker import build_worker, ensure_maintenance_schedule, maintenance_schedule_id
@@ -105,7 +104,7 @@ class Stack:
     _dispatcher_stop: asyncio.Event | None = None
 
     async def start_dispatcher(self) -> None:
-        from dispatcher.outbox import Dispatcher
+        from notices.dispatcher import Dispatcher
 
         self.dispatcher = Dispatcher(self.db, self.client, self.settings)
         self._dispatcher_stop = asyncio.Event()
@@ -122,7 +121,7 @@ class Stack:
         """Every workflow-outbox row of this stack's task queue written so far has been delivered
         (rows of a closed extra stack stay behind: nobody dispatches its queue)."""
         async def caught_up() -> bool:
-            return await dispatch.pending(self.db, self.settings.TEMPORAL_TASK_QUEUE) == 0
+            return await notice_dispatch.pending(self.db, self.settings.TEMPORAL_TASK_QUEUE) == 0
         await eventually(caught_up, timeout=timeout)
 
     async def start_worker(self) -> None:
@@ -154,7 +153,7 @@ async def open_stack(settings: Settings, *, worker: bool = True) -> Stack:
     db = Database(settings.DATABASE_URL, max_size=20, task_queue=settings.TEMPORAL_TASK_QUEUE)
     await db.open()
     client = await Client.connect(settings.TEMPORAL_ADDRESS)
-    services = Services(settings, db, TemporalGateway(client, settings), Authenticator(settings, db))
+    services = Services(settings, db, client, Authenticator(settings, db))
     app = create_app(services=services)
     http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://coordinator.test")
     stack = Stack(settings, db, client, http, services)
@@ -231,7 +230,7 @@ class Zone:
 
     async def workflow_state(self, workflow_id: str) -> dict[str, Any] | None:
         """The workflow's last known snapshot of its entity, once its pending notices are delivered."""
-        await eventually(lambda: dispatch.delivered(self.stack.db, workflow_id), timeout=15)
+        await eventually(lambda: notice_dispatch.delivered(self.stack.db, workflow_id), timeout=15)
         state = await self.stack.client.get_workflow_handle(workflow_id).query("current_state")
         return state["current"]
 

@@ -1,5 +1,5 @@
 """Delegation acceptance tests through the HTTP API (reference-behaviour §4.4 step 13, §4.18-4.23,
-§5.2 step 4, §5.5, §6, §7; §13 cases 38-41, 77-102, the edge part of 105), plus what DESIGN.md adds:
+§5.2 step 4, §5.5, §6, §7; §13 cases 38-41, 77-102, the edge part of 105), plus what docs/DESIGN.md adds:
 impact's `epoch` and revoke's `expected_epoch`, the SDK's `GET …/inbound/{sessionId}/{id}`, admin-only
 traverse/impact, edge expiry settled by the maintenance schedule, and the workflows of sessions ended by
 a revoke.
@@ -31,7 +31,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, event, given, settings, strategies as st
 from temporalio.client import WorkflowExecutionStatus
 
-from storage.outbox import AGENTS_LIFECYCLE, DELEGATIONS_INVALIDATE, SESSIONS_REVOKE
+from storage.event_feed import AGENTS_LIFECYCLE, DELEGATIONS_INVALIDATE, SESSIONS_REVOKE
 from tests.conftest import Zone, eventually, seed_zone
 
 REPO = Path(__file__).resolve().parent.parent

@@ -1,7 +1,7 @@
-"""The workflow-outbox dispatcher (dispatcher/, storage/dispatch.py) against the session's real
+"""The workflow-outbox dispatcher (dispatcher/, storage/notice_dispatch.py) against the session's real
 Postgres and Temporal dev server, with a throwaway workflow type on its own task queue.
 
-Rows are written with `storage.workflow_outbox.enqueue`, as the command transactions do; the
+Rows are written with `storage.notices.enqueue`, as the command transactions do; the
 probe workflow records every signal it gets, in order.
 """
 
@@ -23,11 +23,11 @@ from temporalio.common import SearchAttributeKey
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
 from devstack.postgres import free_port
-from dispatcher.outbox import Dispatcher
+from notices.dispatcher import Dispatcher
 from settings import Settings, load_settings
-from storage import dispatch
+from storage import notice_dispatch
 from storage.db import Database
-from storage.workflow_outbox import WorkflowNotice, enqueue, fanout_sql
+from storage.notices import WorkflowNotice, enqueue, fanout_sql
 from tests.conftest import eventually
 
 PROBE = "DispatchProbe"
@@ -92,7 +92,7 @@ class Env:
         return await self.client.get_workflow_handle(workflow_id).query("got")
 
     async def pending(self) -> int:
-        return await dispatch.pending(self.db, self.task_queue)
+        return await notice_dispatch.pending(self.db, self.task_queue)
 
     async def rows(self) -> list[dict[str, Any]]:
         return await self.db.fetch("SELECT * FROM workflow_outbox WHERE task_queue = %s ORDER BY seq",
@@ -201,23 +201,23 @@ async def test_claim_takes_heads_only_so_a_second_dispatcher_never_holds_a_later
     w1, w2 = env.wid("claim-1"), env.wid("claim-2")
     await env.enqueue([(w1, 1), (w2, 1), (w1, 2), (w1, 3), (w2, 2), (w1, 4)])
     async with env.db.transaction() as a:
-        held = await dispatch.claim(a, 10, 2, env.task_queue)
+        held = await notice_dispatch.claim(a, 10, 2, env.task_queue)
         # Heads and at most one follower each, in seq order.
         assert [(r["workflow_id"], r["payload"]["n"]) for r in held] == [(w1, 1), (w2, 1), (w1, 2), (w2, 2)]
         async with env.db.transaction() as b:
             # While A holds the heads, nothing of these workflows is a head for B.
-            assert await dispatch.claim(b, 10, 20, env.task_queue) == []
+            assert await notice_dispatch.claim(b, 10, 20, env.task_queue) == []
         # Another queue's dispatcher never sees these rows.
         async with env.db.transaction() as c:
-            assert await dispatch.claim(c, 10, 20, "some-other-queue") == []
-        await dispatch.delete_delivered(a, [r["seq"] for r in held])
+            assert await notice_dispatch.claim(c, 10, 20, "some-other-queue") == []
+        await notice_dispatch.delete_delivered(a, [r["seq"] for r in held])
     async with env.db.transaction() as b:
-        rest = await dispatch.claim(b, 10, 20, env.task_queue)
+        rest = await notice_dispatch.claim(b, 10, 20, env.task_queue)
         assert [(r["workflow_id"], r["payload"]["n"]) for r in rest] == [(w1, 3), (w1, 4)]
         # A deferred head holds its workflow back: its followers are not heads.
-        await dispatch.defer(b, [dispatch.Deferral(rest[0]["seq"], 60, "boom")])
+        await notice_dispatch.defer(b, [notice_dispatch.Deferral(rest[0]["seq"], 60, "boom")])
     async with env.db.transaction() as c:
-        assert await dispatch.claim(c, 10, 20, env.task_queue) == []
+        assert await notice_dispatch.claim(c, 10, 20, env.task_queue) == []
     row = (await env.rows())[0]
     assert (row["attempts"], row["last_error"]) == (1, "boom")
     await env.db.execute("DELETE FROM workflow_outbox WHERE task_queue = %s", (env.task_queue,))
@@ -232,10 +232,10 @@ async def test_claim_takes_heads_due_soon_before_older_rows(env: Env):
     await env.db.execute("UPDATE workflow_outbox SET due_at = now() + interval '1 hour' WHERE workflow_id = %s",
                          (later,))
     async with env.db.transaction() as a:
-        first = await dispatch.claim(a, 1, 1, env.task_queue)
+        first = await notice_dispatch.claim(a, 1, 1, env.task_queue)
         assert [r["workflow_id"] for r in first] == [soon]
         async with env.db.transaction() as b:
-            rest = await dispatch.claim(b, 10, 1, env.task_queue)
+            rest = await notice_dispatch.claim(b, 10, 1, env.task_queue)
             assert [r["workflow_id"] for r in rest] == [old, later]  # then by age
     await env.db.execute("DELETE FROM workflow_outbox WHERE task_queue = %s", (env.task_queue,))
 
@@ -263,35 +263,35 @@ async def test_a_cascade_fanout_is_spread_in_place_and_holds_back_the_rows_behin
     s1 = f"session/{zone}/s1"
     await env.enqueue([(s1, 7)])  # a later change of s1
     assert await env.pending() == 4  # three notices in the fan-out row, one row
-    assert not await dispatch.delivered(env.db, s1)
+    assert not await notice_dispatch.delivered(env.db, s1)
     async with env.db.transaction() as a:
         # Not spread yet: the row behind it is no head (s1's notice in the fan-out comes first).
-        assert await dispatch.claim(a, 10, 10, env.task_queue) == []
-    assert await dispatch.spread_fanouts(env.db, env.task_queue, 10) == 3
+        assert await notice_dispatch.claim(a, 10, 10, env.task_queue) == []
+    assert await notice_dispatch.spread_fanouts(env.db, env.task_queue, 10) == 3
     async with env.db.transaction() as a:
-        held = await dispatch.claim(a, 10, 10, env.task_queue)
+        held = await notice_dispatch.claim(a, 10, 10, env.task_queue)
         # In the cascade's order (here by id), each with its seq; s1's later row behind its notice.
         assert [(r["workflow_id"].rsplit("/", 1)[1], r["signal"]) for r in held] == [
             ("s1", "suspended"), ("s2", "suspended"), ("s3", "suspended"), ("s1", "note")]
         assert held[0]["payload"]["session"]["state_version"] == 2
         assert held[0]["payload"]["session"]["reason"] == "requested"
         assert held[0]["summary"] == "task session s1 of app"
-        await dispatch.delete_delivered(a, [r["seq"] for r in held])
+        await notice_dispatch.delete_delivered(a, [r["seq"] for r in held])
 
     # The spread is committed at once: while one dispatcher's batch is still open, another
     # dispatcher claims the rest of a cascade (and what follows it).
     await write_fanout("s4", "s5")
-    assert await dispatch.spread_fanouts(env.db, env.task_queue, 10) == 2
+    assert await notice_dispatch.spread_fanouts(env.db, env.task_queue, 10) == 2
     async with env.db.transaction() as a:
-        first = await dispatch.claim(a, 1, 10, env.task_queue)
+        first = await notice_dispatch.claim(a, 1, 10, env.task_queue)
         async with env.db.transaction() as b:
-            rest = await dispatch.claim(b, 10, 10, env.task_queue)
-            await dispatch.delete_delivered(b, [r["seq"] for r in rest])
+            rest = await notice_dispatch.claim(b, 10, 10, env.task_queue)
+            await notice_dispatch.delete_delivered(b, [r["seq"] for r in rest])
         assert len(first) == len(rest) == 1
         assert sorted(r["workflow_id"].rsplit("/", 1)[1] for r in first + rest) == ["s4", "s5"]
-        await dispatch.delete_delivered(a, [r["seq"] for r in first])
+        await notice_dispatch.delete_delivered(a, [r["seq"] for r in first])
     assert await env.pending() == 0
-    assert await dispatch.delivered(env.db, s1)
+    assert await notice_dispatch.delivered(env.db, s1)
 
 
 # ------------------------------------------------------------------------------------------- order
@@ -317,7 +317,7 @@ async def test_two_dispatchers_deliver_in_order_per_workflow_none_lost_none_twic
     for w in workflows:
         assert await env.got(w) == list(range(per_workflow)), w
     # Both stopped cleanly: their totals are kept, their rows are gone from the running list.
-    stats = await dispatch.dispatch_stats(env.db)
+    stats = await notice_dispatch.dispatch_stats(env.db)
     assert stats["delivered_total"] >= len(workflows) * per_workflow
     assert await env.db.fetchval("SELECT count(*) FROM workflow_dispatchers WHERE dispatcher_id IN (%s, %s)",
                                  (a.id, b.id)) == 0
@@ -473,7 +473,6 @@ async def test_rows_wait_while_temporal_is_unreachable_and_drain_when_it_is_back
     from api.app import create_app
     from api.auth import Authenticator
     from api.deps import Services
-    from api.temporal_gateway import TemporalGateway
 
     proxy = Proxy(env.client.service_client.config.target_host)
     lazy = await Client.connect(proxy.address, lazy=True)  # nothing listens there yet
@@ -481,7 +480,7 @@ async def test_rows_wait_while_temporal_is_unreachable_and_drain_when_it_is_back
     await env.enqueue([(w, n) for n in range(3) for w in workflows])
     d = env.dispatcher(lazy)
     settings = env.settings.model_copy(update={"FOLLOW_LAG_TARGET_SECONDS": 1.0})
-    services = Services(settings, env.db, TemporalGateway(lazy, settings), Authenticator(settings, env.db))
+    services = Services(settings, env.db, lazy, Authenticator(settings, env.db))
     http = httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(services=services)), base_url="http://t")
     try:
         async with running(d):

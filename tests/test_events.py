@@ -15,7 +15,7 @@ import uvicorn
 from api.app import create_app
 from devstack.postgres import free_port
 from storage.db import Database
-from storage.outbox import AGENTS_LIFECYCLE, SESSIONS_REVOKE, Event, emit
+from storage.event_feed import AGENTS_LIFECYCLE, SESSIONS_REVOKE, Event, emit
 from tests.conftest import Zone
 
 

@@ -16,8 +16,8 @@ from psycopg.rows import dict_row
 from rules import workflow_contract as wc
 from rules.ids import new_id
 from rules.lifecycle import DEFAULT_TASK_TTL_SECONDS
-from storage.outbox import NEW_ID_SQL
-from storage.workflow_outbox import SNAPSHOT_TYPES, _due_at, fanout_sql, session_notice, spread_fanouts_sql
+from storage.event_feed import NEW_ID_SQL
+from storage.notices import SNAPSHOT_TYPES, _due_at, fanout_sql, session_notice, spread_fanouts_sql
 
 T0 = datetime(2026, 11, 30, 9, 0, 1, 123456, tzinfo=timezone.utc)
 NOW = datetime.now(timezone.utc).replace(microsecond=987654)

@@ -6,18 +6,18 @@ import uuid
 
 from temporalio.client import WorkflowExecutionStatus
 
-from activities.maintenance import MaintenanceActivities
+from maintenance.reconciler import Reconciler
 from rules import workflow_contract as wc
-from storage import dispatch
+from storage import notice_dispatch
 from tests.conftest import Zone, eventually
 
 
-def reconciler(zone: Zone, **overrides) -> MaintenanceActivities:
+def reconciler(zone: Zone, **overrides) -> Reconciler:
     """The maintenance activities' reconciler on the zone's stack, run on demand: no interval, no
     grace (the sessions here are seconds old)."""
     settings = zone.stack.settings.model_copy(update={"RECONCILE_INTERVAL_SECONDS": 0, "RECONCILE_GRACE_SECONDS": 0,
                                                       **overrides})
-    return MaintenanceActivities(zone.stack.db, settings, zone.stack.client)
+    return Reconciler(zone.stack.db, settings, zone.stack.client)
 
 
 async def lost_workflow(zone: Zone) -> tuple[str, str]:
@@ -56,20 +56,20 @@ async def test_while_notices_wait_the_reconciler_starts_nothing_and_once_deliver
                now() + interval '1 hour', %(queue)s, now() - interval '10 seconds'
         FROM generate_series(1, 300) g""",
         {"zone": zone.id, "type": wc.SESSION_WORKFLOW, "signal": wc.SESSION_SYNC, "queue": queue})
-    started_before = await dispatch.counter(zone.stack.db, "reconciler_started")
-    quiet_before = await dispatch.counter(zone.stack.db, "reconciler_quiet_runs")
+    started_before = await notice_dispatch.counter(zone.stack.db, "reconciler_started")
+    quiet_before = await notice_dispatch.counter(zone.stack.db, "reconciler_quiet_runs")
     try:
         assert await reconciler(zone, FOLLOW_LAG_TARGET_SECONDS=5).reconcile() == 0
         assert await sync_notices(zone, workflow_id) == 0
-        assert await dispatch.counter(zone.stack.db, "reconciler_quiet_runs") == quiet_before + 1
+        assert await notice_dispatch.counter(zone.stack.db, "reconciler_quiet_runs") == quiet_before + 1
     finally:
         await zone.stack.db.execute("DELETE FROM workflow_outbox WHERE task_queue = %s", (queue,))
-    assert await dispatch.counter(zone.stack.db, "reconciler_started") == started_before
+    assert await notice_dispatch.counter(zone.stack.db, "reconciler_started") == started_before
 
     # The backlog gone: the lost workflow is started again, once, and follows its row. (Other
     # tests leave live rows without workflows in the shared database: the run may start those too.)
     assert await reconciler(zone).reconcile() >= 1
-    assert await dispatch.counter(zone.stack.db, "reconciler_started") >= started_before + 1
+    assert await notice_dispatch.counter(zone.stack.db, "reconciler_started") >= started_before + 1
     handle = zone.stack.client.get_workflow_handle(workflow_id)
 
     async def running_again() -> bool:

@@ -60,7 +60,7 @@ async def test_record_task_session_paths(zone: Zone):
 
 async def test_record_reconciler_start(zone: Zone):
     """A live session whose workflow was lost: the reconciler's `sync` notice starts it again."""
-    from storage.workflow_outbox import enqueue, session_notice
+    from storage.notices import enqueue, session_notice
     from rules.workflow_contract import SESSION_SYNC
 
     sid = (await zone.start())["agent_session_id"]

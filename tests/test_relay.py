@@ -15,12 +15,12 @@ from datetime import datetime, timedelta, timezone
 import pytest
 import redis.asyncio as aioredis
 
-from activities.relay import OutboxPublisher
+from feed.relay import OutboxPublisher
 from devstack.postgres import free_port
 from settings import load_settings
 from storage.db import Database
 from storage.migrate import upgrade
-from storage.outbox import AGENTS_LIFECYCLE, INVOCATIONS_LIFECYCLE, Event, emit
+from storage.event_feed import AGENTS_LIFECYCLE, INVOCATIONS_LIFECYCLE, Event, emit
 
 STREAMS_KEY = "5e" * 32
 REDIS_SERVER = shutil.which("redis-server")

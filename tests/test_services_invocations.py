@@ -1,6 +1,6 @@
 """Service sessions, heartbeats, lease takeover and invocations against the real stack (no mocks).
 
-Covers reference-behaviour §13 cases 20 and 60-76, plus what we do differently (DESIGN.md,
+Covers reference-behaviour §13 cases 20 and 60-76, plus what we do differently (docs/DESIGN.md,
 sdk-wire-contract §4.5/§9): lease_generation fencing and takeover, durable lease and invocation
 deadline timers (settled within about a second), per-transition outbox keys, continue-as-new of a
 long-lived service session, and the published `caracalai-sdk` client driving the lease flow.
@@ -27,7 +27,7 @@ from temporalio.client import WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 
 from rules.idempotency import key_digest
-from storage import dispatch
+from storage import notice_dispatch
 from tests.conftest import Stack, Zone, eventually, notices_in, seed_zone
 from workflows.models import invocation_workflow_id, session_workflow_id
 
@@ -123,7 +123,7 @@ async def events_for(zone: Zone, topic: str, entity: str) -> list[dict[str, Any]
 async def session_state(stack: Stack, zone_id: str, sid: str) -> dict[str, Any]:
     """The session as its workflow knows it, once the notices written so far are delivered."""
     wf = session_workflow_id(zone_id, sid)
-    await eventually(lambda: dispatch.delivered(stack.db, wf), timeout=15)
+    await eventually(lambda: notice_dispatch.delivered(stack.db, wf), timeout=15)
     return (await stack.client.get_workflow_handle(wf).query("current_state"))["current"]
 
 

@@ -1,5 +1,5 @@
 """Session acceptance tests through the HTTP API (reference-behaviour §4.4-4.10, §5.1-5.3, §7, §8;
-§13 cases 19-37, 42-59), plus what DESIGN.md promises beyond the reference: per-transition outbox
+§13 cases 19-37, 42-59), plus what docs/DESIGN.md promises beyond the reference: per-transition outbox
 keys, TTL expiry by a durable timer, workflows that follow every cascade.
 
 Each test asserts the HTTP answer, the rows in Postgres, the outbox and, where it matters, the
@@ -25,8 +25,9 @@ from rules.idempotency import key_digest
 from rules.timefmt import iso_ms
 from settings import DEV_IDEMPOTENCY_HMAC_KEY
 from storage.pages import iso_ms_sql
-from storage.outbox import AGENTS_LIFECYCLE, DELEGATIONS_INVALIDATE, SESSIONS_REVOKE
-from storage.workflow_outbox import SNAPSHOT_COLUMNS, fanout_sql, missing_candidates, session_snapshot, start_missing
+from storage.event_feed import AGENTS_LIFECYCLE, DELEGATIONS_INVALIDATE, SESSIONS_REVOKE
+from storage.maintenance import missing_candidates, start_missing
+from storage.notices import SNAPSHOT_COLUMNS, fanout_sql, session_snapshot
 from tests.conftest import Zone, eventually, seed_zone
 
 ROTATED_HMAC_KEY = hashlib.sha256(b"rotated idempotency key").hexdigest()
@@ -270,7 +271,7 @@ async def test_a_new_session_workflow_starts_with_its_created_notice_and_its_fir
 async def test_a_created_notice_for_a_workflow_that_already_runs_is_signalled(stack_factory, signing_key):
     """A workflow may exist before its `created` notice is delivered (a reconciler's sync started
     it): the start fails as already started and the notice goes by signal-with-start instead."""
-    from storage.workflow_outbox import session_notice
+    from storage.notices import session_notice
 
     s = await stack_factory()
     try:

@@ -27,7 +27,7 @@ import pytest
 
 from devstack.postgres import free_port
 from devstack.temporal import start_temporal
-from storage import dispatch
+from storage import notice_dispatch
 from tests.conftest import eventually, make_settings, notices_in, open_stack, seed_zone
 
 try:
@@ -91,7 +91,7 @@ async def test_session_suspend_and_resume_are_traceable_in_the_temporal_ui(postg
             # Delivered one by one (rows claimed together would travel as one `notices` signal). Only
             # this workflow's rows: the outbox is shared with the session's other stacks, whose
             # dispatchers may still be working through what earlier tests left.
-            await eventually(lambda: dispatch.delivered(stack.db, workflow_id), timeout=15)
+            await eventually(lambda: notice_dispatch.delivered(stack.db, workflow_id), timeout=15)
             r = await zone.http.patch(f"/zones/{zone.id}/agents/{session_id}/{action}", headers=zone.headers())
             assert r.status_code == 200, r.text
             assert r.json() == expected

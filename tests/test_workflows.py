@@ -1,7 +1,7 @@
 """The session and invocation workflows on their own: notices in, timers, settlements out.
 
 Notices are delivered exactly as the dispatcher delivers workflow-outbox rows (signal-with-start,
-payloads built by storage/workflow_outbox.py from table-shaped rows); the settle activities are
+payloads built by storage/notices.py from table-shaped rows); the settle activities are
 mocked by name and answer what the real ones would (the row after the transaction, as a snapshot).
 Time-skipping test server for everything but continue-as-new, which needs a server that suggests
 it (a dev server with a low history threshold).
@@ -30,7 +30,7 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer, Worker
 
 from rules import workflow_contract as wc
-from storage.workflow_outbox import (
+from storage.notices import (
     WorkflowNotice, invocation_notice, invocation_snapshot, session_notice, session_snapshot,
 )
 from workflows.invocation import InvocationWorkflow

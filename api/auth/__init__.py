@@ -20,7 +20,7 @@ The modules:
 from __future__ import annotations
 
 from api.auth.authenticator import Authenticator
-from api.auth.identity import ADMIN_SCOPE, OPERATOR, Identity
+from rules.identity import ADMIN_SCOPE, OPERATOR, Identity
 from api.auth.jwks import JwksCache, JwksError
 from api.auth.routes import OPERATOR_GLOBAL, PUBLIC_PATHS, operator_route_zone, split_path
 from rules.ids import ID_PATTERN

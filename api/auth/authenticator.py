@@ -16,30 +16,19 @@ import httpx
 import jwt
 
 from api.auth.bearer import InvalidToken, bearer_token, non_empty_str, optional_id, scope_set, unverified
-from api.auth.identity import Identity, operator_identity
+from rules.identity import Identity, operator_identity
 from api.auth.jwks import JwksCache, JwksError
 from api.auth.mandate import VERIFY_REQUIRED, mandate_claims
 from api.auth.routes import OPERATOR_GLOBAL, OPERATOR_ONLY_PATHS, PUBLIC_PATHS, operator_route_zone, path_only
 from rules.errors import CoordinatorError
 from storage.db import ChannelListener
 from rules.ids import is_valid_id
+from storage import directory
 
 log = logging.getLogger("coordinator.auth")
 
 CLOCK_TOLERANCE_SECONDS: Final = 60
 
-# One round trip for both runtime identity checks (§3.1 step 11): until when the application and the
-# authority record stay live (epoch seconds; NULL when not live now). A NULL sid skips the record.
-_IDENTITY_SQL: Final = """
-SELECT
-  (SELECT COALESCE(EXTRACT(EPOCH FROM expires_at)::float8, 'Infinity'::float8) FROM applications
-    WHERE zone_id = %(zone_id)s AND id = %(client_id)s
-      AND archived_at IS NULL AND (expires_at IS NULL OR expires_at > now())) AS application_until,
-  CASE WHEN %(sid)s::text IS NULL THEN 'Infinity'::float8 ELSE
-  (SELECT EXTRACT(EPOCH FROM expires_at)::float8 FROM authority_records
-    WHERE zone_id = %(zone_id)s AND id = %(sid)s::text
-      AND status = 'active' AND expires_at > now()) END AS authority_record_until
-"""
 # Changes to applications and authority records are notified here (migration 0004's triggers).
 DIRECTORY_CHANNEL: Final = "coordinator_directory"
 IDENTITY_CACHE_SIZE: Final = 16384
@@ -215,7 +204,7 @@ class Authenticator:
             if until is not None and until > now:
                 return True
         changes = self._directory_changes
-        row = await self.db.fetchrow(_IDENTITY_SQL, {"zone_id": zone_id, "client_id": client_id, "sid": sid})
+        row = await directory.identity_live_until(self.db, zone_id, client_id, sid)
         if row is None or row["application_until"] is None or row["authority_record_until"] is None:
             self._live.pop(key, None)
             return False

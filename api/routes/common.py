@@ -12,14 +12,11 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic.json_schema import SkipJsonSchema
 
-from api.auth import Identity
 from api.deps import Caller
 from api.http import CoordinatorRoute
-from rules import authz
 from rules.errors import CoordinatorError
 from rules.idempotency import parse_idempotency_key
-from storage import sessions as session_store
-from storage.db import Conn
+from storage.idempotency import CreateResult
 from storage.pages import Page  # noqa: F401 (re-exported: the list routes' response model)
 
 # ---------------------------------------------------------------------------------------------
@@ -185,16 +182,6 @@ def idempotency_headers(request: Request) -> tuple[str | None, bool]:
     return key, generated
 
 
-def created(result: dict[str, Any]) -> JSONResponse:
-    headers = {"Idempotency-Replayed": "true"} if result.get("replayed") else {}
-    return JSONResponse(result["body"], status_code=result["status"], headers=headers)
-
-
-async def locked_managed_session(conn: Conn, ident: Identity, zone_id: str, session_id: str) -> dict[str, Any]:
-    """The session row, locked for the command's transaction: 404 when absent, 403 when not the caller's."""
-    row = await session_store.get_session(conn, zone_id, session_id, lock=True)
-    if row is None:
-        raise CoordinatorError(404, "session_not_found")
-    if not authz.can_manage_session(ident, row["application_id"]):
-        raise CoordinatorError(403, "application_ownership_required")
-    return row
+def created(result: CreateResult) -> JSONResponse:
+    headers = {"Idempotency-Replayed": "true"} if result.replayed else {}
+    return JSONResponse(result.body, status_code=result.status, headers=headers)

@@ -14,20 +14,14 @@ from pydantic import BaseModel, Field, WithJsonSchema, field_validator
 from api import audit
 from api.deps import Caller, ServicesDep
 from api.routes.common import (
-    INTEGRAL, Body, EdgeId, IdempotencyKeyHeader, NonEmpty, Page, PageParams, PageQuery, SessionId, ZoneId, created,
-    make_router,
+    INTEGRAL, Body, EdgeId, IdempotencyKeyHeader, NonEmpty, Page, PageParams, SessionId, ZoneId, created,
+    idempotency_headers, make_router,
 )
-from rules import authz
+from commands import delegations as commands
 from rules.constraints import MAX_BROAD_REASON, MAX_BUDGET, MAX_HOPS, MAX_RESOURCES, MAX_TTL_SECONDS, MISSING
-from rules.constraints import apply_broad_defaults, normalize_constraints
 from rules.errors import CoordinatorError
-from rules.idempotency import parse_idempotency_key, request_digest
-from rules.ids import new_id
 from rules.timefmt import is_iso_z
 from storage import delegations as store
-from storage.idempotency import DELEGATION_CREATE, IdempotencyRequest
-from storage.db import Conn
-from storage.pages import list_page
 
 router = make_router("delegations")
 
@@ -90,82 +84,45 @@ class RevokeQuery(BaseModel):
 async def create_delegation(zone_id: ZoneId, body: Annotated[CreateDelegationBody, BodyParam()], request: Request,
                             ident: Caller, svc: ServicesDep,
                             idempotency_key: IdempotencyKeyHeader = None) -> JSONResponse:
-    constraints = normalize_constraints(body.given("constraints_json"), body.given("constraints"), body.ttl_seconds)
-    requested = body.expires_at or constraints.get("expires_at")
-    ttl = constraints.get("ttl_seconds") if requested is None else None
-    if requested is None and ttl is None:
-        raise CoordinatorError(400, "delegation_expiry_required")
-    if not authz.can_issue(ident, body.issuer_application_id):
-        raise CoordinatorError(403, "issuer_ownership_required")
-    if (body.receiver_application_id != body.issuer_application_id
-            and not authz.can_receive(ident, body.receiver_application_id, body.issuer_application_id)):
-        raise CoordinatorError(403, "receiver_consent_required")
-    if body.source_session_id == body.target_session_id:
-        raise CoordinatorError(400, "self_delegation_denied")
-    scoped = body.resource_id is not None or bool(constraints.get("resources"))
-    if not scoped:
-        if not authz.can_delegate_broad(ident, body.issuer_application_id):
-            raise CoordinatorError(403, "broad_delegation_permission_required")
-        constraints = apply_broad_defaults(constraints)
-    key = parse_idempotency_key(request.headers.getlist("idempotency-key"))
-    digest = None
-    if key is not None:
-        digest = request_digest({
-            "principal": {"client_id": ident.client_id, "subject": ident.subject},
-            "source_session_id": body.source_session_id, "target_session_id": body.target_session_id,
-            "issuer_application_id": body.issuer_application_id,
-            "receiver_application_id": body.receiver_application_id, "parent_edge_id": body.parent_edge_id,
-            "resource_id": body.resource_id, "scopes": sorted(body.scopes), "constraints": constraints,
-            "expires_at": requested, "ttl_seconds": ttl})
-    idem = None if key is None or digest is None else IdempotencyRequest(
-        DELEGATION_CREATE, zone_id, body.issuer_application_id, key, digest)
-    cmd = store.CreateEdge(
-        zone_id=zone_id, edge_id=new_id(), source_session_id=body.source_session_id,
-        target_session_id=body.target_session_id, issuer_application_id=body.issuer_application_id,
-        receiver_application_id=body.receiver_application_id, parent_edge_id=body.parent_edge_id,
-        resource_id=body.resource_id, scopes=body.scopes, constraints=constraints, requested_expires_at=requested,
-        ttl_seconds=ttl, body_ttl_seconds=body.ttl_seconds, broad=not scoped)
-    return created(await svc.db.run(lambda conn: store.create_edge(conn, svc.settings, cmd, idem),
-                                    before_commit=audit.with_commit(request, lambda r: r["status"])))
-
-
-async def _edge_page(svc: ServicesDep, query: PageQuery, zone_id: str, where: str, params: list[Any],
-                     project: Any = store.edge_projection) -> Page:
-    return await list_page(svc.db, table="delegation_edges", zone_id=zone_id, limit=query.limit, cursor=query.cursor,
-                           sql=f"SELECT {store.EDGE_COLUMNS} FROM delegation_edges x WHERE x.zone_id = %s {where}",
-                           params=[zone_id, *params], project=project)
+    req = commands.CreateDelegation(
+        source_session_id=body.source_session_id, target_session_id=body.target_session_id,
+        issuer_application_id=body.issuer_application_id, receiver_application_id=body.receiver_application_id,
+        parent_edge_id=body.parent_edge_id, resource_id=body.resource_id, scopes=body.scopes,
+        constraints_json=body.given("constraints_json"), constraints=body.given("constraints"),
+        expires_at=body.expires_at, ttl_seconds=body.ttl_seconds)
+    key, _ = idempotency_headers(request)
+    return created(await commands.create(svc.db, svc.settings, ident, zone_id, req, key,
+                                         before_commit=audit.with_commit(request, lambda r: r.status)))
 
 
 @router.get("/zones/{zone_id}/delegations/active", summary="List active delegation edges")
 async def active_edges(zone_id: ZoneId, query: PageParams, ident: Caller,
                        svc: ServicesDep) -> Page:
-    return await _edge_page(svc, query, zone_id, "AND x.status = 'active' AND x.expires_at > now()", [],
-                            store.active_projection)
+    return await store.list_edges(svc.db, zone_id, store.EdgeFilter(active=True), query.limit, query.cursor)
 
 
 @router.get("/zones/{zone_id}/delegations/inbound/{session_id}", summary="List inbound edges for a session")
 async def inbound_edges(zone_id: ZoneId, session_id: SessionId, query: PageParams,
                         ident: Caller, svc: ServicesDep) -> Page:
-    return await _edge_page(svc, query, zone_id, "AND x.target_session_id = %s", [session_id])
+    return await store.list_edges(svc.db, zone_id, store.EdgeFilter(target_session_id=session_id), query.limit,
+                                  query.cursor)
 
 
 @router.get("/zones/{zone_id}/delegations/outbound/{session_id}", summary="List outbound edges for a session")
 async def outbound_edges(zone_id: ZoneId, session_id: SessionId, query: PageParams,
                          ident: Caller, svc: ServicesDep) -> Page:
-    return await _edge_page(svc, query, zone_id, "AND x.source_session_id = %s", [session_id])
+    return await store.list_edges(svc.db, zone_id, store.EdgeFilter(source_session_id=session_id), query.limit,
+                                  query.cursor)
 
 
 @router.get("/zones/{zone_id}/delegations/inbound/{session_id}/{edge_id}",
             summary="One inbound edge, while it is active")
 async def inbound_edge(zone_id: ZoneId, session_id: SessionId, edge_id: EdgeId, ident: Caller,
                        svc: ServicesDep) -> dict[str, Any]:
-    row = await svc.db.fetchrow(f"""SELECT {store.EDGE_COLUMNS} FROM delegation_edges x
-                                    WHERE x.zone_id = %s AND x.id = %s AND x.target_session_id = %s
-                                      AND x.status = 'active' AND x.expires_at > now()""",
-                                (zone_id, edge_id, session_id))
-    if row is None:
+    body = await store.active_inbound_edge(svc.db, zone_id, session_id, edge_id)
+    if body is None:
         raise CoordinatorError(404, "delegation_not_found")
-    return store.edge_projection(row)
+    return body
 
 
 # Traverse and impact are open to any mandate of the zone, as in the reference: every other graph
@@ -203,11 +160,5 @@ async def revoke(zone_id: ZoneId, edge_id: EdgeId, query: Annotated[RevokeQuery,
     expected = query.expected_epoch if query.expected_epoch is not None else (
         body.expected_epoch if body is not None else None)
 
-    async def revoke_edge(conn: Conn) -> dict[str, Any]:
-        edge = await store.get_edge(conn, zone_id, edge_id)
-        if edge is None:
-            raise CoordinatorError(404, "delegation_not_found")
-        if not authz.can_revoke(ident, edge["issuer_application_id"]):
-            raise CoordinatorError(403, "issuer_ownership_required")
-        return await store.revoke_cascade(conn, zone_id, edge_id, expected)
-    return await svc.db.run(revoke_edge, before_commit=audit.with_commit(request))
+    return await commands.revoke(svc.db, ident, zone_id, edge_id, expected,
+                                 before_commit=audit.with_commit(request))

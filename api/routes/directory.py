@@ -7,15 +7,12 @@ from typing import Annotated, Any, Literal
 
 from fastapi import Body as BodyParam
 from fastapi import Depends
-from psycopg import errors as pg_errors
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from api.deps import ServicesDep, operator
 from api.routes.common import Body, IgnoredBody, ItemId, NonEmpty, ZoneId, make_router
-from rules.errors import CoordinatorError
 from rules.timefmt import parse_iso_z
-from storage import directory as store
-from storage.db import q1
+from commands import directory as commands
 
 # Operator token only: a router-level dependency.
 router = make_router("directory", dependencies=[Depends(operator)])
@@ -56,92 +53,62 @@ class AuthorityRecordBody(BaseModel):
     _parse = field_validator("expires_at", mode="before")(classmethod(lambda cls, v: _iso(v)))
 
 
-async def _one(svc: ServicesDep, sql: str, params: tuple[Any, ...], project: Any, missing: str) -> dict[str, Any]:
-    async with svc.db.connection() as conn:
-        row = await q1(conn, sql, params)
-    if row is None:
-        raise CoordinatorError(404, missing)
-    return project(row)
+def _identities_changed(svc: ServicesDep, answer: dict[str, Any]) -> dict[str, Any]:
+    """After a change that can end identities: this process forgets them at once, the others on
+    the NOTIFY of the change."""
+    svc.auth.forget_identities()
+    return answer
 
 
 @router.put("/zones/{zone_id}/applications/{app_id}", summary="Create or update an application")
 async def put_application(zone_id: ZoneId, app_id: ItemId, body: Annotated[ApplicationBody, BodyParam()],
                           svc: ServicesDep) -> dict[str, Any]:
-    if body.registration_method == "dcr" and body.expires_at is None:
-        raise CoordinatorError(400, "dcr_expires_at_required")  # a rule across two fields, not a shape
-    async with svc.db.transaction() as conn:
-        row = await store.put_application(conn, zone_id, app_id, body.registration_method, body.expires_at)
-    svc.auth.forget_identities()  # this process at once; the others on the NOTIFY of the change
-    return store.application_projection(row)
+    answer = await commands.put_application(svc.db, zone_id, app_id, body.registration_method, body.expires_at)
+    return _identities_changed(svc, answer)
 
 
 @router.get("/zones/{zone_id}/applications/{app_id}", summary="Inspect an application")
-async def get_application(zone_id: ZoneId, app_id: ItemId,
-                          svc: ServicesDep) -> dict[str, Any]:
-    return await _one(svc, "SELECT * FROM applications WHERE zone_id = %s AND id = %s", (zone_id, app_id),
-                      store.application_projection, "application_not_found")
+async def get_application(zone_id: ZoneId, app_id: ItemId, svc: ServicesDep) -> dict[str, Any]:
+    return await commands.get(svc.db, "application", zone_id, app_id)
 
 
 @router.post("/zones/{zone_id}/applications/{app_id}/archive", summary="Archive an application")
 async def archive_application(zone_id: ZoneId, app_id: ItemId, svc: ServicesDep,
                               body: IgnoredBody = None) -> dict[str, Any]:
-    answer = await _one(svc, """UPDATE applications SET archived_at = COALESCE(archived_at, now()), updated_at = now()
-                              WHERE zone_id = %s AND id = %s RETURNING *""", (zone_id, app_id),
-                      store.application_projection, "application_not_found")
-    svc.auth.forget_identities()
-    return answer
+    return _identities_changed(svc, await commands.archive(svc.db, "application", zone_id, app_id))
 
 
 @router.put("/zones/{zone_id}/resources/{resource_id}", summary="Create or update a resource")
 async def put_resource(zone_id: ZoneId, resource_id: ItemId, body: Annotated[ResourceBody, BodyParam()],
                        svc: ServicesDep) -> dict[str, Any]:
-    try:
-        async with svc.db.transaction() as conn:
-            row = await store.put_resource(conn, zone_id, resource_id, body.identifier, body.scopes)
-    except pg_errors.UniqueViolation:
-        raise CoordinatorError(409, "resource_identifier_taken") from None
-    return store.resource_projection(row)
+    return await commands.put_resource(svc.db, zone_id, resource_id, body.identifier, body.scopes)
 
 
 @router.get("/zones/{zone_id}/resources/{resource_id}", summary="Inspect a resource")
-async def get_resource(zone_id: ZoneId, resource_id: ItemId,
-                       svc: ServicesDep) -> dict[str, Any]:
-    return await _one(svc, "SELECT * FROM resources WHERE zone_id = %s AND id = %s", (zone_id, resource_id),
-                      store.resource_projection, "resource_not_found")
+async def get_resource(zone_id: ZoneId, resource_id: ItemId, svc: ServicesDep) -> dict[str, Any]:
+    return await commands.get(svc.db, "resource", zone_id, resource_id)
 
 
 @router.post("/zones/{zone_id}/resources/{resource_id}/archive", summary="Archive a resource")
 async def archive_resource(zone_id: ZoneId, resource_id: ItemId, svc: ServicesDep,
                            body: IgnoredBody = None) -> dict[str, Any]:
-    return await _one(svc, """UPDATE resources SET archived_at = COALESCE(archived_at, now()), updated_at = now()
-                              WHERE zone_id = %s AND id = %s RETURNING *""", (zone_id, resource_id),
-                      store.resource_projection, "resource_not_found")
+    return await commands.archive(svc.db, "resource", zone_id, resource_id)
 
 
 @router.put("/zones/{zone_id}/authority-records/{record_id}", summary="Create or update an authority record")
 async def put_authority_record(zone_id: ZoneId, record_id: ItemId,
                                body: Annotated[AuthorityRecordBody, BodyParam()], svc: ServicesDep) -> dict[str, Any]:
-    async with svc.db.transaction() as conn:
-        row = await store.put_authority_record(conn, zone_id, record_id, body.session_type, body.subject_id,
-                                               body.expires_at)
-    svc.auth.forget_identities()
-    return store.authority_record_projection(row)
+    answer = await commands.put_authority_record(svc.db, zone_id, record_id, body.session_type, body.subject_id,
+                                                 body.expires_at)
+    return _identities_changed(svc, answer)
 
 
 @router.get("/zones/{zone_id}/authority-records/{record_id}", summary="Inspect an authority record")
-async def get_authority_record(zone_id: ZoneId, record_id: ItemId,
-                               svc: ServicesDep) -> dict[str, Any]:
-    return await _one(svc, "SELECT * FROM authority_records WHERE zone_id = %s AND id = %s", (zone_id, record_id),
-                      store.authority_record_projection, "authority_record_not_found")
+async def get_authority_record(zone_id: ZoneId, record_id: ItemId, svc: ServicesDep) -> dict[str, Any]:
+    return await commands.get(svc.db, "authority_record", zone_id, record_id)
 
 
 @router.post("/zones/{zone_id}/authority-records/{record_id}/revoke", summary="Revoke an authority record")
 async def revoke_authority_record(zone_id: ZoneId, record_id: ItemId, svc: ServicesDep,
                                   body: IgnoredBody = None) -> dict[str, Any]:
-    answer = await _one(svc, """UPDATE authority_records
-                              SET status = 'revoked', revoked_at = COALESCE(revoked_at, now()),
-                                  revoked_reason = COALESCE(revoked_reason, 'operator_revoked')
-                              WHERE zone_id = %s AND id = %s RETURNING *""", (zone_id, record_id),
-                      store.authority_record_projection, "authority_record_not_found")
-    svc.auth.forget_identities()
-    return answer
+    return _identities_changed(svc, await commands.revoke_authority_record(svc.db, zone_id, record_id))

@@ -1,4 +1,4 @@
-"""`GET /zones/:z/events`: the zone's outbox events, in order, resumable (DESIGN.md, our addition).
+"""`GET /zones/:z/events`: the zone's outbox events, in order, resumable (docs/DESIGN.md, our addition).
 
 Same authentication as the other zone routes (the operator token is allowed). Two forms:
 
@@ -11,7 +11,7 @@ Same authentication as the other zone routes (the operator token is allowed). Tw
   15 s of silence; resume after a disconnect with `Last-Event-ID` (or `?after=`). A stream ends
   after SSE_MAX_SECONDS so that the bearer is checked again on reconnect.
 
-Ordering and exactly-once delivery come from storage/events.py.
+Ordering and exactly-once delivery come from storage/event_feed.py.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pydantic import BaseModel, Field
 from api.deps import Caller, Services, ServicesDep
 from api.routes.common import ZoneId, make_router
 from rules.errors import CoordinatorError
-from storage.events import MAX_LIMIT, read_page
+from storage.event_feed import MAX_LIMIT, read_page
 
 router = make_router("events")
 

@@ -3,7 +3,7 @@
 `/ready` fails (503) only for what commands need: Postgres (and Redis when the relay is
 configured). Temporal and the worker are reported, not required: commands are Postgres
 transactions and reach the workflows through the workflow outbox, which waits while Temporal is
-away (DESIGN.md, "Postgres decides, Temporal follows"). The body names the outbox backlog and
+away (docs/DESIGN.md, "Postgres decides, Temporal follows"). The body names the outbox backlog and
 Temporal's state as the dispatchers and this API see it.
 """
 
@@ -25,8 +25,9 @@ from api import metrics
 from api.deps import Caller, Services, ServicesDep
 from api.routes.common import error_responses, make_router
 from rules.errors import CoordinatorError
-from storage import dispatch
-from storage.db import one
+from rules.lifecycle import SESSION_STATUSES
+from storage import notice_dispatch
+from storage import stats as stats_store
 
 # Public routes answer only the rate limits (and /ready its 503); /metrics and /stats document their own.
 router = make_router("health", statuses=(429,))
@@ -43,12 +44,12 @@ async def health() -> dict[str, Any]:
 
 
 async def _postgres(svc: Services) -> None:
-    await svc.db.fetchval("SELECT 1")
+    await stats_store.ping(svc.db)
 
 
 async def _temporal(svc: Services) -> bool:
     """True when at least one worker polls the workflow task queue."""
-    client = svc.temporal.client
+    client = svc.temporal
     if client is None:
         raise ConnectionError("no temporal client")
     resp = await client.workflow_service.describe_task_queue(DescribeTaskQueueRequest(
@@ -73,7 +74,7 @@ async def _redis(svc: Services) -> None:
 
 
 async def _outbox(svc: Services) -> tuple[dict[str, Any], dict[str, Any]]:
-    return await asyncio.gather(dispatch.backlog(svc.db), dispatch.dispatch_stats(svc.db))
+    return await asyncio.gather(notice_dispatch.backlog(svc.db), notice_dispatch.dispatch_stats(svc.db))
 
 
 class ReadyAnswer(BaseModel):
@@ -131,32 +132,21 @@ async def metrics_endpoint(request: Request, ident: Caller, svc: ServicesDep) ->
         raise CoordinatorError(401, "unauthorized")
     if not bearer and svc.settings.CARACAL_MODE != "dev":  # published modes need an explicit bearer
         raise CoordinatorError(401, "unauthorized")
-    rows = await svc.db.fetch("SELECT status, count(*) AS n FROM sessions GROUP BY status")
-    for status in ("active", "suspended", "terminated", "expired"):
-        metrics.SESSIONS.labels(status).set(next((r["n"] for r in rows if r["status"] == status), 0))
-    rows = await svc.db.fetch("SELECT status, count(*) AS n FROM agent_invocations GROUP BY status")
-    for r in rows:
-        metrics.INVOCATIONS.labels(r["status"]).set(r["n"])
-    rows = await svc.db.fetch("SELECT status, count(*) AS n FROM caracal_outbox GROUP BY status")
-    for r in rows:
-        metrics.OUTBOX.labels(r["status"]).set(r["n"])
+    sessions = await stats_store.count_by_status(svc.db, "sessions")
+    for status in SESSION_STATUSES:
+        metrics.SESSIONS.labels(status).set(sessions.get(status, 0))
+    for status, n in (await stats_store.count_by_status(svc.db, "invocations")).items():
+        metrics.INVOCATIONS.labels(status).set(n)
+    for status, n in (await stats_store.count_by_status(svc.db, "outbox")).items():
+        metrics.OUTBOX.labels(status).set(n)
     backlog, stats = await _outbox(svc)
-    metrics.set_workflow_outbox(backlog, stats, await dispatch.counter(svc.db, "reconciler_started"),
-                                await dispatch.counter(svc.db, "reconciler_quiet_runs"))
-    body = metrics.render() + metrics.follow_lag_text(await dispatch.lag_histogram(svc.db))
+    metrics.set_workflow_outbox(backlog, stats, await notice_dispatch.counter(svc.db, "reconciler_started"),
+                                await notice_dispatch.counter(svc.db, "reconciler_quiet_runs"))
+    body = metrics.render() + metrics.follow_lag_text(await notice_dispatch.lag_histogram(svc.db))
     return Response(body, media_type="text/plain; version=0.0.4")
 
 
 @router.get("/stats", summary="Operational counters (operator token)", responses=OPERATOR_ERRORS)
 async def stats(ident: Caller, svc: ServicesDep) -> dict[str, Any]:
-
-    async def by_status(table: str) -> dict[str, int]:
-        rows = await svc.db.fetch(f"SELECT status, count(*) AS n FROM {table} GROUP BY status ORDER BY status")
-        return {r["status"]: r["n"] for r in rows}
-
-    receipts = one(await svc.db.fetchrow("""SELECT count(*) AS rows,
-                                               COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)), 0) AS oldest
-                                        FROM coordinator_idempotency_receipts WHERE expires_at > now()"""))
-    return {"sessions": await by_status("sessions"), "invocations": await by_status("agent_invocations"),
-            "outbox": await by_status("caracal_outbox"), "delegations": await by_status("delegation_edges"),
-            "idempotency": {"rows": receipts["rows"], "oldestSeconds": int(receipts["oldest"])}}
+    counts = {kind: await stats_store.count_by_status(svc.db, kind) for kind in stats_store.STATUS_TABLES}
+    return {**counts, "idempotency": await stats_store.idempotency_receipts(svc.db)}

@@ -4,7 +4,6 @@ from Postgres."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import Body as BodyParam
@@ -19,14 +18,10 @@ from api.routes.common import (
     list_query,
     INTEGRAL, Body, IgnoredBody, InvocationId, NonEmpty, Page, PageQuery, QueryText, ZoneId, created, make_router,
 )
-from rules import authz
+from commands import invocations as commands
 from rules.errors import CoordinatorError
-from rules.idempotency import request_digest, validate_idempotency_key
-from rules.ids import new_id
+from rules.idempotency import validate_idempotency_key
 from storage import invocations as store
-from storage.idempotency import INVOCATION_CREATE, IdempotencyRequest
-from storage.db import Conn
-from storage.pages import list_page
 
 router = make_router("invocations")
 
@@ -84,47 +79,23 @@ RATE_CHARGED = [Depends(charge_invocation_rate)]
 @router.post("/zones/{zone_id}/invocations", status_code=201, summary="Create an invocation")
 async def create_invocation(zone_id: ZoneId, body: Annotated[CreateInvocationBody, BodyParam()], request: Request,
                             ident: Caller, svc: ServicesDep) -> JSONResponse:
-    key = validate_idempotency_key(body.idempotency_key)
-    retry = body.retry_policy.model_dump()
-    digest = request_digest({
-        "principal": {"client_id": ident.client_id, "subject": ident.subject}, "service_id": body.service_id,
-        "source_session_id": body.source_session_id, "target_session_id": body.target_session_id,
-        "method": body.method, "params": body.params, "metadata": body.metadata, "timeout_ms": body.timeout_ms,
-        "retry_policy": retry})
+    req = commands.CreateInvocationRequest(
+        service_id=body.service_id, source_session_id=body.source_session_id,
+        target_session_id=body.target_session_id, method=body.method, params=body.params, metadata=body.metadata,
+        timeout_ms=body.timeout_ms, retry_policy=body.retry_policy.model_dump())
 
-    async def create(conn: Conn) -> dict[str, Any]:
-        source_app = await store.check_create(conn, zone_id, body.service_id,
-                                              [body.source_session_id, body.target_session_id])
-        if not authz.can_invoke(ident, source_app):
-            raise CoordinatorError(403, "invoker_ownership_required")
-        idem = IdempotencyRequest(INVOCATION_CREATE, zone_id, source_app, key, digest)
-        replay = await store.replay(conn, svc.settings, idem)
-        if replay is not None:  # answered from the receipt: not rate limited
-            return {**replay, "replayed": True}
+    async def charge_rate() -> None:
         await ratelimit.check_invocation_rate(request.app.state, zone_id, _client_key(request, ident))
-        cmd = store.CreateInvocation(
-            zone_id=zone_id, invocation_id=new_id(), service_id=body.service_id,
-            source_session_id=body.source_session_id, target_session_id=body.target_session_id, method=body.method,
-            params=body.params, metadata=body.metadata, timeout_ms=body.timeout_ms, retry_policy=retry,
-            scope_id=source_app)
-        return await store.create(conn, svc.settings, cmd, idem)
-    return created(await svc.db.run(create, before_commit=audit.with_commit(request, lambda r: r["status"])))
+    return created(await commands.create(svc.db, svc.settings, ident, zone_id, req,
+                                         validate_idempotency_key(body.idempotency_key), charge_rate,
+                                         before_commit=audit.with_commit(request, lambda r: r.status)))
 
 
 @router.get("/zones/{zone_id}/invocations", summary="List invocations")
 async def list_invocations(zone_id: ZoneId, query: InvocationListParams, ident: Caller,
                            svc: ServicesDep) -> Page:
-    sql = f"SELECT {store.INVOCATION_COLUMNS} FROM agent_invocations x WHERE x.zone_id = %s"
-    params: list[Any] = [zone_id]
-    if query.status:
-        sql, params = sql + " AND x.status = %s", params + [query.status]
-    if query.service_id:
-        sql, params = sql + " AND x.service_id = %s", params + [query.service_id]
-    if query.session_id:
-        sql, params = sql + " AND (x.source_session_id = %s OR x.target_session_id = %s)", \
-            params + [query.session_id, query.session_id]
-    return await list_page(svc.db, table="agent_invocations", zone_id=zone_id, limit=query.limit,
-                           cursor=query.cursor, sql=sql, params=params, project=store.list_projection)
+    return await store.list_invocations(svc.db, zone_id, store.InvocationFilter(
+        status=query.status, service_id=query.service_id, session_id=query.session_id), query.limit, query.cursor)
 
 
 @router.get("/zones/{zone_id}/invocations/{invocation_id}", summary="Inspect an invocation")
@@ -137,25 +108,11 @@ async def get_invocation(zone_id: ZoneId, invocation_id: InvocationId, ident: Ca
     return store.projection(row)
 
 
-async def _transition(svc: ServicesDep, request: Request, ident: Identity, zone_id: str, invocation_id: str,
-                      apply: Callable[[Conn], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
-    """Lock the invocation, check the caller may drive it, apply the transition: one transaction."""
-    async def transition(conn: Conn) -> dict[str, Any]:
-        row = await store.get(conn, zone_id, invocation_id, lock=True)
-        if row is None:
-            raise CoordinatorError(404, "invocation_not_found")
-        if not authz.can_invoke(ident, row["service_application_id"]):
-            raise CoordinatorError(403, "invoker_ownership_required")
-        return store.projection(await apply(conn))
-    return await svc.db.run(transition, before_commit=audit.with_commit(request))
-
-
 @router.patch("/zones/{zone_id}/invocations/{invocation_id}/start", summary="Mark an invocation running",
                dependencies=RATE_CHARGED)
 async def start_invocation(zone_id: ZoneId, invocation_id: InvocationId, ident: Caller, svc: ServicesDep,
                            request: Request, body: IgnoredBody = None) -> dict[str, Any]:
-    return await _transition(svc, request, ident, zone_id, invocation_id,
-                             lambda conn: store.start(conn, zone_id, invocation_id))
+    return await commands.start(svc.db, ident, zone_id, invocation_id, before_commit=audit.with_commit(request))
 
 
 @router.patch("/zones/{zone_id}/invocations/{invocation_id}/cancel", summary="Cancel an invocation",
@@ -164,8 +121,8 @@ async def cancel_invocation(zone_id: ZoneId, invocation_id: InvocationId, ident:
                             request: Request, body: Annotated[CancelBody | None, BodyParam()] = None
                             ) -> dict[str, Any]:
     reason = body.reason if body is not None else None
-    return await _transition(svc, request, ident, zone_id, invocation_id,
-                             lambda conn: store.cancel(conn, zone_id, invocation_id, reason))
+    return await commands.cancel(svc.db, ident, zone_id, invocation_id, reason,
+                                 before_commit=audit.with_commit(request))
 
 
 @router.patch("/zones/{zone_id}/invocations/{invocation_id}/complete", summary="Complete an invocation",
@@ -173,6 +130,5 @@ async def cancel_invocation(zone_id: ZoneId, invocation_id: InvocationId, ident:
 async def complete_invocation(zone_id: ZoneId, invocation_id: InvocationId,
                               body: Annotated[CompleteBody, BodyParam()], ident: Caller,
                               svc: ServicesDep, request: Request) -> dict[str, Any]:
-    return await _transition(svc, request, ident, zone_id, invocation_id,
-                             lambda conn: store.complete(conn, zone_id, invocation_id, body.status, body.error,
-                                                         body.metadata))
+    return await commands.complete(svc.db, ident, zone_id, invocation_id, body.status, body.error, body.metadata,
+                                   before_commit=audit.with_commit(request))

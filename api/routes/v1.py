@@ -236,22 +236,23 @@ def _zone_path(zone_id: str, *rest: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+async def _create_through(request: Request, zone_id: str, collection: str, body: dict[str, Any]) -> Response:
+    """A façade create: POST the zone route's body to it, answer what it answers (replays marked)."""
+    return forward(await dispatch(request, "POST", _zone_path(zone_id, collection), body=body), replayed_header=True)
+
+
 @router.post("/v1/begin", status_code=201,
              summary="Start a root agent session (façade over POST /zones/:z/agents)")
 async def begin(body: Annotated[BeginBody, BodyParam()], request: Request, ident: Caller,
                 idempotency_key: IdempotencyKeyHeader = None) -> Response:
-    inner = await dispatch(request, "POST", _zone_path(body.zone_id, "agents"),
-                           body=body.session_body(body.parent_id))
-    return forward(inner, replayed_header=True)
+    return await _create_through(request, body.zone_id, "agents", body.session_body(body.parent_id))
 
 
 @router.post("/v1/spawn-child", status_code=201,
              summary="Start a child agent session (façade over POST /zones/:z/agents)")
 async def spawn_child(body: Annotated[SpawnChildBody, BodyParam()], request: Request, ident: Caller,
                       idempotency_key: IdempotencyKeyHeader = None) -> Response:
-    inner = await dispatch(request, "POST", _zone_path(body.zone_id, "agents"),
-                           body=body.session_body(body.parent_agent_session_id))
-    return forward(inner, replayed_header=True)
+    return await _create_through(request, body.zone_id, "agents", body.session_body(body.parent_agent_session_id))
 
 
 @router.post("/v1/end", status_code=204, response_class=Response,
@@ -266,9 +267,8 @@ async def end(body: Annotated[EndBody, BodyParam()], request: Request, ident: Ca
              summary="Create a delegation edge (façade over POST /zones/:z/delegations)")
 async def exchange(body: Annotated[ExchangeBody, BodyParam()], request: Request, ident: Caller,
                    idempotency_key: IdempotencyKeyHeader = None) -> Response:
-    inner = await dispatch(request, "POST", _zone_path(body.zone_id, "delegations"),
-                           body=body.edge_body(body.source_session_id, body.target_session_id))
-    return forward(inner, replayed_header=True)
+    return await _create_through(request, body.zone_id, "delegations",
+                                 body.edge_body(body.source_session_id, body.target_session_id))
 
 
 @router.post("/v1/delegate-to-existing-agent", status_code=201,

@@ -2,7 +2,7 @@
 
 Each test gets its own Postgres (ephemeral data dir), a Temporal dev server on a SQLite file (so
 it survives a restart), and the API (`python -m api`), the worker (`python worker.py`) and the
-workflow-outbox dispatcher (`python -m dispatcher`) as subprocesses, talking over real sockets.
+workflow-outbox dispatcher (`python -m notices`) as subprocesses, talking over real sockets.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ class FaultStack:
         self.worker = None
 
     def start_dispatcher(self) -> None:
-        self.dispatcher = self._spawn("dispatcher", ["-m", "dispatcher"])
+        self.dispatcher = self._spawn("dispatcher", ["-m", "notices"])
 
     def kill_dispatcher(self) -> None:
         assert self.dispatcher is not None

@@ -30,7 +30,7 @@ async def test_one_api_process_worker_and_dispatcher_killed_under_load(fault_sta
     surviving worker and dispatcher alone."""
     s = fault_stack
     second_worker = s._spawn("worker", ["worker.py"])
-    second_dispatcher = s._spawn("dispatcher", ["-m", "dispatcher"])
+    second_dispatcher = s._spawn("dispatcher", ["-m", "notices"])
     api_pids = api_processes(s.api.pid)
     assert len(api_pids) == 2, api_pids
     base = f"{s.base_url}/zones/{s.zone}/agents"

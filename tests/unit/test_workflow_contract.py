@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 from temporalio.converter import DataConverter
 
 from rules import workflow_contract as wc
-from storage.workflow_outbox import invocation_notice, session_notice
+from storage.notices import invocation_notice, session_notice
 from workflows.models import InvocationNotice, InvocationSnapshot, SessionNotice, SessionSnapshot
 
 T0 = datetime(2026, 11, 30, 12, 0, tzinfo=timezone.utc)

@@ -18,7 +18,7 @@ CREATE TABLE zones (
     created_at timestamptz NOT NULL DEFAULT now()
 );
 
--- Directory: ours to keep (DESIGN.md "Directory and credentials").
+-- Directory: ours to keep (docs/DESIGN.md "Directory and credentials").
 CREATE TABLE applications (
     zone_id text NOT NULL REFERENCES zones(id) ON DELETE CASCADE,
     id text NOT NULL,
@@ -227,7 +227,7 @@ CREATE INDEX coordinator_idempotency_receipts_expiry ON coordinator_idempotency_
 CREATE INDEX coordinator_idempotency_receipts_scope ON coordinator_idempotency_receipts (operation, zone_id, scope_id, expires_at);
 
 -- Outbox: written in the same transaction as the state change. `seq` is assigned at insert;
--- the event feed reads rows in seq order only up to the oldest still-open writer (see storage/outbox.py).
+-- the event feed reads rows in seq order only up to the oldest still-open writer (see storage/event_feed.py).
 CREATE TABLE caracal_outbox (
     id text PRIMARY KEY,
     seq bigserial NOT NULL UNIQUE,

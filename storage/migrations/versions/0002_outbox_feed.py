@@ -1,7 +1,7 @@
 """Outbox feed: make "every seq at or below H is final" decidable for readers of the event feed.
 
 `seq` comes from a sequence at insert time, not at commit, so rows become visible out of seq
-order. The feed (storage/events.py) reads rows in seq order only up to a horizon H once every
+order. The feed (storage/event_feed.py) reads rows in seq order only up to a horizon H once every
 transaction that could still commit a seq <= H has ended. Its argument needs one property of
 writers: a transaction has its transaction id *before* it draws a seq. The seq default therefore
 becomes `caracal_outbox_next_seq()`, which assigns the xid (`pg_current_xact_id()`) and only then

@@ -1,4 +1,4 @@
-"""Workflow outbox: Postgres decides, Temporal follows (DESIGN.md).
+"""Workflow outbox: Postgres decides, Temporal follows (docs/DESIGN.md).
 
 Every command transaction writes one `workflow_outbox` row per workflow that must hear of its
 change (signal name, payload with the entity's state at its state_version, and what is needed to

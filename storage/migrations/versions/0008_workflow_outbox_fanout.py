@@ -5,7 +5,7 @@ statement: 201 JSON notices rendered, 201 heap rows and three index entries each
 the statement's time. Now it writes one row here: the changed sessions' columns as one array of
 `workflow_outbox_session` (each with the outbox `seq` it takes; binary, uncompressed: JSON text
 and its compression cost more than the rows it replaced), the signal, the summary and the reason.
-A dispatcher turns it into the 201 outbox rows before it claims (storage/dispatch.py
+A dispatcher turns it into the 201 outbox rows before it claims (storage/notice_dispatch.py
 `spread_fanouts`), with the same notices `session_notice_sql` rendered in the command before.
 
 Order per workflow holds: each session's notice keeps the `seq` drawn in the command, and no
@@ -22,7 +22,7 @@ branch_labels = None
 depends_on = None
 
 UPGRADE = r"""
--- A session as a fan-out row keeps it: storage/workflow_outbox.py SNAPSHOT_COLUMNS and its seq.
+-- A session as a fan-out row keeps it: storage/notices.py SNAPSHOT_COLUMNS and its seq.
 CREATE TYPE workflow_outbox_session AS (
     outbox_seq bigint, id text, zone_id text, application_id text, lifecycle text, status text,
     state_version bigint, parent_id text, root_id text, started_at timestamptz, ttl_seconds integer,

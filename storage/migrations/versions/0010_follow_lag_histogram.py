@@ -1,6 +1,6 @@
 """Each dispatcher's follow-lag histogram (commit to the notice's signal in the workflow's history).
 
-`lag_buckets[i]` counts the deliveries whose lag was at most `storage.dispatch.LAG_BUCKETS_S[i]`
+`lag_buckets[i]` counts the deliveries whose lag was at most `storage.notice_dispatch.LAG_BUCKETS_S[i]`
 and above the bound before (the last element: above every bound); `lag_sum_s` and `lag_count`
 complete a Prometheus histogram. Totals since the dispatcher started, like `delivered`.
 

@@ -2,8 +2,8 @@
 
 Where it runs: when `REDIS_URL` is set, `worker.py` starts `OutboxPublisher.run` as an asyncio
 task next to the Temporal worker and stops it on shutdown. It can also run alone:
-`python -m activities.relay` (settings from the environment). Any number of copies may run:
-each batch is claimed with `FOR UPDATE SKIP LOCKED`, so replicas share the work.
+`python -m feed.relay` (settings from the environment). Any number of copies may run:
+each batch is claimed with row locks that skip rows another relay holds, so replicas share the work.
 
 Every OUTBOX_INTERVAL_MS (at once again after a full batch) one transaction takes up to
 OUTBOX_BATCH_SIZE pending coordinator rows whose `available_at` has come, in seq order, sends
@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from settings import Settings
+from storage import event_feed
 
 log = logging.getLogger("coordinator.relay")
 
@@ -90,30 +91,6 @@ class BatchResult:
     dead: int = 0
 
 
-_CLAIM = """
-SELECT id, topic, dedupe_key, payload_json, attempts FROM caracal_outbox
-WHERE producer = 'coordinator' AND status = 'pending' AND available_at <= now()
-ORDER BY seq LIMIT %s FOR UPDATE SKIP LOCKED
-"""
-
-_PUBLISHED = """
-UPDATE caracal_outbox SET status = 'published', attempts = attempts + 1, published_at = now(), updated_at = now()
-WHERE id = ANY(%s)
-"""
-
-_FAILED = """
-UPDATE caracal_outbox AS o
-SET attempts = o.attempts + 1,
-    status = CASE WHEN o.attempts + 1 >= %(max)s THEN 'dead' ELSE 'pending' END,
-    available_at = CASE WHEN o.attempts + 1 >= %(max)s THEN o.available_at
-                        ELSE now() + make_interval(secs => f.delay) END,
-    updated_at = now()
-FROM unnest(%(ids)s::text[], %(delays)s::float8[]) AS f(id, delay)
-WHERE o.id = f.id
-RETURNING o.status
-"""
-
-
 class OutboxPublisher:
     def __init__(self, db: Any, settings: Settings, redis: Any = None) -> None:
         self.db = db
@@ -148,8 +125,7 @@ class OutboxPublisher:
     async def publish_batch(self) -> BatchResult:
         result = BatchResult()
         async with self.db.transaction() as conn:
-            cur = await conn.execute(_CLAIM, (self.settings.OUTBOX_BATCH_SIZE,))
-            rows = await cur.fetchall()
+            rows = await event_feed.claim_for_relay(conn, self.settings.OUTBOX_BATCH_SIZE)
             result.claimed = len(rows)
             if not rows:
                 return result
@@ -158,15 +134,14 @@ class OutboxPublisher:
             ok = [row["id"] for row, reply in outcomes if not isinstance(reply, BaseException)]
             failed = [(row, reply) for row, reply in outcomes if isinstance(reply, BaseException)]
             if ok:
-                await conn.execute(_PUBLISHED, (ok,))
+                await event_feed.mark_published(conn, ok)
             if failed:
                 for row, reply in failed:
                     log.warning("outbox %s (%s) not published (attempt %d): %r", row["id"], row["topic"],
                                 row["attempts"] + 1, reply)
-                cur = await conn.execute(_FAILED, {"max": self.settings.OUTBOX_MAX_ATTEMPTS,
-                                                   "ids": [row["id"] for row, _ in failed],
-                                                   "delays": [retry_delay(row["attempts"]) for row, _ in failed]})
-                statuses = [r["status"] for r in await cur.fetchall()]
+                statuses = await event_feed.mark_failed(
+                    conn, self.settings.OUTBOX_MAX_ATTEMPTS, [row["id"] for row, _ in failed],
+                    [retry_delay(row["attempts"]) for row, _ in failed])
                 result.dead = statuses.count("dead")
             result.published, result.failed = len(ok), len(failed)
         return result

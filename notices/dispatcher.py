@@ -1,8 +1,8 @@
-"""Deliver the workflow outbox to Temporal with signal-with-start (DESIGN.md, "Postgres decides,
+"""Deliver the workflow outbox to Temporal with signal-with-start (docs/DESIGN.md, "Postgres decides,
 Temporal follows").
 
 One batch: spread the fan-out rows of subtree cascades into outbox rows (one statement of its
-own); then, in one Postgres transaction, claim head rows and their followers (storage/dispatch.py),
+own); then, in one Postgres transaction, claim head rows and their followers (storage/notice_dispatch.py),
 deliver them (different workflows concurrently; the claimed rows of one workflow in one
 signal-with-start, as their own signal when alone and as one `notices` signal in `seq` order when
 several, so a dispatcher that is behind costs Temporal fewer round trips), delete what was
@@ -52,9 +52,9 @@ from rules.workflow_contract import (
     INVOCATION_SYNC, NOTICES, OPENING_SIGNALS, SA_BUILD_IDS, SESSION_SYNC, build_ids,
 )
 from settings import Settings
-from storage import dispatch
+from storage import notice_dispatch
 from storage.db import ChannelListener, Database
-from storage.workflow_outbox import NOTIFY_CHANNEL
+from storage.notices import NOTIFY_CHANNEL
 
 SYNC = SESSION_SYNC
 assert SYNC == INVOCATION_SYNC
@@ -160,7 +160,7 @@ class Dispatcher:
         self._health_touched = float("-inf")
         self._recent: deque[tuple[float, int]] = deque()  # (monotonic, rows delivered) per batch
         self._lags_ms: deque[float] = deque(maxlen=LAG_SAMPLES)
-        self.lags = dispatch.LagHistogram()  # every delivery since start (the /metrics histogram)
+        self.lags = notice_dispatch.LagHistogram()  # every delivery since start (the /metrics histogram)
         self._wake = asyncio.Event()
         self.max_temporal_backlog = settings.DISPATCH_MAX_TEMPORAL_BACKLOG
         self.temporal_backlog = 0  # workflow tasks waiting on the task queue (Temporal's estimate)
@@ -193,7 +193,7 @@ class Dispatcher:
     async def write_stats(self) -> None:
         p50, p95 = self.lag_percentiles_ms()
         async with self.db.connection() as conn:
-            await dispatch.record_stats(conn, self.id, delivered=self.delivered, failed=self.failed,
+            await notice_dispatch.record_stats(conn, self.id, delivered=self.delivered, failed=self.failed,
                                         rate_per_s=self.rate_per_s(), lag_p50_ms=p50, lag_p95_ms=p95,
                                         temporal_ok=self.temporal_ok, lags=self.lags)
 
@@ -202,12 +202,22 @@ class Dispatcher:
         /ready counts running dispatchers only)."""
         p50, p95 = self.lag_percentiles_ms()
         async with self.db.transaction() as conn:
-            await dispatch.record_stats(conn, self.id, delivered=self.delivered, failed=self.failed,
+            await notice_dispatch.record_stats(conn, self.id, delivered=self.delivered, failed=self.failed,
                                         rate_per_s=self.rate_per_s(), lag_p50_ms=p50, lag_p95_ms=p95,
                                         temporal_ok=self.temporal_ok, lags=self.lags)
-            await dispatch.retire(conn, [self.id])
+            await notice_dispatch.retire(conn, [self.id])
 
     # --- one delivery -----------------------------------------------------------------------------
+
+    def _start_options(self, row: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """What every start of the row's workflow names: id, task queue, search attributes, summary."""
+        attrs: list[SearchAttributePair[Any]] = [
+            SearchAttributePair(SearchAttributeKey.for_keyword(k), str(v))
+            for k, v in (row["search_attributes"] or {}).items() if v is not None]
+        attrs.append(self._build_ids)
+        return {"id": row["workflow_id"], "task_queue": row.get("task_queue") or self.task_queue,
+                "search_attributes": TypedSearchAttributes(attrs), "static_summary": row["summary"] or None,
+                "rpc_timeout": timedelta(seconds=timeout)}
 
     async def _deliver(self, rows: list[dict[str, Any]], timeout: float) -> Outcome:
         """Consecutive rows of one workflow in one RPC. Rows opening a workflow (its `created`
@@ -222,14 +232,7 @@ class Dispatcher:
             signal, args = row["signal"], [row["payload"]]
         else:
             signal, args = NOTICES, [items]
-        attrs: list[SearchAttributePair[Any]] = [
-            SearchAttributePair(SearchAttributeKey.for_keyword(k), str(v))
-            for k, v in (row["search_attributes"] or {}).items() if v is not None]
-        attrs.append(self._build_ids)
-        common: dict[str, Any] = {
-            "id": row["workflow_id"], "task_queue": row.get("task_queue") or self.task_queue,
-            "search_attributes": TypedSearchAttributes(attrs), "static_summary": row["summary"] or None,
-            "rpc_timeout": timedelta(seconds=timeout)}
+        common = self._start_options(row, timeout)
         try:
             if row["signal"] in OPENING_SIGNALS:
                 # A start whose answer carries the first workflow task (when a worker of this client
@@ -299,7 +302,7 @@ class Dispatcher:
                     self.lags.observe(lag_s)
         return done
 
-    def _put_off_hot(self, chains: dict[str, list[dict[str, Any]]]) -> tuple[list[dispatch.Deferral], int]:
+    def _put_off_hot(self, chains: dict[str, list[dict[str, Any]]]) -> tuple[list[notice_dispatch.Deferral], int]:
         """Take out of `chains` the workflows signalled less than `linger` ago (a `sync` head goes
         at once) and put their head rows off until then: the rows behind a head cannot be claimed
         before it, so they all go together once it is due. The heads' deferrals, and how many rows
@@ -315,7 +318,7 @@ class Dispatcher:
                 continue
             del chains[workflow_id]
             wait = self.linger - (now - signalled)
-            heads.append(dispatch.Deferral(chain[0]["seq"], wait, None, count_attempt=False))
+            heads.append(notice_dispatch.Deferral(chain[0]["seq"], wait, None, count_attempt=False))
             rows += len(chain)
             due = now + wait
             self._linger_until = due if self._linger_until is None else min(self._linger_until, due)
@@ -343,10 +346,10 @@ class Dispatcher:
         result = BatchResult()
         # A cascade's notices come as one fan-out row: spread first, committed at once (until then it
         # holds back every later row, for every dispatcher).
-        await dispatch.spread_fanouts(self.db, self.task_queue, self.batch_size)
+        await notice_dispatch.spread_fanouts(self.db, self.task_queue, self.batch_size)
         async with self.db.transaction() as conn:
             held_back = bool(self.max_temporal_backlog) and self.temporal_backlog > self.max_temporal_backlog
-            rows = await dispatch.claim(conn, limit, self.per_workflow, self.task_queue, due_soon_only=held_back)
+            rows = await notice_dispatch.claim(conn, limit, self.per_workflow, self.task_queue, due_soon_only=held_back)
             result.claimed = len(rows)
             if not rows:
                 return result
@@ -362,17 +365,9 @@ class Dispatcher:
             answered = any(o.delivered or not o.unreachable for _, o in attempted)
             down = bool(attempted) and not answered
             delivered = [row["seq"] for row, o in attempted if o.delivered]
-            deferrals = []
-            for row, o in attempted:
-                if o.delivered:
-                    continue
-                if down:  # Temporal did not answer at all: the row keeps its place and its attempts
-                    deferrals.append(dispatch.Deferral(row["seq"], 0.0, o.error, count_attempt=False))
-                else:
-                    deferrals.append(dispatch.Deferral(row["seq"], backoff_seconds(row["attempts"], self.max_backoff),
-                                                       o.error, count_attempt=True))
-            await dispatch.delete_delivered(conn, delivered)
-            await dispatch.defer(conn, deferrals + lingering)
+            deferrals = self._deferrals(attempted, down)
+            await notice_dispatch.delete_delivered(conn, delivered)
+            await notice_dispatch.defer(conn, deferrals + lingering)
         # Committed.
         result.delivered = len(delivered)
         result.dropped = sum(1 for _, o in attempted if o.dropped)
@@ -396,6 +391,15 @@ class Dispatcher:
         if deferrals and not down:
             log.warning("workflow outbox: %d row(s) deferred, e.g. %s", len(deferrals), deferrals[0].error)
         return result
+
+    def _deferrals(self, attempted: list[tuple[dict[str, Any], Outcome]], down: bool
+                   ) -> list[notice_dispatch.Deferral]:
+        """The rows not delivered, to try again: with backoff, or where they were while Temporal did
+        not answer at all (the row keeps its place and its attempts)."""
+        return [notice_dispatch.Deferral(row["seq"], 0.0, o.error, count_attempt=False) if down else
+                notice_dispatch.Deferral(row["seq"], backoff_seconds(row["attempts"], self.max_backoff), o.error,
+                                         count_attempt=True)
+                for row, o in attempted if not o.delivered]
 
     def _probe_interval(self) -> float:
         return min(PROBE_INTERVAL_S, self.poll_interval)
@@ -447,10 +451,10 @@ class Dispatcher:
         while True:
             result = await self.deliver_batch()
             total += result.delivered
-            if result.claimed == 0 and await dispatch.pending(self.db, self.task_queue) == 0:
+            if result.claimed == 0 and await notice_dispatch.pending(self.db, self.task_queue) == 0:
                 return total
             if time.monotonic() >= deadline:
-                left = await dispatch.pending(self.db, self.task_queue)
+                left = await notice_dispatch.pending(self.db, self.task_queue)
                 raise TimeoutError(f"workflow outbox not drained within {timeout} s: {left} row(s) left"
                                    + (f", last error {result.errors[-1]!r}" if result.errors else ""))
             if not self.temporal_ok:
@@ -528,7 +532,7 @@ class Dispatcher:
     async def _stats_loop(self, stop: asyncio.Event) -> None:
         with contextlib.suppress(Exception):  # dispatchers that crashed long ago
             async with self.db.transaction() as conn:
-                await dispatch.retire(conn, silent_for_seconds=RETIRE_SILENT_S)
+                await notice_dispatch.retire(conn, silent_for_seconds=RETIRE_SILENT_S)
         while not stop.is_set():
             try:
                 await asyncio.wait_for(self.write_stats(), 5)

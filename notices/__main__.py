@@ -1,4 +1,4 @@
-"""Run one dispatcher: `python -m dispatcher` (settings from the environment, see settings.py).
+"""Run one dispatcher: `python -m notices` (settings from the environment, see settings.py).
 
 It starts without Temporal (the client connects lazily: rows wait until Temporal answers) and
 without Postgres (the pool connects in the background). SIGTERM or SIGINT: the batch in flight
@@ -18,7 +18,7 @@ log = logging.getLogger("coordinator.dispatcher")
 async def main() -> None:
     from temporalio.client import Client
 
-    from dispatcher.outbox import Dispatcher
+    from notices.dispatcher import Dispatcher
     from storage.db import Database
     from storage.migrate import require_migrated
 

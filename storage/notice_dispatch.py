@@ -1,4 +1,4 @@
-"""The SQL of the workflow-outbox dispatcher (dispatcher/): claim, settle, wake-up and statistics.
+"""The SQL of the workflow-outbox dispatcher (notices/): claim, settle, wake-up and statistics.
 
 Order per workflow with several dispatchers: `claim` locks only *head* rows (no earlier row of the
 same workflow is left) and then the rows that follow them. While a dispatcher holds a workflow's
@@ -18,7 +18,7 @@ from typing import Any
 
 from rules import workflow_contract as wc
 from storage.db import Conn, Database, one, q
-from storage.workflow_outbox import spread_fanouts_sql
+from storage.notices import spread_fanouts_sql
 
 # Heads whose entity's deadline falls within this many seconds are claimed before older rows.
 DUE_SOON_SECONDS = 60
@@ -40,7 +40,7 @@ _BEFORE_FANOUTS = """o.seq < (SELECT COALESCE(min(seq), 9223372036854775807) FRO
 
 
 async def spread_fanouts(db: Database, task_queue: str, limit: int) -> int:
-    """Spread up to `limit` fan-out rows (a cascade's notices, storage/workflow_outbox.py
+    """Spread up to `limit` fan-out rows (a cascade's notices, storage/notices.py
     `fanout_sql`) of this task queue into their outbox rows; the rows written. One statement,
     committed at once: an unspread fan-out row holds back every later row (`_BEFORE_FANOUTS`), so it
     must not wait for the commit of a batch that is still delivering."""
