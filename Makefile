@@ -7,10 +7,12 @@ PY := $(VENV)/bin/python
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install dev lint test test-deps test-faults bench record-histories clean-data
+.PHONY: help install lock dev lint test test-deps test-faults bench record-histories clean-data
 
 help:
-	@echo "make install      create $(VENV) and install the project with its dev extras"
+	@echo "make install      create $(VENV) and install the project with its dev extras (pinned: requirements-dev.lock)"
+	@echo "make lock         regenerate requirements.lock (runtime, the Docker image) and requirements-dev.lock"
+	@echo "                  from pyproject.toml; UPGRADE=1: move every pin to the newest version allowed"
 	@echo "make dev          run the whole stack locally (Postgres, Temporal + UI, worker, API on :4000)"
 	@echo "                  REPLICAS=2: two workers, two dispatchers, two API processes"
 	@echo "make lint         ruff check and mypy (settings in pyproject.toml)"
@@ -21,11 +23,27 @@ help:
 	@echo "make record-histories  re-record the workflow histories the replay tests use"
 	@echo "make clean-data   delete .data/ (local Postgres data, Temporal state, keys, tokens, logs)"
 
-# Reinstalled whenever pyproject.toml changes.
-$(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV) && $(VENV)/bin/pip install -q --upgrade pip && $(VENV)/bin/pip install -q -e '.[dev]' && touch $@
+# The pinned, hashed dependencies from requirements-dev.lock, then the project itself (editable, no
+# dependency resolution). Reinstalled whenever pyproject.toml or the lock changes.
+$(VENV)/.installed: pyproject.toml requirements-dev.lock
+	$(PYTHON) -m venv $(VENV) && $(VENV)/bin/pip install -q --upgrade pip \
+		&& $(VENV)/bin/pip install -q -r requirements-dev.lock \
+		&& $(VENV)/bin/pip install -q --no-deps -e . && touch $@
 
 install: $(VENV)/.installed
+
+# Re-resolve both lock files from pyproject.toml, with hashes, as one lock for every platform and
+# Python >= 3.11 (the image runs 3.12). Versions already locked stay where pyproject.toml still allows
+# them; UPGRADE=1: the newest versions the ranges allow. uv comes with the dev extras; without a venv
+# yet it is installed on its own.
+UV := $(VENV)/bin/uv
+UPGRADE ?= 0
+LOCK_FLAGS := --universal --python-version 3.11 --generate-hashes --quiet --custom-compile-command "make lock" \
+	$(if $(filter 1,$(UPGRADE)),--upgrade)
+lock:
+	@test -x $(UV) || { $(PYTHON) -m venv $(VENV) && $(VENV)/bin/pip install -q uv; }
+	$(UV) pip compile pyproject.toml $(LOCK_FLAGS) -o requirements.lock
+	$(UV) pip compile pyproject.toml --extra dev $(LOCK_FLAGS) -o requirements-dev.lock
 
 # REPLICAS=N: N workers, N dispatchers and N API processes (default: 1, 1, one API process per core).
 dev: $(VENV)/.installed
