@@ -1,4 +1,4 @@
-"""One workflow per invocation: `invocation/<zone>/<id>` (DESIGN.md, "Postgres decides, Temporal follows").
+"""One workflow per invocation: `invocation/<zone>/<id>` (docs/DESIGN.md, "Postgres decides, Temporal follows").
 
 The API's transactions create, start, cancel and complete invocations and write a notice for each
 (rules/workflow_contract.INVOCATION_SIGNALS; argument an `InvocationNotice` with the invocation's

@@ -2,7 +2,7 @@
 
 Plain dataclasses of JSON-friendly fields (times are ISO strings), so histories stay readable in
 the Temporal UI and replay without any third-party converter. The command transactions write the
-same shapes as JSON into the workflow outbox (storage/workflow_outbox.py builds them; a unit test
+same shapes as JSON into the workflow outbox (storage/notices.py builds them; a unit test
 holds the two together). Only the standard library here: workflow modules import this file.
 """
 

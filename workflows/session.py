@@ -1,4 +1,4 @@
-"""One workflow per session: `session/<zone>/<id>` (DESIGN.md, "Postgres decides, Temporal follows").
+"""One workflow per session: `session/<zone>/<id>` (docs/DESIGN.md, "Postgres decides, Temporal follows").
 
 Postgres decides every transition; this workflow follows. Each command transaction writes a
 workflow-outbox row and the dispatcher delivers it by signal-with-start: the signal's name is the
@@ -25,15 +25,16 @@ from temporalio.common import SearchAttributeKey
 with workflow.unsafe.imports_passed_through():
     from rules import lifecycle
     from rules import workflow_contract as wc
-    from workflows.common import DURABLE_RETRY, parse_time, wait_until
+    from workflows.common import DURABLE_RETRY, parse_time
+    from workflows.follower import Follower
     from workflows.models import (
         SETTLE_SESSION_DEADLINE, SessionNotice, SessionNoticeItem, SessionSnapshot, SessionState, SettleCommand,
     )
 
 SA_STATUS = SearchAttributeKey.for_keyword(wc.SA_SESSION_STATUS)
 
-TTL_EXPIRY = "ttl expiry"
-LEASE_DEADLINE = "lease deadline"
+TTL_EXPIRY = lifecycle.TTL_EXPIRY
+LEASE_DEADLINE = lifecycle.LEASE_DEADLINE
 SETTLE_SUMMARY = {TTL_EXPIRY: "ttl expiry: expire the subtree if still due",
                   LEASE_DEADLINE: "lease deadline: suspend the subtree unless renewed"}
 
@@ -77,13 +78,14 @@ def merge_same_version(known: SessionSnapshot, new: SessionSnapshot) -> SessionS
 
 
 @workflow.defn(name=wc.SESSION_WORKFLOW)
-class SessionWorkflow:
+class SessionWorkflow(Follower):
+    state: SessionState
+    status_attribute = SA_STATUS
+    signals = wc.SESSION_SIGNALS
+
     @workflow.init
     def __init__(self, state: SessionState) -> None:
-        self.state = state
-        self._not_due = 0  # settlements in a row that found the same deadline not yet due
-        # For the UI's current details only (not carried across continue-as-new).
-        self._last = "continued as new" if state.runs > 1 else ""
+        self._init_follower(state)
 
     # ------------------------------------------------------------------ tracing (Temporal UI)
 
@@ -107,23 +109,9 @@ class SessionWorkflow:
             elif what == LEASE_DEADLINE:
                 parts.append(f"lease {c.lease_generation} until {deadline}")
             parts.append(f"v{c.state_version}")
-        if self._last:
-            parts.append(f"last: {self._last}")
-        if s.runs > 1:
-            parts.append(f"run {s.runs}")
-        return " · ".join(parts)
-
-    def _trace(self, last: str) -> None:
-        self._last = last
-        workflow.set_current_details(self._details())
+        return self._with_tail(parts)
 
     # ------------------------------------------------------------------ state
-
-    def _sync_status_attribute(self) -> None:
-        """Keep the `SessionStatus` search attribute equal to the known status."""
-        c = self.state.current
-        if c is not None and workflow.info().typed_search_attributes.get(SA_STATUS) != c.status:
-            workflow.upsert_search_attributes([SA_STATUS.value_set(c.status)])
 
     def _adopt(self, snap: SessionSnapshot) -> str:
         """Take a snapshot of this session: "stale" (older than known: ignored), "same" (nothing
@@ -204,11 +192,7 @@ class SessionWorkflow:
     @workflow.signal(name=wc.NOTICES)
     def notices(self, batch: list[SessionNoticeItem]) -> None:
         """Several notices delivered together, in their order."""
-        for item in batch:
-            if item.signal in wc.SESSION_SIGNALS:
-                self._on_notice(item.signal, item.notice)
-            else:
-                self._trace(f"ignored a notice of unknown kind {item.signal!r}")
+        self._apply_batch(batch)
 
     @workflow.query
     def current_state(self) -> SessionState:
@@ -218,36 +202,7 @@ class SessionWorkflow:
 
     @workflow.run
     async def run(self, state: SessionState) -> str:
-        workflow.set_current_details(self._details())
-        # Started by signal-with-start, the first notice comes with the first task; started by the
-        # dispatcher's (eager) start, the notices come in the input (runs before that had none).
-        if state.opening:
-            opening, self.state.opening = state.opening, []
-            self.notices(opening)
-        await workflow.wait_condition(lambda: self.state.current is not None)
-        self._sync_status_attribute()  # a run continued as new, or started without attributes
-        while not self._ended():
-            if workflow.info().is_continue_as_new_suggested():
-                await workflow.wait_condition(workflow.all_handlers_finished)
-                if not self._ended():
-                    self.state.runs += 1
-                    workflow.continue_as_new(self.state)
-                continue
-            what, due = self._next_deadline()
-            armed = self._deadline()
-            # Woken only when the timer must change (or the run must end or continue as new): a
-            # notice that leaves the deadline as it was costs no timer cancel and restart. (B023: the
-            # lambda is only awaited within this iteration.)
-            if await wait_until(due, lambda: (self._deadline() != armed or self._ended()  # noqa: B023
-                                              or workflow.info().is_continue_as_new_suggested()), what):
-                await self._settle(what)
-        await workflow.wait_condition(workflow.all_handlers_finished)
-        return self._known().status
-
-    def _known(self) -> SessionSnapshot:
-        """The known state: set by the first notice, which the run waits for."""
-        assert self.state.current is not None
-        return self.state.current
+        return await self._follow()
 
     def _ended(self) -> bool:
         return self.state.current is not None and self.state.current.status in lifecycle.SESSION_TERMINAL
@@ -255,19 +210,14 @@ class SessionWorkflow:
     def _deadline(self) -> tuple[str, str | None]:
         """Which timer the known state arms, and its deadline (ISO), if any."""
         c = self.state.current
-        if c is not None and c.lifecycle == "task" and c.status in lifecycle.SESSION_LIVE and c.expires_at:
-            return TTL_EXPIRY, c.expires_at
-        if c is not None and c.lifecycle == "service" and c.status == "active" and c.heartbeat_deadline_at:
-            return LEASE_DEADLINE, c.heartbeat_deadline_at
-        return "", None
+        if c is None:
+            return "", None
+        # An empty ISO string arms nothing, as a missing one.
+        return lifecycle.session_deadline(c.lifecycle, c.status, c.expires_at or None, c.heartbeat_deadline_at or None)
 
     def _next_deadline(self) -> tuple[str, datetime | None]:
         what, deadline = self._deadline()
-        due = parse_time(deadline)
-        if due is not None and self._not_due:
-            # Postgres found this very deadline not yet due (clocks apart): try again a little later.
-            due = max(due, workflow.now() + timedelta(seconds=min(60, 2 ** (self._not_due - 1))))
-        return what, due
+        return what, self._backed_off(parse_time(deadline))
 
     async def _settle(self, what: str) -> None:
         before = self.state.current
@@ -289,15 +239,9 @@ class SessionWorkflow:
         outcome = self._adopt(snap)
         now = self._known()
         if now.status == before.status and self._deadline() == (what, deadline):
-            # Nothing settled and the deadline stands (Postgres's clock behind, or its row behind
-            # what this workflow knows): try again, backing off.
-            self._not_due += 1
-            self._trace(f"{what}: not yet due in Postgres, trying again" if outcome != "stale" else
-                        f"{what}: Postgres answered v{snap.state_version}, behind the v{now.state_version} "
-                        "known here; trying again")
+            self._trace_not_settled(what, outcome, snap.state_version)
         elif outcome == "stale":
-            self._trace(f"{what}: settled at v{snap.state_version}, older than the v{now.state_version} "
-                        "already known")
+            self._trace_stale_settlement(what, snap.state_version)
         elif now.status == "expired":
             self._trace(f"{what}: expired with the subtree")
         elif what == LEASE_DEADLINE and before.status == "active" and now.status == "suspended":
