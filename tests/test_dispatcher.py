@@ -1,4 +1,4 @@
-"""The workflow-outbox dispatcher (dispatcher/, storage/notice_dispatch.py) against the session's real
+"""The workflow-outbox dispatcher (notices/, storage/notice_dispatch.py) against the session's real
 Postgres and Temporal dev server, with a throwaway workflow type on its own task queue.
 
 Rows are written with `storage.notices.enqueue`, as the command transactions do; the
