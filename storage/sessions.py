@@ -28,7 +28,6 @@ from storage.notices import (
     SNAPSHOT_COLUMNS, WorkflowNotice, enqueue, fanout_sql, notify_sql, publish, session_notice, session_notices,
 )
 
-LIVE_STATUSES = lifecycle.SESSION_LIVE
 
 CAPACITY_LIVE_SQL = lifecycle.capacity_live_sql("s")
 
@@ -642,7 +641,7 @@ async def edge_end_notices(conn: Conn, zone_id: str, edges: list[dict[str, Any]]
 
 async def take_lease(conn: Conn, settings: Settings, zone_id: str, row: dict[str, Any]) -> dict[str, Any]:
     """A new lease generation for a live service session (its row locked by the caller)."""
-    if row["status"] not in LIVE_STATUSES:
+    if row["status"] not in lifecycle.SESSION_LIVE:
         raise CoordinatorError(409, "session_not_live")
     if row["lifecycle"] != "service":
         raise CoordinatorError(409, "session_not_service")

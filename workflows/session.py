@@ -114,8 +114,8 @@ class SessionWorkflow(Follower):
     # ------------------------------------------------------------------ state
 
     def _adopt(self, snap: SessionSnapshot) -> str:
-        """Take a snapshot of this session: "stale" (older than known: ignored), "same" (nothing
-        new) or "changed"."""
+        """Adopt a snapshot of the followed entity, by its state_version: "stale" (older than known:
+        ignored), "same" (nothing new) or "changed"."""
         known = self.state.current
         if known is not None:
             if snap.state_version < known.state_version:
