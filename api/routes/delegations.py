@@ -14,14 +14,15 @@ from pydantic import BaseModel, Field, WithJsonSchema, field_validator
 from api import audit
 from api.deps import Caller, ServicesDep
 from api.routes.common import (
-    INTEGRAL, Body, EdgeId, IdempotencyKeyHeader, NonEmpty, Page, PageParams, SessionId, ZoneId, created,
-    idempotency_headers, make_router,
+    INTEGRAL, AsOfPageParams, AsOfQuery, Body, EdgeId, IdempotencyKeyHeader, NonEmpty, Page, SessionId, ZoneId,
+    checked_instant, created, idempotency_headers, list_query, make_router,
 )
 from commands import delegations as commands
 from rules.constraints import MAX_BROAD_REASON, MAX_BUDGET, MAX_HOPS, MAX_RESOURCES, MAX_TTL_SECONDS, MISSING
 from rules.errors import CoordinatorError
-from rules.timefmt import is_iso_z
+from rules.timefmt import is_iso_z, iso_ms
 from storage import delegations as store
+from storage import history
 
 router = make_router("delegations")
 
@@ -95,24 +96,27 @@ async def create_delegation(zone_id: ZoneId, body: Annotated[CreateDelegationBod
                                          before_commit=audit.with_commit(request, lambda r: r.status)))
 
 
-@router.get("/zones/{zone_id}/delegations/active", summary="List active delegation edges")
-async def active_edges(zone_id: ZoneId, query: PageParams, ident: Caller,
+@router.get("/zones/{zone_id}/delegations/active", summary="List active delegation edges (now, or as of `at`)")
+async def active_edges(zone_id: ZoneId, query: AsOfPageParams, ident: Caller,
                        svc: ServicesDep) -> Page:
-    return await store.list_edges(svc.db, zone_id, store.EdgeFilter(active=True), query.limit, query.cursor)
+    where = store.EdgeFilter(active=True, at=await checked_instant(svc, query.at))
+    return await store.list_edges(svc.db, zone_id, where, query.limit, query.cursor)
 
 
-@router.get("/zones/{zone_id}/delegations/inbound/{session_id}", summary="List inbound edges for a session")
-async def inbound_edges(zone_id: ZoneId, session_id: SessionId, query: PageParams,
+@router.get("/zones/{zone_id}/delegations/inbound/{session_id}",
+            summary="List inbound edges for a session (now, or as of `at`)")
+async def inbound_edges(zone_id: ZoneId, session_id: SessionId, query: AsOfPageParams,
                         ident: Caller, svc: ServicesDep) -> Page:
-    return await store.list_edges(svc.db, zone_id, store.EdgeFilter(target_session_id=session_id), query.limit,
-                                  query.cursor)
+    where = store.EdgeFilter(target_session_id=session_id, at=await checked_instant(svc, query.at))
+    return await store.list_edges(svc.db, zone_id, where, query.limit, query.cursor)
 
 
-@router.get("/zones/{zone_id}/delegations/outbound/{session_id}", summary="List outbound edges for a session")
-async def outbound_edges(zone_id: ZoneId, session_id: SessionId, query: PageParams,
+@router.get("/zones/{zone_id}/delegations/outbound/{session_id}",
+            summary="List outbound edges for a session (now, or as of `at`)")
+async def outbound_edges(zone_id: ZoneId, session_id: SessionId, query: AsOfPageParams,
                          ident: Caller, svc: ServicesDep) -> Page:
-    return await store.list_edges(svc.db, zone_id, store.EdgeFilter(source_session_id=session_id), query.limit,
-                                  query.cursor)
+    where = store.EdgeFilter(source_session_id=session_id, at=await checked_instant(svc, query.at))
+    return await store.list_edges(svc.db, zone_id, where, query.limit, query.cursor)
 
 
 @router.get("/zones/{zone_id}/delegations/inbound/{session_id}/{edge_id}",
@@ -145,12 +149,27 @@ async def impact(zone_id: ZoneId, edge_id: EdgeId, ident: Caller, svc: ServicesD
     return result
 
 
+class EffectiveAuthorityQuery(AsOfQuery):
+    explain: bool = Field(default=False, description="Add `explanation`: the chains of edges granting each scope "
+                                                     "and resource, and why each other inbound edge adds nothing")
+
+
 @router.get("/zones/{zone_id}/agents/{session_id}/effective-authority",
-            summary="Compute effective authority for a session")
-async def effective_authority(zone_id: ZoneId, session_id: SessionId, ident: Caller,
-                              svc: ServicesDep) -> dict[str, Any]:
+            summary="Compute effective authority for a session (now, or as of `at`; `explain`)")
+async def effective_authority(zone_id: ZoneId, session_id: SessionId,
+                              query: Annotated[EffectiveAuthorityQuery, list_query(EffectiveAuthorityQuery)],
+                              ident: Caller, svc: ServicesDep) -> dict[str, Any]:
+    at = await checked_instant(svc, query.at)
     async with svc.db.connection() as conn:
-        return await store.effective_authority(conn, zone_id, session_id)
+        return await store.effective_authority(conn, zone_id, session_id, at=at, explain=query.explain)
+
+
+@router.get("/zones/{zone_id}/history/window", summary="The instants `at=` answers for")
+async def history_window(zone_id: ZoneId, ident: Caller, svc: ServicesDep) -> dict[str, Any]:
+    async with svc.db.connection() as conn:
+        bounds = await history.window(conn, svc.settings)
+    return {"earliest": iso_ms(bounds.earliest), "latest": iso_ms(bounds.latest),
+            "retention_days": svc.settings.DELEGATION_RETENTION_DAYS}
 
 
 @router.patch("/zones/{zone_id}/delegations/{edge_id}/revoke", summary="Revoke delegated authority")
