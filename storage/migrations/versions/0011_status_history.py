@@ -8,7 +8,8 @@ transaction's `coordinator.actor` / `coordinator.change_reason` settings where t
 retention window are deleted by retention; the window never reaches before `status_history_start`
 (rows for what existed then are written here, at that instant).
 
-`bulk_revocations`: the audit record of each bulk revoke (its filter and counts).
+`bulk_revocations`: the audit record of each bulk revoke (its filter and counts); its receipts
+(Idempotency-Key) are a new operation of `coordinator_idempotency_receipts`.
 
 Revision ID: 0011_status_history
 Revises: 0010_follow_lag_histogram
@@ -104,11 +105,19 @@ CREATE TABLE bulk_revocations (
     created_at timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX bulk_revocations_zone ON bulk_revocations (zone_id, created_at DESC);
+
+ALTER TABLE coordinator_idempotency_receipts DROP CONSTRAINT coordinator_idempotency_receipts_operation_check,
+    ADD CONSTRAINT coordinator_idempotency_receipts_operation_check CHECK (operation IN (
+        'session.start.v2', 'delegation.create.v2', 'invocation.create.v2', 'delegation.bulk_revoke.v1'));
 """)
 
 
 def downgrade() -> None:
     op.execute("""
+DELETE FROM coordinator_idempotency_receipts WHERE operation = 'delegation.bulk_revoke.v1';
+ALTER TABLE coordinator_idempotency_receipts DROP CONSTRAINT coordinator_idempotency_receipts_operation_check,
+    ADD CONSTRAINT coordinator_idempotency_receipts_operation_check CHECK (operation IN (
+        'session.start.v2', 'delegation.create.v2', 'invocation.create.v2'));
 DROP TABLE bulk_revocations;
 DROP TRIGGER delegation_edges_status_update ON delegation_edges;
 DROP TRIGGER delegation_edges_status_insert ON delegation_edges;
