@@ -721,7 +721,7 @@ async def bulk_revoke(ctx: Ctx) -> list[Row]:
                   [Target("p50", 1000, "≤ 1 s at c1")], concurrency=1, requests=repeats, notes=notes,
                   errors=0 if agree else 1, all_ms=[round(v, 1) for v in revokes]),
         value_row("bulk_revoke", "workflow outbox drained after the revoke", max((d or 1e9) for d in drains),
-                  concurrency=1, requests=repeats, notes="from the revoke's request to an empty outbox (empty before it)",
+                  concurrency=1, requests=repeats, notes="revoke request to empty outbox (empty before)",
                   all_ms=drains),
     ]
 
