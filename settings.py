@@ -116,7 +116,9 @@ class Settings(BaseSettings):
     INVOCATION_RATE_LIMIT_PER_MIN: int = Field(120, ge=0)
 
     # --- retention and maintenance (§9) ---
-    DELEGATION_RETENTION_DAYS: int = Field(90, ge=0)
+    DELEGATION_RETENTION_DAYS: int = Field(90, ge=0)  # also the status history's window (`at=`)
+    # The most edges one bulk revocation may revoke (matched and downstream); above it: 422.
+    BULK_REVOKE_MAX_EDGES: int = Field(10000, ge=1)
     OUTBOX_RETENTION_DAYS: int = Field(7, ge=0)
     RETENTION_CLEANUP_BATCH_SIZE: int = Field(500, ge=1)
     MAINTENANCE_INTERVAL_SECONDS: int = Field(5, ge=1)

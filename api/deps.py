@@ -15,7 +15,7 @@ from api.auth import Authenticator, Identity
 from api.http import path_ids
 from rules.errors import CoordinatorError
 from settings import Settings
-from storage.db import Database
+from storage.db import ACTOR, Database
 
 
 @dataclass
@@ -54,6 +54,7 @@ async def identity(request: Request) -> Identity:
     if ident is None:
         raise CoordinatorError(401, "missing_token")
     request.state.identity = ident
+    ACTOR.set(f"{ident.client_id}/{ident.subject}")  # named in the status history of what it changes
     return ident
 
 

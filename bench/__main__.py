@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SCENARIO_KEYS = ["create", "get", "list", "delegate", "authority", "impact", "suspend", "expiry", "heartbeat", "rss"]
+SCENARIO_KEYS = ["create", "get", "list", "delegate", "authority", "impact", "suspend", "expiry", "heartbeat", "rss",
+                 "follow", "follow_curve", "bulk_revoke"]
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -95,6 +95,9 @@ PARAMS: dict[str, dict[str, Any]] = {
         "follow_curve_mix_rates": [150],
         "follow_curve_seconds": 60,
         "follow_curve_lag_sample": 300,
+        "bulk_edges": 1_000,
+        "bulk_sources": 100,
+        "bulk_repeats": 3,
     },
     "quick": {
         "create_requests": {1: 5, 16: 16, 64: 64},
@@ -125,6 +128,9 @@ PARAMS: dict[str, dict[str, Any]] = {
         "follow_curve_mix_rates": [20],
         "follow_curve_seconds": 3,
         "follow_curve_lag_sample": 10,
+        "bulk_edges": 20,
+        "bulk_sources": 4,
+        "bulk_repeats": 1,
     },
 }
 

@@ -645,6 +645,81 @@ class Scenario:
     run: Callable[[Ctx], Awaitable[list[Row]]]
 
 
+# ------------------------------------------------------------------------------------------------
+# 13. bulk revocation of 1,000 matched edges with their cascades
+
+
+async def _bulk_zone(ctx: Ctx, n: int, sources: int) -> BenchZone:
+    """S sources, N targets, N leaves: source[i % S] -(read, write; max_hops 2)-> target[i]
+    -(read)-> leaf[i]. A revoke of scope `write` matches the N first edges, takes the N second ones
+    with them and ends the 2N targets and leaves."""
+    zone = await ctx.zones.new("bulk")
+    app = zone.apps[0]
+    ids = [b["agent_session_id"] for b in await create_sessions(ctx.cfg, ctx.http, [(zone, app)] * (sources + 2 * n))]
+    src, targets, leaves = ids[:sources], ids[sources:sources + n], ids[sources + n:]
+    headers = zone.headers()
+
+    def edge(source: str, target: str, scopes: list[str], ttl: int, hops: int) -> Callable[[], Awaitable[Response]]:
+        return lambda: ctx.http.post(f"/zones/{zone.id}/delegations", headers=headers, json={
+            "source_session_id": source, "target_session_id": target, "issuer_application_id": app,
+            "receiver_application_id": app, "resource_id": RESOURCE_ID, "scopes": scopes, "ttl_seconds": ttl,
+            "constraints": {"max_hops": hops}})
+
+    for calls in ([edge(src[i % sources], targets[i], ["read", "write"], 3600, 2) for i in range(n)],
+                  [edge(targets[i], leaves[i], ["read"], 3000, 1) for i in range(n)]):
+        sample = await closed_loop(len(calls), ctx.cfg.setup_concurrency, lambda k: calls[k](),  # noqa: B023
+                                   expect=(201,))
+        if sample.errors:
+            raise SetupError(f"bulk seed edges: {', '.join(sample.errors)}", dict(sample.errors))
+    return zone
+
+
+async def bulk_revoke(ctx: Ctx) -> list[Row]:
+    n, sources, repeats = ctx.p("bulk_edges"), ctx.p("bulk_sources"), ctx.p("bulk_repeats")
+    if ctx.cfg.zone_capacity < sources + 2 * n:
+        return [Row("bulk_revoke", "bulk revoke", notes=f"skipped: needs --zone-capacity >= {sources + 2 * n}",
+                    verdict="SKIP")]
+    previews, revokes, drains, agree = [], [], [], True
+    for _ in range(repeats):
+        zone = await _bulk_zone(ctx, n, sources)
+        url = f"/zones/{zone.id}/delegations/bulk-revoke"
+        t0 = time.perf_counter()
+        preview = await ctx.http.post(url, headers=zone.operator, json={"filter": {"scope": "write"}, "dry_run": True})
+        previews.append(1000 * (time.perf_counter() - t0))
+        if preview.status_code != 200:
+            raise SetupError(f"bulk preview answered {preview.status_code}: {preview.text[:200]}",
+                             {describe(preview): 1})
+        planned = preview.json()
+        t0 = time.perf_counter()
+        done = await ctx.http.post(url, headers={**zone.operator, "Idempotency-Key": f"bench-{zone.id}"},
+                                   json={"filter": {"scope": "write"}, "expected_epoch": planned["epoch"]})
+        revokes.append(1000 * (time.perf_counter() - t0))
+        if done.status_code != 200:
+            raise SetupError(f"bulk revoke answered {done.status_code}: {done.text[:200]}", {describe(done): 1})
+        answer = done.json()
+        agree &= all(answer[k] == planned[k] for k in ("matched_edges", "downstream_edges", "terminated_sessions"))
+        drained = None
+        while time.perf_counter() - t0 < ctx.p("settle_timeout_s"):
+            if await _backlog(ctx) <= 0:
+                drained = 1000 * (time.perf_counter() - t0)
+                break
+            await asyncio.sleep(0.2)
+        drains.append(drained)
+    counts = planned["counts"]
+    notes = (f"{counts['matched']} matched + {counts['downstream']} downstream edges, "
+             f"{counts['terminated_sessions']} sessions ended; preview == revocation: {agree}")
+    return [
+        value_row("bulk_revoke", f"bulk revoke preview, {n:,} edges", statistics.median(previews), concurrency=1,
+                  requests=repeats, notes=notes, all_ms=[round(v, 1) for v in previews]),
+        value_row("bulk_revoke", f"bulk revoke, {n:,} edges + cascade", statistics.median(revokes),
+                  [Target("p50", 1000, "≤ 1 s at c1")], concurrency=1, requests=repeats, notes=notes,
+                  errors=0 if agree else 1, all_ms=[round(v, 1) for v in revokes]),
+        value_row("bulk_revoke", "workflow outbox drained after the revoke", max((d or 1e9) for d in drains),
+                  concurrency=1, requests=repeats, notes="from the revoke's request to an empty outbox",
+                  all_ms=drains),
+    ]
+
+
 SCENARIOS: list[Scenario] = [
     Scenario("create", "1. session create", session_create),
     Scenario("get", "2. session GET", session_get),
@@ -659,4 +734,5 @@ SCENARIOS: list[Scenario] = [
     Scenario("follow", "11. Temporal follows: signal lag, burst convergence, sustained rate", follow),
     Scenario("follow_curve", "12. follow curve: lag, backlog, drain and cost per session at offered rates",
              lambda ctx: follow_curve(ctx)),
+    Scenario("bulk_revoke", "13. bulk revocation of 1,000 edges with their cascades", bulk_revoke),
 ]

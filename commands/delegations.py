@@ -15,9 +15,12 @@ from rules.ids import new_id
 from rules.narrowing import check_narrowing
 from rules.timefmt import iso_ms, parse_iso_z
 from settings import Settings
+from storage import bulk_revocation as bulk
 from storage import delegations as store
 from storage.db import BeforeCommit, Conn, Database
-from storage.idempotency import DELEGATION_CREATE, CreateResult, IdempotencyRequest, store_receipt
+from storage.idempotency import (
+    BULK_REVOCATION, DELEGATION_CREATE, CreateResult, IdempotencyRequest, find_receipt, store_receipt,
+)
 
 
 
@@ -212,3 +215,62 @@ async def revoke(db: Database, ident: Identity, zone_id: str, edge_id: str, expe
             raise CoordinatorError(403, "issuer_ownership_required")
         return await store.revoke_cascade(conn, zone_id, edge_id, expected_epoch)
     return await db.run(revoke_edge, before_commit=before_commit)
+
+
+@dataclass(frozen=True)
+class BulkRevocation:
+    """A bulk revoke as the request gave it."""
+
+    selection: bulk.EdgeSelection
+    dry_run: bool
+    expected_epoch: int | None
+
+
+def _bulk_body(plan: bulk.Preview, settings: Settings, dry_run: bool) -> dict[str, Any]:
+    return {"dry_run": dry_run, "epoch": plan.epoch, "matched_edges": plan.matched,
+            "downstream_edges": plan.downstream, "terminated_sessions": plan.terminated,
+            "counts": {"matched": len(plan.matched), "downstream": len(plan.downstream),
+                       "terminated_sessions": len(plan.terminated)},
+            "max_edges": settings.BULK_REVOKE_MAX_EDGES,
+            "within_limit": plan.edge_count <= settings.BULK_REVOKE_MAX_EDGES}
+
+
+async def bulk_revoke(db: Database, settings: Settings, ident: Identity, zone_id: str, req: BulkRevocation,
+                      idempotency_key: str | None, before_commit: BeforeCommit[dict[str, Any]] | None = None
+                      ) -> dict[str, Any]:
+    """Preview (dry_run) or revoke every active edge the selection matches, with their cascades, in one
+    transaction; the real call only while the zone's graph is still at `expected_epoch`."""
+    if not authz.can_bulk_revoke(ident):
+        raise CoordinatorError(403, "bulk_revoke_permission_required")
+    if not req.selection.as_json():
+        raise CoordinatorError(400, "bulk_filter_empty", message="name at least one filter key")
+    if not req.dry_run and req.expected_epoch is None:
+        raise CoordinatorError(400, "expected_epoch_required",
+                               message="a bulk revocation takes the epoch of its preview")
+    idem = None if idempotency_key is None or req.dry_run else IdempotencyRequest(
+        BULK_REVOCATION, zone_id, ident.client_id, idempotency_key,
+        request_digest({"filter": req.selection.as_json(), "expected_epoch": req.expected_epoch}))
+
+    async def run(conn: Conn) -> dict[str, Any]:
+        if idem is not None:
+            receipt = await find_receipt(conn, settings, idem)
+            if receipt is not None:
+                return receipt.response_json
+        plan = await bulk.preview(conn, zone_id, req.selection, lock=not req.dry_run)
+        body = _bulk_body(plan, settings, req.dry_run)
+        if req.dry_run:
+            return body
+        if req.expected_epoch != plan.epoch:
+            raise CoordinatorError(409, "delegation_graph_changed", epoch=plan.epoch)
+        if not body["within_limit"]:
+            raise CoordinatorError(422, "bulk_revoke_too_large", edges=plan.edge_count,
+                                   max_edges=settings.BULK_REVOKE_MAX_EDGES)
+        revocation_id = new_id()
+        done = await bulk.revoke(conn, zone_id, req.selection, plan, revocation_id=revocation_id,
+                                 actor=f"{ident.client_id}/{ident.subject}")
+        body = {**body, **done, "bulk_revocation_id": revocation_id}
+        if idem is not None:
+            await store_receipt(conn, settings, idem, resource_type="bulk_revocation", resource_id=revocation_id,
+                                status=200, body=body)
+        return body
+    return await db.run(run, before_commit=before_commit)

@@ -116,3 +116,8 @@ def can_invoke(identity: Identity, app: str) -> bool:
     """Create an invocation from `app`, or start/cancel/complete one on a service of `app`
     (403 invoker_ownership_required)."""
     return owns(identity, app) or has_scope(identity, invoke_from(app)) or is_admin(identity)
+
+
+def can_bulk_revoke(identity: Identity) -> bool:
+    """A bulk revocation crosses applications: the operator token or coordinator.admin."""
+    return bool(getattr(identity, "operator", False)) or is_admin(identity)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import time
 import weakref
@@ -30,6 +31,20 @@ __all__ = ["Database", "Jsonb", "Conn", "CommitRows", "Refused", "XACT_LOCK_SQL"
 XACT_LOCK_SQL = "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))"
 
 
+# Who the current request acts as, set by the API: every transaction it begins names it in the
+# `coordinator.actor` setting (read by the status-history triggers, storage/history.py), with the BEGIN.
+ACTOR: contextvars.ContextVar[str | None] = contextvars.ContextVar("coordinator_actor", default=None)
+_SET_ACTOR_SQL = "SELECT set_config('coordinator.actor', %s, true)"
+
+
+async def _send_begin(conn: psycopg.AsyncConnection[Any]) -> None:
+    """BEGIN, and the actor's setting; inside a pipeline, so no round trip of their own."""
+    await psycopg.AsyncConnection.execute(conn, "BEGIN")
+    actor = ACTOR.get()
+    if actor is not None:
+        await psycopg.AsyncConnection.execute(conn, _SET_ACTOR_SQL, (actor,))
+
+
 class _Connection(psycopg.AsyncConnection[DictRow]):
     """The pool's connections. Inside `Database.transaction` the BEGIN is not a round trip of its
     own: it travels with the transaction's first statement (or batch, see `q_batch`)."""
@@ -42,7 +57,7 @@ class _Connection(psycopg.AsyncConnection[DictRow]):
             return await super().execute(query, params, prepare=prepare, binary=binary)
         self.begin_pending = False
         async with self.pipeline():
-            await super().execute("BEGIN")
+            await _send_begin(self)
             return await super().execute(query, params, prepare=prepare, binary=binary)
 
 
@@ -249,7 +264,8 @@ async def _begin(conn: Conn) -> None:
     if isinstance(conn, _Connection):
         conn.begin_pending = True
     else:
-        await conn.execute("BEGIN")
+        async with conn.pipeline():
+            await _send_begin(conn)
 
 
 def _cancel_pending_begin(conn: Conn) -> bool:
@@ -287,7 +303,7 @@ async def q_batch(conn: Conn, *statements: tuple[str, Sequence[Any] | dict[str, 
     taken here costs no round trip of its own."""
     async with conn.pipeline() as pipeline:
         if _cancel_pending_begin(conn):  # the transaction's BEGIN goes first, in this round trip
-            await conn.execute("BEGIN")
+            await _send_begin(conn)
         cursors = [await conn.execute(sql, params) for sql, params in statements]
         await pipeline.sync()
     return [await cur.fetchall() if _returns_rows(cur) else [] for cur in cursors]

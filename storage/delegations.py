@@ -7,16 +7,18 @@ WHERE status = 'active'`, so each step is an index probe.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from psycopg.types.json import Jsonb
 
-from rules.authority import fold_effective_authority
+from rules.authority import explain_effective_authority, fold_effective_authority
 from rules import lifecycle
 from rules.errors import CoordinatorError
 from rules.timefmt import iso_ms
 from settings import Settings
-from storage.db import XACT_LOCK_SQL, Conn, Database, at_commit, q, q1, q_batch
+from storage import history
+from storage.db import XACT_LOCK_SQL, Conn, Database, at_commit, one, q, q1, q_batch
 from storage.pages import Page, list_page
 from storage.idempotency import CreateResult, IdempotencyRequest, find_receipt, inactive_result
 from storage.event_feed import BUMP_EPOCH_SQL, DELEGATIONS_INVALIDATE, SESSIONS_REVOKE, Event, bump_epoch
@@ -85,18 +87,43 @@ class EdgeFilter:
     active: bool = False  # active and not yet expired
     source_session_id: str | None = None
     target_session_id: str | None = None
+    at: datetime | None = None  # as of this instant (storage/history.py): edges created by then, in their status then
+
+
+def _edges_at_sql() -> str:
+    """The zone's edges as of an instant (params: at, zone, at): those created by then, `status`
+    the one they had then; alias `x`, ready for more `AND` conditions."""
+    columns = EDGE_COLUMNS.replace("x.status,", f"{history.status_at_sql('edge', 'x.id', '%s')} AS status,")
+    return f"""SELECT x.* FROM (SELECT {columns} FROM delegation_edges x
+                                WHERE x.zone_id = %s AND x.created_at <= %s) x WHERE x.status IS NOT NULL"""
+
+
+def _as_of(project: Any) -> Any:
+    def projected(row: dict[str, Any]) -> dict[str, Any]:
+        if row["status"] != "revoked":
+            row = dict(row, revoked_at=None)
+        return project(row)
+    return projected
 
 
 async def list_edges(db: Database, zone_id: str, where: EdgeFilter, limit: int, cursor: str | None) -> Page:
-    sql, params = f"SELECT {EDGE_COLUMNS} FROM delegation_edges x WHERE x.zone_id = %s", [zone_id]
-    if where.active:
-        sql += " AND x.status = 'active' AND x.expires_at > now()"
+    params: list[Any]
+    if where.at is None:
+        sql, params = f"SELECT {EDGE_COLUMNS} FROM delegation_edges x WHERE x.zone_id = %s", [zone_id]
+        if where.active:
+            sql += " AND x.status = 'active' AND x.expires_at > now()"
+    else:
+        sql, params = _edges_at_sql(), [where.at, zone_id, where.at]
+        if where.active:
+            sql += " AND x.status = 'active' AND x.expires_at > %s"
+            params.append(where.at)
     for column in ("source_session_id", "target_session_id"):
         if getattr(where, column) is not None:
             sql += f" AND x.{column} = %s"
             params.append(getattr(where, column))
+    project = active_projection if where.active else edge_projection
     return await list_page(db, table="delegation_edges", zone_id=zone_id, limit=limit, cursor=cursor, sql=sql,
-                           params=params, project=active_projection if where.active else edge_projection)
+                           params=params, project=project if where.at is None else _as_of(project))
 
 
 async def active_inbound_edge(db: Database, zone_id: str, session_id: str, edge_id: str) -> dict[str, Any] | None:
@@ -247,13 +274,48 @@ async def impact(conn: Conn, zone_id: str, edge_id: str) -> dict[str, Any] | Non
             "affected_subject_sessions": subjects, "epoch": epoch}
 
 
-async def effective_authority(conn: Conn, zone_id: str, session_id: str) -> dict[str, Any]:
-    parents = await q(conn, """
-        SELECT x.id, x.scopes, x.resource_id, r.identifier AS resource_identifier, x.constraints_json, x.expires_at
-        FROM delegation_edges x LEFT JOIN resources r ON r.zone_id = x.zone_id AND r.id = x.resource_id
-        WHERE x.zone_id = %s AND x.target_session_id = %s AND x.status = 'active' AND x.expires_at > now()
-        ORDER BY x.id""", (zone_id, session_id))
-    return fold_effective_authority(session_id, [{**p, "scopes": list(p["scopes"])} for p in parents])
+async def effective_authority(conn: Conn, zone_id: str, session_id: str, *, at: datetime | None = None,
+                              explain: bool = False) -> dict[str, Any]:
+    """§6.1, now or as of `at` (edges created by then, in their status then, unexpired then);
+    with `explain`, the reasons (rules.authority.explain_effective_authority)."""
+    if at is None and not explain:
+        parents = await q(conn, """
+            SELECT x.id, x.scopes, x.resource_id, r.identifier AS resource_identifier, x.constraints_json, x.expires_at
+            FROM delegation_edges x LEFT JOIN resources r ON r.zone_id = x.zone_id AND r.id = x.resource_id
+            WHERE x.zone_id = %s AND x.target_session_id = %s AND x.status = 'active' AND x.expires_at > now()
+            ORDER BY x.id""", (zone_id, session_id))
+        return fold_effective_authority(session_id, [{**p, "scopes": list(p["scopes"])} for p in parents])
+    instant = at if at is not None else one(await q1(conn, "SELECT now() AS now"))["now"]
+    candidates = await q(conn, f"""
+        SELECT x.id, x.scopes, x.resource_id, r.identifier AS resource_identifier, x.constraints_json, x.expires_at,
+               x.source_session_id, x.parent_edge_id, h.status, h.reason AS status_reason,
+               {history.status_at_sql('session', 'x.source_session_id', 'a.at')} AS source_status
+        FROM (SELECT %(at)s::timestamptz AS at) a
+        JOIN delegation_edges x ON x.zone_id = %(zone)s AND x.target_session_id = %(sid)s AND x.created_at <= a.at
+        CROSS JOIN LATERAL (SELECT h.status, h.reason FROM status_history h
+                            WHERE h.entity_id = x.id AND h.entity = 'edge' AND h.changed_at <= a.at
+                            ORDER BY h.changed_at DESC, h.seq DESC LIMIT 1) h
+        LEFT JOIN resources r ON r.zone_id = x.zone_id AND r.id = x.resource_id
+        ORDER BY x.id""", {"at": instant, "zone": zone_id, "sid": session_id})
+    candidates = [{**c, "scopes": list(c["scopes"])} for c in candidates]
+    live = [c for c in candidates if c["status"] == "active" and c["expires_at"] > instant]
+    answer = fold_effective_authority(session_id, live)
+    if not explain:
+        return answer
+    return {**answer, "explanation": explain_effective_authority(
+        answer, candidates, await _parent_edges(conn, [c["id"] for c in candidates]), instant)}
+
+
+async def _parent_edges(conn: Conn, edge_ids: list[str]) -> dict[str, str | None]:
+    """edge id → parent edge id, for the edges and all their ancestors."""
+    rows = await q(conn, """
+        WITH RECURSIVE up AS (
+            SELECT id, parent_edge_id, 1 AS depth FROM delegation_edges WHERE id = ANY(%(ids)s)
+            UNION
+            SELECT p.id, p.parent_edge_id, up.depth + 1 FROM up JOIN delegation_edges p ON p.id = up.parent_edge_id
+            WHERE up.depth < %(max)s
+        ) SELECT DISTINCT id, parent_edge_id FROM up""", {"ids": edge_ids, "max": 4 * MAX_WALK_DEPTH})
+    return {r["id"]: r["parent_edge_id"] for r in rows}
 
 
 async def current_epoch(conn: Conn, zone_id: str) -> int:
@@ -270,11 +332,12 @@ async def revoke_cascade(conn: Conn, zone_id: str, edge_id: str, expected_epoch:
         raise CoordinatorError(404, "delegation_not_found")
     if expected_epoch is not None and expected_epoch != await current_epoch(conn, zone_id):
         raise CoordinatorError(409, "delegation_graph_changed")
-    revoked = await q(conn, walk_sql("e.id = %(edge)s", unexpired=False) + """,
+    revoked = await q(conn, walk_sql("e.id = %(edge)s", unexpired=False) + f""",
         walked AS (SELECT id, min(depth) AS depth FROM walk GROUP BY id)
         UPDATE delegation_edges x SET status = 'revoked', revoked_at = now(), updated_at = now(),
             edge_version = x.edge_version + 1
         FROM walked WHERE x.id = walked.id AND x.status = 'active'
+          AND {history.change_reason_sql("'revoked with the cascade of ' || %(edge)s::text")}
         RETURNING x.id, x.source_session_id, x.target_session_id, walked.depth""",
                     {"zone": zone_id, "edge": edge_id, "max": MAX_WALK_DEPTH})
     if not revoked:

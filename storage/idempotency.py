@@ -16,6 +16,7 @@ from storage.db import XACT_LOCK_SQL, Conn, one
 SESSION_START = "session.start.v2"
 DELEGATION_CREATE = "delegation.create.v2"
 INVOCATION_CREATE = "invocation.create.v2"
+BULK_REVOCATION = "delegation.bulk_revoke.v1"
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,8 @@ from storage.notices import SNAPSHOT_COLUMNS, SNAPSHOT_INVOCATION_COLUMNS, enque
 # ---------------------------------------------------------------------------------- retention
 
 async def retention(conn: Conn, settings: Settings) -> dict[str, int]:
-    """§9 retention: old revoked/expired edges, published outbox rows, expired receipts, old op results."""
+    """§9 retention: old revoked/expired edges, status history and bulk revocation records, published
+    outbox rows, expired receipts, old op results."""
     batch = settings.RETENTION_CLEANUP_BATCH_SIZE
     counts = {}
     for name, sql, params in (
@@ -24,6 +25,21 @@ async def retention(conn: Conn, settings: Settings) -> dict[str, int]:
             SELECT id FROM delegation_edges WHERE status IN ('revoked', 'expired')
               AND COALESCE(revoked_at, expires_at, updated_at, created_at) < now() - make_interval(days => %s)
             LIMIT %s)""", (settings.DELEGATION_RETENTION_DAYS, batch)),
+        # The status history answers `at=` for the same window as ended edges are kept: a row before
+        # the window goes once a later one, still before it, says the status at the window's start
+        # (or once its edge is gone).
+        ("deleted_status_history", """DELETE FROM status_history WHERE seq IN (
+            SELECT h.seq FROM status_history h
+            WHERE h.changed_at < now() - make_interval(days => %(days)s)
+              AND (EXISTS (SELECT 1 FROM status_history l
+                           WHERE l.entity_id = h.entity_id AND l.entity = h.entity
+                             AND l.changed_at < now() - make_interval(days => %(days)s)
+                             AND (l.changed_at, l.seq) > (h.changed_at, h.seq))
+                   OR (h.entity = 'edge' AND NOT EXISTS (SELECT 1 FROM delegation_edges x WHERE x.id = h.entity_id)))
+            LIMIT %(batch)s)""", {"days": settings.DELEGATION_RETENTION_DAYS, "batch": batch}),
+        ("deleted_bulk_revocations", """DELETE FROM bulk_revocations WHERE id IN (
+            SELECT id FROM bulk_revocations WHERE created_at < now() - make_interval(days => %s) LIMIT %s)""",
+         (settings.DELEGATION_RETENTION_DAYS, batch)),
         ("deleted_outbox", """DELETE FROM caracal_outbox WHERE id IN (
             SELECT id FROM caracal_outbox WHERE producer = 'coordinator' AND status IN ('published', 'dead')
               AND updated_at < now() - make_interval(days => %s) LIMIT %s)""", (settings.OUTBOX_RETENTION_DAYS, batch)),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from psycopg.types.json import Jsonb
@@ -18,6 +18,7 @@ from rules.errors import CoordinatorError
 from rules.ids import new_id
 from rules.timefmt import iso_ms
 from settings import Settings
+from storage import history
 from storage.db import XACT_LOCK_SQL, Conn, Database, Refused, at_commit, one, q, q1, q_batch, refuse_sql
 from storage.pages import body_columns, iso_ms_sql, json_page
 from storage.idempotency import CreateResult, IdempotencyRequest, find_receipt, inactive_result, store_receipt
@@ -102,6 +103,23 @@ async def session_body(db: Database, zone_id: str, session_id: str) -> str | Non
     """The session's body (`SESSION_BODY`) as JSON text, or None when the zone has no such session."""
     return await db.fetchval(f"SELECT row_to_json(b)::text FROM (SELECT {SESSION_BODY} FROM sessions x "
                              "WHERE x.zone_id = %s AND x.id = %s) b", (zone_id, session_id))
+
+
+async def session_body_at(db: Database, zone_id: str, session_id: str, at: datetime) -> dict[str, Any] | None:
+    """The session's body as of `at`: its status then (and its end, if it had ended by then), with
+    the status changes recorded up to then (storage/history.py). None: no such session then."""
+    async with db.connection() as conn:
+        body = await q1(conn, f"SELECT row_to_json(b) AS body FROM (SELECT {SESSION_BODY} FROM sessions x "
+                              "WHERE x.zone_id = %s AND x.id = %s) b", (zone_id, session_id))
+        changes = [c for c in await history.entity_history(conn, "session", session_id) if c["changed_at"] <= at]
+    if body is None or not changes:
+        return None
+    then = dict(body["body"], status=changes[-1]["status"], as_of=iso_ms(at))
+    if then["status"] not in lifecycle.SESSION_TERMINAL:
+        then.update(terminated_at=None, termination_reason=None)
+    then["status_history"] = [{"status": c["status"], "changed_at": iso_ms(c["changed_at"]), "actor": c["actor"],
+                               "reason": c["reason"]} for c in changes]
+    return then
 
 
 def start_projection(row: dict[str, Any], delegation_edge_id: str | None) -> dict[str, Any]:
@@ -456,7 +474,7 @@ async def _revocation_events(conn: Conn, zone_id: str, rows: list[dict[str, Any]
     return events
 
 
-def _subtree(statuses: str, root_flag: bool = False) -> str:
+def subtree_sql(statuses: str, root_flag: bool = False) -> str:
     """`tree`: the roots `%(roots)s` of zone `%(zone)s` in one of `statuses` (an SQL list), and their
     descendants in one of them, reached through parents in one of them (`is_root` with root_flag).
 
@@ -492,7 +510,7 @@ async def _change_subtree(conn: Conn, statuses: str, update: str, events: str, p
     the UPDATE that returned their rows has given the transaction its xid, which is what the
     column's default (`caracal_outbox_next_seq`, migration 0002) otherwise ensures first."""
     cur = await conn.execute(f"""
-        WITH RECURSIVE {_subtree(statuses)},
+        WITH RECURSIVE {subtree_sql(statuses)},
         changed AS ({update}),
         written_events AS (
             INSERT INTO caracal_outbox (seq, id, producer, zone_id, topic, dedupe_key, payload_json)
@@ -513,6 +531,7 @@ async def suspend_subtree(conn: Conn, zone_id: str, root_ids: list[str], reason:
     return await _change_subtree(conn, "('active')", f"""
         UPDATE sessions s SET status = 'suspended', updated_at = now(), state_version = s.state_version + 1
         WHERE s.id = ANY(ARRAY(SELECT id FROM tree)) AND s.status = 'active'
+          AND {history.change_reason_sql("'suspended: ' || COALESCE(%(reason)s::text, 'requested')")}
         RETURNING {SNAPSHOT_COLUMNS}, s.subject_authority_record_id""", f"""
         SELECT 1 AS part, {_EVENT_RANK} AS rank, '{AGENTS_LIFECYCLE}' AS topic,
                'suspend:' || c.id || ':' || c.state_version AS key,
@@ -539,6 +558,7 @@ async def resume_subtree(conn: Conn, settings: Settings, zone_id: str, root_id: 
             heartbeat_deadline_at = CASE WHEN s.lifecycle = 'service'
                 THEN now() + make_interval(secs => %(lease)s) ELSE s.heartbeat_deadline_at END
         WHERE s.id = ANY(ARRAY(SELECT id FROM tree)) AND s.status = 'suspended'
+          AND {history.change_reason_sql("'resumed'")}
         RETURNING {SNAPSHOT_COLUMNS}, s.subject_authority_record_id""", f"""
         SELECT 1 AS part, {_EVENT_RANK} AS rank, '{AGENTS_LIFECYCLE}' AS topic,
                'resume:' || c.id || ':' || c.state_version AS key,
@@ -554,7 +574,7 @@ async def terminate_subtree(conn: Conn, zone_id: str, root_ids: list[str], reaso
                             root_status: str = "terminated") -> list[dict[str, Any]]:
     """Reference §5.2: end the roots (status `root_status`) and their live descendants."""
     rows = await q(conn, f"""
-        WITH RECURSIVE {_subtree(lifecycle.SESSION_LIVE_SQL, root_flag=True)}, collected AS (
+        WITH RECURSIVE {subtree_sql(lifecycle.SESSION_LIVE_SQL, root_flag=True)}, collected AS (
             SELECT id, bool_or(is_root) AS is_root FROM tree GROUP BY id
         )
         UPDATE sessions s SET
@@ -601,12 +621,13 @@ async def revoke_edges_touching(conn: Conn, zone_id: str, session_ids: list[str]
     """§5.2 step 4: revoke every active edge with an endpoint among the sessions; one epoch bump.
 
     Appends to `notices` for the live endpoints outside `session_ids`: they lost (or gave up) the edge."""
-    edges = await q(conn, """
+    edges = await q(conn, f"""
         UPDATE delegation_edges SET status = 'revoked', revoked_at = now(), updated_at = now(),
             edge_version = edge_version + 1
         WHERE zone_id = %(zone)s AND status = 'active'
           AND (source_session_id = ANY(%(ids)s) OR target_session_id = ANY(%(ids)s))
-        RETURNING id, source_session_id, target_session_id""", {"zone": zone_id, "ids": session_ids})
+          AND {history.change_reason_sql("'endpoint ended: ' || COALESCE(%(reason)s::text, 'requested')")}
+        RETURNING id, source_session_id, target_session_id""", {"zone": zone_id, "ids": session_ids, "reason": reason})
     if not edges:
         return []
     edges.sort(key=lambda e: e["id"])

@@ -62,6 +62,8 @@ _OPERATOR_ZONE_ROUTES: Final[tuple[tuple[str, str], ...]] = (
     ("POST", "authority-records/:/revoke"),
     ("GET", "delegations/inbound/:/:"),
     ("GET", "events"),
+    ("GET", "history/window"),
+    ("POST", "delegations/bulk-revoke"),
 )
 
 _Pattern = tuple[frozenset[str] | None, ...]  # None = any id segment

@@ -4,18 +4,20 @@ answers), the parameter types, pagination, and the helpers more than one router 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Header, Path, Request, params
 from fastapi import Body as BodyParam
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic.json_schema import SkipJsonSchema
 
-from api.deps import Caller
+from api.deps import Caller, Services
 from api.http import CoordinatorRoute
 from rules.errors import CoordinatorError
 from rules.idempotency import parse_idempotency_key
+from storage import history
 from storage.idempotency import CreateResult
 from storage.pages import Page  # noqa: F401 (re-exported: the list routes' response model)
 
@@ -167,6 +169,29 @@ class PageQuery(BaseModel):
 
 
 PageParams = Annotated[PageQuery, list_query(PageQuery)]
+
+AT_DESCRIPTION = ("An RFC 3339 instant with its offset: the answer as it was then (the status history's "
+                  "window: GET /zones/{zone_id}/history/window); 400 at_in_future / at_outside_history")
+
+
+class AsOfQuery(BaseModel):
+    at: AwareDatetime | None = Field(default=None, description=AT_DESCRIPTION)
+
+
+class AsOfPageQuery(PageQuery, AsOfQuery):
+    pass
+
+
+AsOfParams = Annotated[AsOfQuery, list_query(AsOfQuery)]
+AsOfPageParams = Annotated[AsOfPageQuery, list_query(AsOfPageQuery)]
+
+
+async def checked_instant(svc: Services, at: datetime | None) -> datetime | None:
+    """`at` when the status history answers for it (else 400), None for now."""
+    if at is not None:
+        async with svc.db.connection() as conn:
+            await history.check_instant(conn, svc.settings, at)
+    return at
 
 
 

@@ -4,24 +4,27 @@ every read (lists, traverse, impact, effective authority) is Postgres."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import Body as BodyParam
 from fastapi import Query, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field, WithJsonSchema, field_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
 from api import audit
 from api.deps import Caller, ServicesDep
 from api.routes.common import (
-    INTEGRAL, Body, EdgeId, IdempotencyKeyHeader, NonEmpty, Page, PageParams, SessionId, ZoneId, created,
-    idempotency_headers, make_router,
+    INTEGRAL, AsOfPageParams, AsOfQuery, Body, EdgeId, IdempotencyKeyHeader, NonEmpty, Page, SessionId, ZoneId,
+    checked_instant, created, idempotency_headers, list_query, make_router,
 )
 from commands import delegations as commands
 from rules.constraints import MAX_BROAD_REASON, MAX_BUDGET, MAX_HOPS, MAX_RESOURCES, MAX_TTL_SECONDS, MISSING
 from rules.errors import CoordinatorError
-from rules.timefmt import is_iso_z
+from rules.timefmt import is_iso_z, iso_ms
+from storage import bulk_revocation as bulk
 from storage import delegations as store
+from storage import history
 
 router = make_router("delegations")
 
@@ -95,24 +98,27 @@ async def create_delegation(zone_id: ZoneId, body: Annotated[CreateDelegationBod
                                          before_commit=audit.with_commit(request, lambda r: r.status)))
 
 
-@router.get("/zones/{zone_id}/delegations/active", summary="List active delegation edges")
-async def active_edges(zone_id: ZoneId, query: PageParams, ident: Caller,
+@router.get("/zones/{zone_id}/delegations/active", summary="List active delegation edges (now, or as of `at`)")
+async def active_edges(zone_id: ZoneId, query: AsOfPageParams, ident: Caller,
                        svc: ServicesDep) -> Page:
-    return await store.list_edges(svc.db, zone_id, store.EdgeFilter(active=True), query.limit, query.cursor)
+    where = store.EdgeFilter(active=True, at=await checked_instant(svc, query.at))
+    return await store.list_edges(svc.db, zone_id, where, query.limit, query.cursor)
 
 
-@router.get("/zones/{zone_id}/delegations/inbound/{session_id}", summary="List inbound edges for a session")
-async def inbound_edges(zone_id: ZoneId, session_id: SessionId, query: PageParams,
+@router.get("/zones/{zone_id}/delegations/inbound/{session_id}",
+            summary="List inbound edges for a session (now, or as of `at`)")
+async def inbound_edges(zone_id: ZoneId, session_id: SessionId, query: AsOfPageParams,
                         ident: Caller, svc: ServicesDep) -> Page:
-    return await store.list_edges(svc.db, zone_id, store.EdgeFilter(target_session_id=session_id), query.limit,
-                                  query.cursor)
+    where = store.EdgeFilter(target_session_id=session_id, at=await checked_instant(svc, query.at))
+    return await store.list_edges(svc.db, zone_id, where, query.limit, query.cursor)
 
 
-@router.get("/zones/{zone_id}/delegations/outbound/{session_id}", summary="List outbound edges for a session")
-async def outbound_edges(zone_id: ZoneId, session_id: SessionId, query: PageParams,
+@router.get("/zones/{zone_id}/delegations/outbound/{session_id}",
+            summary="List outbound edges for a session (now, or as of `at`)")
+async def outbound_edges(zone_id: ZoneId, session_id: SessionId, query: AsOfPageParams,
                          ident: Caller, svc: ServicesDep) -> Page:
-    return await store.list_edges(svc.db, zone_id, store.EdgeFilter(source_session_id=session_id), query.limit,
-                                  query.cursor)
+    where = store.EdgeFilter(source_session_id=session_id, at=await checked_instant(svc, query.at))
+    return await store.list_edges(svc.db, zone_id, where, query.limit, query.cursor)
 
 
 @router.get("/zones/{zone_id}/delegations/inbound/{session_id}/{edge_id}",
@@ -145,12 +151,27 @@ async def impact(zone_id: ZoneId, edge_id: EdgeId, ident: Caller, svc: ServicesD
     return result
 
 
+class EffectiveAuthorityQuery(AsOfQuery):
+    explain: bool = Field(default=False, description="Add `explanation`: the chains of edges granting each scope "
+                                                     "and resource, and why each other inbound edge adds nothing")
+
+
 @router.get("/zones/{zone_id}/agents/{session_id}/effective-authority",
-            summary="Compute effective authority for a session")
-async def effective_authority(zone_id: ZoneId, session_id: SessionId, ident: Caller,
-                              svc: ServicesDep) -> dict[str, Any]:
+            summary="Compute effective authority for a session (now, or as of `at`; `explain`)")
+async def effective_authority(zone_id: ZoneId, session_id: SessionId,
+                              query: Annotated[EffectiveAuthorityQuery, list_query(EffectiveAuthorityQuery)],
+                              ident: Caller, svc: ServicesDep) -> dict[str, Any]:
+    at = await checked_instant(svc, query.at)
     async with svc.db.connection() as conn:
-        return await store.effective_authority(conn, zone_id, session_id)
+        return await store.effective_authority(conn, zone_id, session_id, at=at, explain=query.explain)
+
+
+@router.get("/zones/{zone_id}/history/window", summary="The instants `at=` answers for")
+async def history_window(zone_id: ZoneId, ident: Caller, svc: ServicesDep) -> dict[str, Any]:
+    async with svc.db.connection() as conn:
+        bounds = await history.window(conn, svc.settings)
+    return {"earliest": iso_ms(bounds.earliest), "latest": iso_ms(bounds.latest),
+            "retention_days": svc.settings.DELEGATION_RETENTION_DAYS}
 
 
 @router.patch("/zones/{zone_id}/delegations/{edge_id}/revoke", summary="Revoke delegated authority")
@@ -162,3 +183,61 @@ async def revoke(zone_id: ZoneId, edge_id: EdgeId, query: Annotated[RevokeQuery,
 
     return await commands.revoke(svc.db, ident, zone_id, edge_id, expected,
                                  before_commit=audit.with_commit(request))
+
+
+class BulkRevokeFilter(Body):
+    # A misspelt key must not widen what a revocation takes: unknown keys are refused.
+    model_config = ConfigDict(extra="forbid")
+
+    issuer_application_id: NonEmpty | None = None
+    receiver_application_id: NonEmpty | None = None
+    resource_id: NonEmpty | None = Field(default=None, description="A resource row id or identifier, on the edge "
+                                                                   "or among its constraints' resources")
+    scope: NonEmpty | None = None
+    created_before: str | None = Field(default=None, json_schema_extra={"format": "date-time"},
+                                       description="RFC 3339 with its offset")
+    created_after: str | None = Field(default=None, json_schema_extra={"format": "date-time"},
+                                      description="RFC 3339 with its offset")
+    source_subtree_of: NonEmpty | None = Field(default=None, description="Edges whose source is this session or "
+                                                                         "one of its descendants")
+
+
+    @field_validator("created_before", "created_after")
+    @classmethod
+    def _instant(cls, value: str | None) -> str | None:
+        if value is not None:
+            instant(value)
+        return value
+
+    def selection(self) -> bulk.EdgeSelection:
+        values = self.model_dump()
+        for name in ("created_before", "created_after"):
+            values[name] = instant(values[name]) if values[name] is not None else None
+        return bulk.EdgeSelection(**values)
+
+
+def instant(value: str) -> datetime:
+    """An RFC 3339 instant with its offset (ValueError otherwise)."""
+    parsed = datetime.fromisoformat(value)
+    if parsed.tzinfo is None:
+        raise ValueError("needs its UTC offset (Z or ±hh:mm)")
+    return parsed
+
+
+class BulkRevokeBody(Body):
+    filter: BulkRevokeFilter
+    dry_run: bool = Field(default=False, description="Answer the impact and the zone's graph epoch; change nothing")
+    expected_epoch: Annotated[int, Field(ge=0), INTEGRAL] | None = Field(
+        default=None, description="Required unless dry_run: the preview's epoch (409 if the graph moved)")
+
+
+@router.post("/zones/{zone_id}/delegations/bulk-revoke",
+             summary="Revoke every active edge matching a filter, with their cascades (or preview it)")
+async def bulk_revoke(zone_id: ZoneId, body: Annotated[BulkRevokeBody, BodyParam()], request: Request,
+                      ident: Caller, svc: ServicesDep, idempotency_key: IdempotencyKeyHeader = None) -> dict[str, Any]:
+    selection = body.filter.selection()
+    key, _ = idempotency_headers(request)
+    return await commands.bulk_revoke(
+        svc.db, svc.settings, ident, zone_id,
+        commands.BulkRevocation(selection=selection, dry_run=body.dry_run, expected_epoch=body.expected_epoch),
+        key, before_commit=audit.with_commit(request))

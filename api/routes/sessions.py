@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import Body as BodyParam
 from fastapi import Header, Query, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field, field_validator
 from pydantic.json_schema import SkipJsonSchema
 
@@ -15,7 +15,7 @@ from api import audit
 from api.deps import Caller, ServicesDep
 from api.http import no_content, rendered_json
 from api.routes.common import (
-    list_query,
+    list_query, AsOfParams, checked_instant,
     INTEGRAL, Body, IdempotencyKeyHeader, IgnoredBody, NonEmpty, Page, PageQuery, QueryText, SessionId,
     ZoneId, absent, created, idempotency_headers, make_router,
 )
@@ -98,7 +98,14 @@ async def list_sessions(zone_id: ZoneId, query: SessionListParams, ident: Caller
 
 
 @router.get("/zones/{zone_id}/agents/{session_id}", summary="Inspect one session", response_model=dict[str, Any])
-async def get_session(zone_id: ZoneId, session_id: SessionId, ident: Caller, svc: ServicesDep) -> Response:
+async def get_session(zone_id: ZoneId, session_id: SessionId, query: AsOfParams, ident: Caller,
+                      svc: ServicesDep) -> Response:
+    at = await checked_instant(svc, query.at)
+    if at is not None:
+        then = await store.session_body_at(svc.db, zone_id, session_id, at)
+        if then is None:
+            raise CoordinatorError(404, "session_not_found")
+        return JSONResponse(then)
     body = await store.session_body(svc.db, zone_id, session_id)
     if body is None:
         raise CoordinatorError(404, "session_not_found")
