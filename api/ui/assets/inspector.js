@@ -156,7 +156,9 @@
       { selector: 'edge', style: { width: 1, 'curve-style': 'straight', 'target-arrow-shape': 'triangle',
         'arrow-scale': 0.8, 'line-color': css('--tree'), 'target-arrow-color': css('--tree'),
         'min-zoomed-font-size': 8, 'font-size': 9 } },
-      { selector: 'edge.tree', style: { opacity: 0.7 } },
+      // bezier, so that a parent edge and a delegation between the same sessions stay apart
+      { selector: 'edge.tree', style: { opacity: 0.8, 'curve-style': 'bezier', 'control-point-step-size': 40 } },
+      { selector: 'edge.tree.big', style: { 'curve-style': 'straight' } },
       { selector: 'edge.delegation', style: {
         width: 2.5, 'curve-style': 'bezier', 'control-point-step-size': 30, label: 'data(label)',
         'text-rotation': 'autorotate', 'text-background-color': '#ffffff', 'text-background-opacity': 0.85,
@@ -215,7 +217,8 @@
     for (const s of state.sessions.values()) {
       if (s.parent_id && state.sessions.has(s.parent_id)) {
         const id = 'tree:' + s.agent_session_id;
-        els.set(id, { group: 'edges', data: { id, source: s.parent_id, target: s.agent_session_id }, classes: 'tree' + extra });
+        els.set(id, { group: 'edges', data: { id, source: s.parent_id, target: s.agent_session_id },
+                      classes: 'tree' + (big ? ' big' : '') + extra });
       }
     }
     const edges = [...state.active.values()];
@@ -364,7 +367,9 @@
     g.dataset.activeDelegations = String(activeDels);
     g.dataset.renderMs = String(stats.lastRenderMs);
     $('graph-counts').textContent = nodes + ' sessions, ' + (edges - dels) + ' parent edges, ' + dels +
-      ' delegations (' + activeDels + ' active)' + (state.at ? ' as of ' + state.at : '');
+      ' delegations (' + activeDels + ' active)' +
+      // the session listing has no at=: sessions started later are left out, colours are today's
+      (state.at ? ' as of ' + state.at + ' (session colours: now)' : '');
   }
 
   function applyHighlights() {
@@ -397,7 +402,8 @@
     const params = at ? { at } : {};
     let sessions, active;
     try {
-      [sessions, active] = await Promise.all([pageAll('agents', params), pageAll('delegations/active', params)]);
+      // the session listing has no at=: the sessions as of then are those started by then
+      [sessions, active] = await Promise.all([pageAll('agents'), pageAll('delegations/active', params)]);
     } catch (err) {
       if (seq === state.loadSeq) showMessage(err, at ? 'reading the graph as of ' + at : 'reading the graph');
       throw err;
@@ -587,8 +593,102 @@
     return ul;
   }
 
-  const AUTHORITY_KEYS = ['effective_scopes', 'effective_resources', 'effective_max_hops', 'effective_ttl_seconds',
+  const AUTHORITY_KEYS = ['effective_scopes', 'effective_resources', 'effective_resource_ids',
+                          'effective_resource_constrained', 'effective_max_hops', 'effective_ttl_seconds',
                           'earliest_expires_at', 'inbound_edges'];
+
+  function idSpan(id) {
+    const span = document.createElement('span');
+    span.className = 'v';
+    span.textContent = shortId(id);
+    span.title = id;
+    return span;
+  }
+
+  function chainNode(chain) {
+    const frag = document.createDocumentFragment();
+    chain.forEach((id, i) => {
+      if (i) frag.append(' → ');
+      frag.append(idSpan(id));
+    });
+    return frag;
+  }
+
+  // explain=true: what grants each scope and resource (edge chains, root first), and what every
+  // inbound edge contributes, or why not.
+  function explanationNode(x) {
+    const box = document.createElement('div');
+    if (x.as_of) {
+      const p = document.createElement('p');
+      p.className = 'hint';
+      p.textContent = 'as of ' + x.as_of;
+      box.append(p);
+    }
+    for (const [key, title] of [['scopes', 'Scope'], ['resources', 'Resource']]) {
+      const grants = x[key] || {};
+      const names = Object.keys(grants);
+      const ul = document.createElement('ul');
+      ul.setAttribute('aria-label', title + ' grants');
+      if (!names.length) {
+        const li = document.createElement('li');
+        li.textContent = 'no ' + key;
+        ul.append(li);
+      }
+      for (const name of names) {
+        const li = document.createElement('li');
+        const k = document.createElement('span');
+        k.className = 'k';
+        k.textContent = title.toLowerCase() + ' ';
+        const v = document.createElement('strong');
+        v.textContent = name;
+        li.append(k, v, ' granted by ');
+        const chains = grants[name] || [];
+        if (!chains.length) li.append('(nothing)');
+        chains.forEach((chain, i) => {
+          if (i) li.append(' and ');
+          li.append(chainNode(chain));
+        });
+        ul.append(li);
+      }
+      box.append(ul);
+    }
+    const edges = x.edges || [];
+    const t = document.createElement('table');
+    t.className = 'edges-table';
+    t.setAttribute('aria-label', 'Inbound edges and what they contribute');
+    const head = t.createTHead().insertRow();
+    for (const name of ['edge', 'from', 'scopes', 'counts', 'why not / status']) {
+      const th = document.createElement('th');
+      th.textContent = name;
+      head.append(th);
+    }
+    const body = t.createTBody();
+    for (const e of edges) {
+      const r = body.insertRow();
+      r.dataset.edge = e.edge_id;
+      r.dataset.contributes = String(e.contributes);
+      r.insertCell().append(chainNode(e.chain && e.chain.length ? e.chain : [e.edge_id]));
+      const from = r.insertCell();
+      from.append(idSpan(e.source_session_id || ''));
+      if (e.source_status) from.append(' (' + e.source_status + ')');
+      r.insertCell().textContent = (e.scopes || []).join(', ');
+      r.insertCell().textContent = e.contributes ? 'yes' : 'no';
+      const why = r.insertCell();
+      if (e.reason) {
+        const b = document.createElement('strong');
+        b.textContent = e.reason;
+        why.append(b, ' · ');
+      }
+      why.append(badge(e.status));
+      if (e.status_reason) why.append(' ' + e.status_reason);
+    }
+    if (edges.length) box.append(t);
+    else box.append('no inbound edges');
+    const known = new Set(['as_of', 'scopes', 'resources', 'edges']);
+    const rest = Object.fromEntries(Object.entries(x).filter(([k]) => !known.has(k)));
+    if (Object.keys(rest).length) box.append(valueNode(rest));
+    return box;
+  }
 
   function renderAuthority(result) {
     const box = $('authority');
@@ -601,12 +701,20 @@
     const a = result.value || {};
     const dl = document.createElement('dl');
     dl.className = 'fields';
-    for (const k of AUTHORITY_KEYS) if (k in a) field(dl, k, Array.isArray(a[k]) ? (a[k].join(', ') || '(none)') : a[k]);
+    for (const k of AUTHORITY_KEYS) {
+      if (!(k in a)) continue;
+      if (k === 'inbound_edges') {
+        const frag = document.createDocumentFragment();
+        a[k].forEach((id, i) => { if (i) frag.append(', '); frag.append(idSpan(id)); });
+        field(dl, k, a[k].length ? frag : '(none)');
+      } else {
+        field(dl, k, Array.isArray(a[k]) ? (a[k].join(', ') || '(none)') : a[k]);
+      }
+    }
     box.replaceChildren(dl);
-    const rest = {};
-    for (const [k, v] of Object.entries(a)) if (!AUTHORITY_KEYS.includes(k) && k !== 'agent_session_id') rest[k] = v;
-    explainBox.replaceChildren(Object.keys(rest).length ? valueNode(rest)
-                                                        : document.createTextNode('(no explanation in the answer)'));
+    const x = a.explanation;
+    explainBox.replaceChildren(x && typeof x === 'object' ? explanationNode(x)
+                                                          : document.createTextNode('(no explanation in the answer)'));
     explainBox.dataset.loaded = 'true';
   }
 
@@ -658,8 +766,8 @@
     const atParam = at ? { at } : {};
     const sessionP = api(withQuery(zpath('agents/' + enc(id)), atParam));
     const authorityP = api(withQuery(zpath('agents/' + enc(id) + '/effective-authority'), { explain: 'true', ...atParam }));
-    const inboundP = pageAll('delegations/inbound/' + enc(id));
-    const outboundP = pageAll('delegations/outbound/' + enc(id));
+    const inboundP = pageAll('delegations/inbound/' + enc(id), atParam);
+    const outboundP = pageAll('delegations/outbound/' + enc(id), atParam);
     const [session, authority, inbound, outbound] = await Promise.allSettled([sessionP, authorityP, inboundP, outboundP]);
     if (state.selected !== id || state.at !== at) return;
 
@@ -672,7 +780,11 @@
       for (const k of ['application_id', 'parent_id', 'subject_authority_record_id', 'lifecycle', 'depth', 'labels',
                        'started_at', 'terminated_at', 'termination_reason', 'ttl_seconds', 'last_heartbeat_at'])
         if (k in s) field(dl, k, Array.isArray(s[k]) ? s[k].join(', ') || '—' : s[k]);
-      if (at) field(dl, 'as of', at);
+      if (at) field(dl, 'as of', s.as_of || at);
+      if (Array.isArray(s.status_history) && s.status_history.length) {
+        field(dl, 'status history', valueNode(s.status_history.map((h) => [h.status, h.changed_at || h.at, h.actor, h.reason]
+          .filter((x) => x !== undefined && x !== null).join(' · '))));
+      }
     } else {
       field(dl, 'session', id);
       field(dl, 'error', errorNode(session.reason));
@@ -687,7 +799,7 @@
     box.replaceChildren();
     for (const [title, result, other] of [['inbound', inbound, 'from'], ['outbound', outbound, 'to']]) {
       if (result.status === 'fulfilled') {
-        box.append(edgesTable(title + (at ? ' (now)' : ''), result.value, other));
+        box.append(edgesTable(title, result.value, other));
         if (!at) {
           let changed = false;
           for (const e of result.value) if (e.status !== 'active' && !state.ended.has(e.id)) { rememberEdge(e); changed = true; }
