@@ -36,7 +36,7 @@
     loadSeq: 0,
     connected: false,
   };
-  const stats = { feedEvents: 0, refreshes: 0, lastRenderMs: 0, layout: '', feedConnects: 0 };
+  const stats = { feedEvents: 0, refreshes: 0, lastRenderMs: 0, layout: '', feedConnects: 0, recent: [] };
   let cy = null;
 
   // ---------------------------------------------------------------------------------------------
@@ -947,7 +947,8 @@
     let item = null;
     try { item = JSON.parse(ev.data.join('\n')); } catch (e) { return; }
     stats.feedEvents += 1;
-    stats.lastEvent = { topic: ev.event, cursor: ev.id, payload: item.payload };
+    stats.recent.push({ cursor: Number(ev.id), topic: ev.event, payload: item.payload });
+    if (stats.recent.length > 200) stats.recent.shift();
     $('feed-state').dataset.cursor = state.cursor || '';
     scheduleRefresh();
   }
