@@ -19,7 +19,8 @@ from storage import bulk_revocation as bulk
 from storage import delegations as store
 from storage.db import BeforeCommit, Conn, Database
 from storage.idempotency import (
-    BULK_REVOCATION, DELEGATION_CREATE, CreateResult, IdempotencyRequest, find_receipt, store_receipt,
+    BULK_REVOCATION, DELEGATION_CREATE, CreateResult, IdempotencyRequest, find_receipt, inactive_result,
+    store_receipt,
 )
 
 
@@ -255,7 +256,10 @@ async def bulk_revoke(db: Database, settings: Settings, ident: Identity, zone_id
         if idem is not None:
             receipt = await find_receipt(conn, settings, idem)
             if receipt is not None:
-                return receipt.response_json
+                done = await bulk.get_record(conn, zone_id, receipt.resource_id)
+                if done is None:  # past the retention window: the key is spent
+                    raise inactive_result()
+                return dict(done["answer_json"])
         plan = await bulk.preview(conn, zone_id, req.selection, lock=not req.dry_run)
         body = _bulk_body(plan, settings, req.dry_run)
         if req.dry_run:
@@ -266,11 +270,12 @@ async def bulk_revoke(db: Database, settings: Settings, ident: Identity, zone_id
             raise CoordinatorError(422, "bulk_revoke_too_large", edges=plan.edge_count,
                                    max_edges=settings.BULK_REVOKE_MAX_EDGES)
         revocation_id = new_id()
-        done = await bulk.revoke(conn, zone_id, req.selection, plan, revocation_id=revocation_id,
-                                 actor=f"{ident.client_id}/{ident.subject}")
+        done = await bulk.revoke(conn, zone_id, plan, revocation_id=revocation_id)
         body = {**body, **done, "bulk_revocation_id": revocation_id}
-        if idem is not None:
+        await bulk.record(conn, zone_id, revocation_id, actor=f"{ident.client_id}/{ident.subject}",
+                          selection=req.selection, epoch_before=plan.epoch, answer=body)
+        if idem is not None:  # the receipt names the record, which holds the answer
             await store_receipt(conn, settings, idem, resource_type="bulk_revocation", resource_id=revocation_id,
-                                status=200, body=body)
+                                status=200, body={"bulk_revocation_id": revocation_id})
         return body
     return await db.run(run, before_commit=before_commit)

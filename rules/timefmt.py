@@ -62,3 +62,14 @@ def parse_iso_z(value: str) -> datetime:
     return datetime(year, month, day, hour, minute, second, tzinfo=timezone.utc) + timedelta(
         microseconds=micros
     )
+
+
+def parse_rfc3339(value: object) -> datetime:
+    """An RFC 3339 instant with its offset (`Z` or ±hh:mm); ValueError for anything else (numbers,
+    dates without a time, local times)."""
+    if not isinstance(value, str) or len(value) < 16 or value[10] not in "Tt ":
+        raise ValueError("must be an RFC 3339 date-time with its offset")
+    parsed = datetime.fromisoformat(value)
+    if parsed.tzinfo is None:
+        raise ValueError("must carry its UTC offset (Z or ±hh:mm)")
+    return parsed

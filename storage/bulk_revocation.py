@@ -118,11 +118,10 @@ async def preview(conn: Conn, zone_id: str, selection: EdgeSelection, *, lock: b
     return Preview(epoch, matched, walked, targets, terminated, touching)
 
 
-async def revoke(conn: Conn, zone_id: str, selection: EdgeSelection, plan: Preview, *, revocation_id: str,
-                 actor: str | None) -> dict[str, Any]:
+async def revoke(conn: Conn, zone_id: str, plan: Preview, *, revocation_id: str) -> dict[str, Any]:
     """Carry out `plan` (a `preview` taken under the lock, in this transaction): revoke the walked
     edges, end the targets' subtrees (which revokes their other edges), one epoch bump, an event for
-    every revoked edge, the workflows' notices, and the audit record. The counts of what it did."""
+    every revoked edge and the workflows' notices. What it did, with the counts."""
     revoked = await q(conn, f"""
         UPDATE delegation_edges x SET status = 'revoked', revoked_at = now(), updated_at = now(),
             edge_version = x.edge_version + 1
@@ -159,12 +158,19 @@ async def revoke(conn: Conn, zone_id: str, selection: EdgeSelection, plan: Previ
     result: dict[str, Any] = {"matched_edges": matched_edges, "downstream_edges": downstream,
                               "terminated_sessions": terminated, "epoch": epoch}
     counts = {"matched": len(matched_edges), "downstream": len(downstream), "terminated_sessions": len(terminated)}
-    await conn.execute("""
-        INSERT INTO bulk_revocations (id, zone_id, actor, filter_json, counts_json, epoch_before, epoch_after)
-        VALUES (%s, %s, %s, %s, %s, %s, %s)""",
-                       (revocation_id, zone_id, actor, Jsonb(selection.as_json()), Jsonb(counts), plan.epoch, epoch))
     await publish(conn, zone_id, events, notices)
     return {**result, "counts": counts}
+
+
+async def record(conn: Conn, zone_id: str, revocation_id: str, *, actor: str | None, selection: EdgeSelection,
+                 epoch_before: int, answer: dict[str, Any]) -> None:
+    """The audit record of a bulk revocation: who, the filter, the counts, the epochs and its answer."""
+    await conn.execute("""
+        INSERT INTO bulk_revocations (id, zone_id, actor, filter_json, counts_json, answer_json, epoch_before,
+                                      epoch_after)
+        VALUES (%s, %s, %s, %s, %s, %s, %s, %s)""",
+                       (revocation_id, zone_id, actor, Jsonb(selection.as_json()), Jsonb(answer["counts"]),
+                        Jsonb(answer), epoch_before, answer["epoch"]))
 
 
 async def get_record(conn: Conn, zone_id: str, revocation_id: str) -> dict[str, Any] | None:

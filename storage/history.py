@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from rules.errors import CoordinatorError
+from rules.timefmt import iso_ms
 from settings import Settings
 from storage.db import Conn, one, q1
 
@@ -44,11 +45,11 @@ async def check_instant(conn: Conn, settings: Settings, at: datetime) -> None:
     bounds = await window(conn, settings)
     if at > bounds.latest:
         raise CoordinatorError(400, "at_in_future", message="`at` is later than now",
-                               details={"latest": bounds.latest.isoformat()})
+                               latest=iso_ms(bounds.latest))
     if at < bounds.earliest:
         raise CoordinatorError(400, "at_outside_history",
                                message="`at` is before the status history's window (retention)",
-                               details={"earliest": bounds.earliest.isoformat()})
+                               earliest=iso_ms(bounds.earliest))
 
 
 def status_at_sql(entity: str, id_expr: str, at_param: str, column: str = "status") -> str:

@@ -10,13 +10,14 @@ from typing import Annotated, Any, TypeVar
 from fastapi import APIRouter, Depends, Header, Path, Request, params
 from fastapi import Body as BodyParam
 from fastapi.responses import JSONResponse
-from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 from pydantic.json_schema import SkipJsonSchema
 
 from api.deps import Caller, Services
 from api.http import CoordinatorRoute
 from rules.errors import CoordinatorError
 from rules.idempotency import parse_idempotency_key
+from rules.timefmt import parse_rfc3339
 from storage import history
 from storage.idempotency import CreateResult
 from storage.pages import Page  # noqa: F401 (re-exported: the list routes' response model)
@@ -176,6 +177,11 @@ AT_DESCRIPTION = ("An RFC 3339 instant with its offset: the answer as it was the
 
 class AsOfQuery(BaseModel):
     at: AwareDatetime | None = Field(default=None, description=AT_DESCRIPTION)
+
+    @field_validator("at", mode="before")
+    @classmethod
+    def _rfc3339(cls, value: object) -> object:
+        return None if value is None else parse_rfc3339(value)
 
 
 class AsOfPageQuery(PageQuery, AsOfQuery):

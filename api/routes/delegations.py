@@ -4,7 +4,6 @@ every read (lists, traverse, impact, effective authority) is Postgres."""
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import Body as BodyParam
@@ -21,7 +20,7 @@ from api.routes.common import (
 from commands import delegations as commands
 from rules.constraints import MAX_BROAD_REASON, MAX_BUDGET, MAX_HOPS, MAX_RESOURCES, MAX_TTL_SECONDS, MISSING
 from rules.errors import CoordinatorError
-from rules.timefmt import is_iso_z, iso_ms
+from rules.timefmt import is_iso_z, iso_ms, parse_rfc3339
 from storage import bulk_revocation as bulk
 from storage import delegations as store
 from storage import history
@@ -206,22 +205,14 @@ class BulkRevokeFilter(Body):
     @classmethod
     def _instant(cls, value: str | None) -> str | None:
         if value is not None:
-            instant(value)
+            parse_rfc3339(value)
         return value
 
     def selection(self) -> bulk.EdgeSelection:
         values = self.model_dump()
         for name in ("created_before", "created_after"):
-            values[name] = instant(values[name]) if values[name] is not None else None
+            values[name] = parse_rfc3339(values[name]) if values[name] is not None else None
         return bulk.EdgeSelection(**values)
-
-
-def instant(value: str) -> datetime:
-    """An RFC 3339 instant with its offset (ValueError otherwise)."""
-    parsed = datetime.fromisoformat(value)
-    if parsed.tzinfo is None:
-        raise ValueError("needs its UTC offset (Z or ±hh:mm)")
-    return parsed
 
 
 class BulkRevokeBody(Body):

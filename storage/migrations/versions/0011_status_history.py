@@ -8,8 +8,8 @@ transaction's `coordinator.actor` / `coordinator.change_reason` settings where t
 retention window are deleted by retention; the window never reaches before `status_history_start`
 (rows for what existed then are written here, at that instant).
 
-`bulk_revocations`: the audit record of each bulk revoke (its filter and counts); its receipts
-(Idempotency-Key) are a new operation of `coordinator_idempotency_receipts`.
+`bulk_revocations`: the audit record of each bulk revoke (its filter, counts and answer); its
+receipts (Idempotency-Key) are a new operation of `coordinator_idempotency_receipts` naming the record.
 
 Revision ID: 0011_status_history
 Revises: 0010_follow_lag_histogram
@@ -100,6 +100,7 @@ CREATE TABLE bulk_revocations (
     actor text NULL,
     filter_json jsonb NOT NULL,
     counts_json jsonb NOT NULL,
+    answer_json jsonb NULL,  -- the real call's answer (a receipt's body may not hold 1,000s of edge ids)
     epoch_before bigint NOT NULL,
     epoch_after bigint NOT NULL,
     created_at timestamptz NOT NULL DEFAULT now()
