@@ -17,7 +17,7 @@ help:
 	@echo "                  REPLICAS=2: two workers, two dispatchers, two API processes"
 	@echo "make lint         ruff check and mypy (settings in pyproject.toml)"
 	@echo "make test         run the test suite (real Postgres and Temporal, started per session)"
-	@echo "make test-deps    system packages some tests need (Debian/Ubuntu: chromium for the Temporal UI test, redis-server for the relay tests)"
+	@echo "make test-deps    system packages some tests need (Debian/Ubuntu: chromium for the Temporal UI and inspector tests, redis-server for the relay tests)"
 	@echo "make test-faults  run the fault-injection tests (tests/faults)"
 	@echo "make bench ARGS=  run the benchmarks (python -m bench \$$ARGS)"
 	@echo "make record-histories  re-record the workflow histories the replay tests use"
@@ -66,12 +66,12 @@ test: $(VENV)/.installed test-deps
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 test-deps:
 	@if ! command -v apt-get >/dev/null 2>&1; then \
-		echo "make test-deps: no apt-get here: install Chromium yourself (tests/test_temporal_ui.py skips without /usr/bin/chromium)"; \
+		echo "make test-deps: no apt-get here: install Chromium yourself (tests/test_temporal_ui.py and tests/test_inspector.py skip without /usr/bin/chromium)"; \
 	elif command -v chromium >/dev/null 2>&1; then \
 		echo "make test-deps: chromium already installed"; \
 	else \
 		($(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium) \
-			|| echo "make test-deps: could not install chromium; the Temporal UI test will skip"; \
+			|| echo "make test-deps: could not install chromium; the browser tests will skip"; \
 	fi
 	@if ! command -v apt-get >/dev/null 2>&1; then \
 		command -v redis-server >/dev/null 2>&1 || echo "make test-deps: no apt-get here: install redis-server yourself (the Redis relay tests skip without it)"; \

@@ -51,6 +51,8 @@ class Settings(BaseSettings):
     TEMPORAL_ADDRESS: str = "127.0.0.1:7233"
     TEMPORAL_NAMESPACE: str = "default"
     TEMPORAL_TASK_QUEUE: str = "coordinator"
+    # The Temporal Web UI the inspector (`/ui`) links each session's workflow to; "" = no links.
+    TEMPORAL_UI_URL: str = "http://127.0.0.1:8233"
     STICKY_QUEUE_TIMEOUT_SECONDS: float = Field(2.0, gt=0)
     # The sandbox re-imports a workflow's modules for every new workflow run (~20 ms of worker CPU
     # each, the worker's largest cost per session). Our workflow modules import only temporalio,

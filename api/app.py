@@ -135,6 +135,9 @@ def _include_routers(app: FastAPI) -> None:
 
     app.include_router(events.router)
     app.include_router(v1.router)
+    from api.routes.ui import mount_inspector
+
+    mount_inspector(app)
 
 
 DESCRIPTION = """Runtime state of AI-agent authority: sessions, services, invocations and delegation edges,

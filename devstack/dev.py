@@ -273,6 +273,8 @@ class DevStack:
         env["DATABASE_URL"] = self.database_url
         env["TEMPORAL_ADDRESS"] = self.temporal_address
         env.setdefault("ISSUER_URL", DEFAULT_ISSUER_URL)
+        if self.ui_url:  # the inspector (/ui) links sessions to their workflows there
+            env.setdefault("TEMPORAL_UI_URL", self.ui_url)
         self.key = ensure_signing_key(DATA_DIR / "keys")
         if not env.get("JWKS_URL") and not env.get("JWKS_FILE"):
             env["JWKS_FILE"] = str(self.key.jwks_path)
@@ -335,6 +337,7 @@ class DevStack:
             "Coordinator is up.",
             f"  API             {self.api_url}",
             f"  API docs        {self.api_url}/docs",
+            f"  Inspector       {self.api_url}/ui   (operator token below, zone {DEMO_ZONE})",
             f"  Temporal UI     {ui}   (filter: ZoneId=\"{DEMO_ZONE}\")",
             f"  Temporal        {self.temporal_address}",
             f"  Postgres        {_redact(self.database_url)}",

@@ -8,7 +8,9 @@ from urllib.parse import unquote
 
 from rules.ids import is_valid_id
 
-PUBLIC_PATHS: Final = frozenset({"/health", "/ready", "/v1/verify"})
+# The inspector's page (`/ui`, its config and its assets under /ui/assets/, api/routes/ui.py) is
+# public too: it holds no data and calls the API with the operator token it asks for.
+PUBLIC_PATHS: Final = frozenset({"/health", "/ready", "/v1/verify", "/ui", "/ui/config.json"})
 OPERATOR_ONLY_PATHS: Final = frozenset({"/metrics", "/stats"})
 # Returned by operator_route_zone for /metrics and /stats; "*" can never be a zone id.
 OPERATOR_GLOBAL: Final = "*"
