@@ -131,13 +131,11 @@ def _include_routers(app: FastAPI) -> None:
     app.include_router(invocations.router)
     app.include_router(delegations.router)
     app.include_router(directory.router)
-    from api.routes import events, v1
+    from api.routes import events, ui, v1
 
     app.include_router(events.router)
     app.include_router(v1.router)
-    from api.routes.ui import mount_inspector
-
-    mount_inspector(app)
+    ui.mount_inspector(app)
 
 
 DESCRIPTION = """Runtime state of AI-agent authority: sessions, services, invocations and delegation edges,
