@@ -1,11 +1,13 @@
 """The event feed: the `caracal_outbox` rows a change writes inside its own transaction
 (reference §8), read back in order by `GET /zones/:z/events` (`read_page`) and relayed to Redis
-Streams by feed/relay.py (`claim_for_relay`, `settle_relayed`)."""
+Streams by feed/relay.py (`claim_for_relay`, `settle_relayed`). Each commit that writes events
+notifies FEED_CHANNEL, which wakes the API's waiting readers (`feed_listener`, feed/wakeups.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +15,7 @@ from psycopg.types.json import Jsonb
 
 from rules.ids import new_id
 from rules.timefmt import iso_ms
-from storage.db import Conn, Database, at_commit, one
+from storage.db import ChannelListener, Conn, Database, at_commit, one
 
 AGENTS_LIFECYCLE = "caracal.agents.lifecycle"
 SESSIONS_REVOKE = "caracal.sessions.revoke"
@@ -149,6 +151,9 @@ async def mark_failed(conn: Conn, max_attempts: int, ids: list[str], delays: lis
 # the wait is bounded by the caller, who then gets an empty page and retries.
 
 SEQUENCE = "caracal_outbox_seq_seq"
+# Every statement that writes events notifies this channel at its commit, once per zone, with the
+# zone id as the payload (the trigger of migration 0012): a reader of that zone reads again.
+FEED_CHANNEL = "event_feed"
 MAX_LIMIT = 500
 _GATE_FIRST_SLEEP = 0.002
 _GATE_MAX_SLEEP = 0.05
@@ -178,6 +183,12 @@ async def stable_horizon(db: Database, timeout: float) -> int | None:
             return None
         await asyncio.sleep(min(sleep, remaining))
         sleep = min(sleep * 2, _GATE_MAX_SLEEP)
+
+
+def feed_listener(url: str, *, on_zone: Callable[[str], None], on_connect: Callable[[], None],
+                  on_lost: Callable[[Exception], None]) -> ChannelListener:
+    """A LISTEN connection on FEED_CHANNEL: `on_zone(zone_id)` for each notification."""
+    return ChannelListener(url, FEED_CHANNEL, on_notify=on_zone, on_connect=on_connect, on_lost=on_lost)
 
 
 def project(row: dict[str, Any]) -> dict[str, Any]:
