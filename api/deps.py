@@ -32,7 +32,7 @@ class Services:
     feed: ZoneWakeups = field(init=False)
 
     def __post_init__(self) -> None:
-        self.feed = ZoneWakeups(getattr(self.db, "url", None))
+        self.feed = ZoneWakeups(self.db)
 
 
 async def services(request: Request) -> Services:  # async: a sync dependency costs a thread hop

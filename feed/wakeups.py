@@ -17,6 +17,7 @@ import contextlib
 import logging
 from collections.abc import Iterator
 
+from storage.db import Database
 from storage.event_feed import feed_listener
 
 log = logging.getLogger("coordinator.feed")
@@ -65,11 +66,11 @@ class Watch:
 
 
 class ZoneWakeups:
-    """The process's feed listener and its waiting readers, per zone. `url` None: no listener (the
-    readers poll)."""
+    """The process's feed listener on `db`'s server and its waiting readers, per zone. A database
+    without a URL (a test double): no listener, the readers poll."""
 
-    def __init__(self, url: str | None) -> None:
-        self.url = url
+    def __init__(self, db: Database) -> None:
+        self.db = db
         self._zones: dict[str, _Zone] = {}
         self._task: asyncio.Task[None] | None = None
         self._listening = False
@@ -81,9 +82,9 @@ class ZoneWakeups:
 
     def start(self) -> None:
         """Start the listener (once; in the running loop). `watch` starts it too if needed."""
-        if self._task is None and self.url:
-            listener = feed_listener(self.url, on_zone=self._notified, on_connect=self._connected,
-                                     on_lost=self._lost)
+        url = getattr(self.db, "url", None) if self._task is None else None
+        if url:
+            listener = feed_listener(url, on_zone=self._notified, on_connect=self._connected, on_lost=self._lost)
             self._task = asyncio.get_running_loop().create_task(listener.run(), name="feed-listener")
 
     async def aclose(self) -> None:

@@ -132,14 +132,20 @@ async def mark_failed(conn: Conn, max_attempts: int, ids: list[str], delays: lis
 # transaction can commit below any more. H is found like this:
 #
 # 1. read the sequence's last value L (every seq <= L has been handed out by now);
-# 2. take a snapshot and note its xmax X (every transaction holding an xid is below X);
-# 3. wait until a later snapshot's xmin is >= X, i.e. every transaction that was open at step 2
+# 2. note the next transaction id X (every transaction holding an xid is below X);
+# 3. wait until a later snapshot's xmin is >= X, i.e. every transaction that held an xid at step 2
 #    has committed or rolled back.
+#
+# X is not a snapshot's xmax: that is one past the newest *completed* xid, and a transaction newer
+# than every completed one is in progress yet listed nowhere in the snapshot (A alone open with xid
+# 753 gives the snapshot 753:753:, "nothing in progress"). `age(xid)` in a transaction without an
+# xid counts from the next xid, so X = xmax + age(xmax). A snapshot's xmin >= X means xid X - 1 has
+# completed (so xmax >= X) and none below it is in progress.
 #
 # Writers draw their seq only after their transaction has an xid (the seq default
 # `caracal_outbox_next_seq()` of migration 0002 assigns the xid first; a subtree cascade draws its
 # events' seqs itself, after its UPDATE has assigned it, storage/sessions.py). So each holder of a
-# seq <= L got its xid before step 1, hence before the snapshot of step 2: it is below X, and after
+# seq <= L got its xid before step 1, hence before step 2: it is below X, and after
 # step 3 it has ended. From then on no row with seq <= L can appear, and a read of
 # `cursor < seq <= L` sees every one of them that will ever exist (aborted ones never will). Cursors
 # are seq values, pages are in seq order: each event of a zone appears exactly once. Seq order
@@ -155,6 +161,13 @@ SEQUENCE = "caracal_outbox_seq_seq"
 # zone id as the payload (the trigger of migration 0012): a reader of that zone reads again.
 FEED_CHANNEL = "event_feed"
 MAX_LIMIT = 500
+# The xmin of a snapshot and the next xid (see above), as xid8 text; the pooled connections run in
+# autocommit, so this statement's transaction has no xid of its own.
+_NEXT_XID_SQL = """
+    SELECT pg_snapshot_xmin(s)::text AS xmin,
+           (pg_snapshot_xmax(s)::text::bigint
+            + age((pg_snapshot_xmax(s)::text::bigint % 4294967296)::text::xid))::text AS next_xid
+    FROM pg_current_snapshot() AS s"""
 _GATE_FIRST_SLEEP = 0.002
 _GATE_MAX_SLEEP = 0.05
 
@@ -165,13 +178,12 @@ async def stable_horizon(db: Database, timeout: float) -> int | None:
     async with db.connection() as conn:
         cur = await conn.execute(f"SELECT CASE WHEN is_called THEN last_value ELSE 0 END AS last FROM {SEQUENCE}")
         last = int(one(await cur.fetchone())["last"])
-        # A separate statement: its snapshot is taken after the sequence was read.
-        cur = await conn.execute("SELECT pg_snapshot_xmin(s)::text AS xmin, pg_snapshot_xmax(s)::text AS xmax "
-                                 "FROM pg_current_snapshot() AS s")
+        # A separate statement: the next xid is read after the sequence was.
+        cur = await conn.execute(_NEXT_XID_SQL)
         snap = one(await cur.fetchone())
-    if int(snap["xmin"]) >= int(snap["xmax"]):
-        return last  # no transaction was in progress
-    xmax = snap["xmax"]
+    if int(snap["xmin"]) >= int(snap["next_xid"]):
+        return last  # no transaction held an xid
+    xmax = snap["next_xid"]
     deadline = time.monotonic() + timeout
     sleep = _GATE_FIRST_SLEEP
     while True:

@@ -9,6 +9,7 @@ import time
 import uuid
 
 import httpx
+import psycopg
 import pytest
 import uvicorn
 
@@ -85,6 +86,20 @@ async def test_long_poll_waits_for_the_next_event(zone: Zone):
     r = await poll
     assert [i["dedupe_key"] for i in r.json()["items"]] == keys
     assert time.monotonic() - started < 5
+
+
+async def test_an_open_writer_with_the_newest_xid_holds_the_feed_back(zone: Zone):
+    """A writer whose transaction id is newer than every completed one is in progress, yet no
+    snapshot lists it: the feed must still not move its cursor past that writer's seq."""
+    url = f"/zones/{zone.id}/events"
+    start = (await zone.http.get(url, headers=zone.headers())).json()["next_cursor"]
+    async with await psycopg.AsyncConnection.connect(zone.stack.settings.DATABASE_URL) as writer:
+        await emit(writer, zone.id, [Event(AGENTS_LIFECYCLE, "test:held", {"event": "test"})])  # open, uncommitted
+        page = (await zone.http.get(url, params={"after": start}, headers=zone.headers())).json()
+        assert page == {"items": [], "next_cursor": start}
+        await writer.commit()
+    page = (await zone.http.get(url, params={"after": page["next_cursor"]}, headers=zone.headers())).json()
+    assert [i["dedupe_key"] for i in page["items"]] == ["test:held"]
 
 
 async def test_concurrent_writers_no_gap_no_duplicate(stack):
