@@ -1,5 +1,6 @@
 """The FastAPI application: middleware (request id, body limit, metrics), error mapping, routers,
-and the lifespan that owns the Postgres pool, the Temporal client and the authenticator.
+and the lifespan that owns the Postgres pool, the Temporal client, the authenticator and the event
+feed's listener.
 
 No request leaves a broken connection: Starlette's outermost error middleware answers an unhandled
 exception with the JSON 500 of `unexpected` and then re-raises it for the server's log, and the
@@ -62,10 +63,12 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
         await db.open(wait=False)
         client = await connect_temporal(settings)
         auth = Authenticator(settings, db)
-        app.state.services = Services(settings, db, client, auth)
+        app.state.services = svc = Services(settings, db, client, auth)
+        svc.feed.start()
         try:
             yield
         finally:
+            await svc.feed.aclose()
             await auth.aclose()
             await db.close()
 

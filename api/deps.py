@@ -5,7 +5,7 @@ takes it as a router-level dependency)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -13,6 +13,7 @@ from temporalio.client import Client
 
 from api.auth import Authenticator, Identity
 from api.http import path_ids
+from feed.wakeups import ZoneWakeups
 from rules.errors import CoordinatorError
 from settings import Settings
 from storage.db import ACTOR, Database
@@ -26,6 +27,12 @@ class Services:
     # (commands reach the workflows through the workflow outbox). None: not configured.
     temporal: Client | None
     auth: Authenticator
+    # Wakes the event feed's waiting readers when their zone's events commit (its listener starts
+    # with the app, or with the first waiting reader).
+    feed: ZoneWakeups = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.feed = ZoneWakeups(self.db)
 
 
 async def services(request: Request) -> Services:  # async: a sync dependency costs a thread hop

@@ -2,7 +2,7 @@
 
     python -m bench                                  # everything, against make dev on :4000
     python -m bench --quick                          # small counts, a smoke run
-    python -m bench --scenarios get,list,authority   # some scenarios (names or numbers 1-10)
+    python -m bench --scenarios get,list,authority   # some scenarios (names or numbers 1-13)
     python -m bench --base-url http://127.0.0.1:4100 --data-dir /tmp/bench-data \\
         --database-url postgresql://postgres@127.0.0.1:55001/coordinator --temporal-address 127.0.0.1:7300 \\
         --zone-capacity 100000 --app-capacity 100000
@@ -21,7 +21,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCENARIO_KEYS = ["create", "get", "list", "delegate", "authority", "impact", "suspend", "expiry", "heartbeat", "rss",
-                 "follow", "follow_curve", "bulk_revoke"]
+                 "follow", "follow_curve", "feed_latency", "bulk_revoke"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -64,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     sized.add_argument("--follow-curve-rates", help="offered create rates of follow_curve (50,100,200,400 / 10)")
     sized.add_argument("--follow-curve-mix-rates", help="offered rates of its mixed load (150 / 20; empty: none)")
     sized.add_argument("--follow-curve-seconds", type=float, help="seconds of each load (60 / 3)")
+    sized.add_argument("--feed-latency-commands", type=int, help="commands whose event is timed on the feed (500 / 20)")
     p.add_argument("--note", action="append", default=[], help="free text stored in the JSON notes (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     return p
@@ -107,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         heartbeat_duration=args.heartbeat_duration, tree_size=args.tree_size, tree_fanout=args.tree_fanout,
         impact_edges=args.impact_edges, impact_sessions=args.impact_sessions,
         follow_curve_rates=_rates(args.follow_curve_rates), follow_curve_mix_rates=_rates(args.follow_curve_mix_rates),
-        follow_curve_seconds=args.follow_curve_seconds, notes=args.note,
-        verbose=not args.quiet)
+        follow_curve_seconds=args.follow_curve_seconds, feed_latency_commands=args.feed_latency_commands,
+        notes=args.note, verbose=not args.quiet)
     document = asyncio.run(run_bench(cfg))
     failed = [s["name"] for s in document["scenarios"] if s["status"] == "failed"]
     if failed:

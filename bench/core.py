@@ -55,6 +55,7 @@ class Config:
     follow_curve_rates: list[int] | None = None
     follow_curve_mix_rates: list[int] | None = None
     follow_curve_seconds: float | None = None
+    feed_latency_commands: int | None = None
     notes: list[str] = field(default_factory=list)
     run_id: str = field(default_factory=lambda: time.strftime("%m%d%H%M") + uuid.uuid4().hex[:4])
     verbose: bool = True
@@ -95,6 +96,7 @@ PARAMS: dict[str, dict[str, Any]] = {
         "follow_curve_mix_rates": [150],
         "follow_curve_seconds": 60,
         "follow_curve_lag_sample": 300,
+        "feed_latency_commands": 500,
         "bulk_edges": 1_000,
         "bulk_sources": 100,
         "bulk_repeats": 3,
@@ -128,6 +130,7 @@ PARAMS: dict[str, dict[str, Any]] = {
         "follow_curve_mix_rates": [20],
         "follow_curve_seconds": 3,
         "follow_curve_lag_sample": 10,
+        "feed_latency_commands": 20,
         "bulk_edges": 20,
         "bulk_sources": 4,
         "bulk_repeats": 1,

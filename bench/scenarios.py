@@ -636,6 +636,7 @@ async def follow(ctx: Ctx) -> list[Row]:
 
 
 from bench.follow_curve import follow_curve  # noqa: E402 — it imports this module's helpers lazily
+from bench.feed_latency import feed_latency  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -646,7 +647,7 @@ class Scenario:
 
 
 # ------------------------------------------------------------------------------------------------
-# 13. bulk revocation of 1,000 matched edges with their cascades
+# 14. bulk revocation of 1,000 matched edges with their cascades
 
 
 async def _bulk_zone(ctx: Ctx, n: int, sources: int) -> BenchZone:
@@ -740,5 +741,6 @@ SCENARIOS: list[Scenario] = [
     Scenario("follow", "11. Temporal follows: signal lag, burst convergence, sustained rate", follow),
     Scenario("follow_curve", "12. follow curve: lag, backlog, drain and cost per session at offered rates",
              lambda ctx: follow_curve(ctx)),
-    Scenario("bulk_revoke", "13. bulk revocation of 1,000 edges with their cascades", bulk_revoke),
+    Scenario("feed_latency", "13. event feed: command answer to its event on an SSE stream", feed_latency),
+    Scenario("bulk_revoke", "14. bulk revocation of 1,000 edges with their cascades", bulk_revoke),
 ]

@@ -486,8 +486,8 @@ class Dispatcher:
             self.listening = True
             self._wake.set()  # anything committed while we were not listening
 
-        listener = ChannelListener(self.db.url, NOTIFY_CHANNEL, on_notify=self._wake.set, on_connect=connected,
-                                   on_lost=lost)
+        listener = ChannelListener(self.db.url, NOTIFY_CHANNEL, on_notify=lambda _: self._wake.set(),
+                                   on_connect=connected, on_lost=lost)
         task = asyncio.create_task(listener.run(), name=f"dispatcher-listener-{self.id}")
         try:
             await stop.wait()

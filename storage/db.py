@@ -351,10 +351,10 @@ class ChannelListener:
     """Keeps a dedicated LISTEN connection on one channel until cancelled, reconnecting with backoff.
 
     `on_connect` runs after each (re)connect (whatever was notified meanwhile was missed),
-    `on_notify` after each notification, `on_lost` when the connection is lost or cannot be made;
-    `listening` says whether notifications are arriving right now."""
+    `on_notify` after each notification, with its payload, `on_lost` when the connection is lost
+    or cannot be made; `listening` says whether notifications are arriving right now."""
 
-    def __init__(self, url: str, channel: str, *, on_notify: Callable[[], None],
+    def __init__(self, url: str, channel: str, *, on_notify: Callable[[str], None],
                  on_connect: Callable[[], None] = lambda: None, on_lost: Callable[[Exception], None] = lambda e: None,
                  connect_timeout_s: float = 5.0) -> None:
         self.url, self.channel = url, channel
@@ -375,9 +375,9 @@ class ChannelListener:
                 self.on_connect()
                 while True:
                     got = False
-                    async for _ in conn.notifies(timeout=30.0):
+                    async for notify in conn.notifies(timeout=30.0):
                         got = True
-                        self.on_notify()
+                        self.on_notify(notify.payload)
                     if not got:  # a quiet half minute: make sure the connection is still there
                         await asyncio.wait_for(conn.execute("SELECT 1"), 5.0)
             except asyncio.CancelledError:

@@ -1,11 +1,13 @@
 """The event feed: the `caracal_outbox` rows a change writes inside its own transaction
 (reference §8), read back in order by `GET /zones/:z/events` (`read_page`) and relayed to Redis
-Streams by feed/relay.py (`claim_for_relay`, `settle_relayed`)."""
+Streams by feed/relay.py (`claim_for_relay`, `settle_relayed`). Each commit that writes events
+notifies FEED_CHANNEL, which wakes the API's waiting readers (`feed_listener`, feed/wakeups.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +15,7 @@ from psycopg.types.json import Jsonb
 
 from rules.ids import new_id
 from rules.timefmt import iso_ms
-from storage.db import Conn, Database, at_commit, one
+from storage.db import ChannelListener, Conn, Database, at_commit, one
 
 AGENTS_LIFECYCLE = "caracal.agents.lifecycle"
 SESSIONS_REVOKE = "caracal.sessions.revoke"
@@ -130,14 +132,20 @@ async def mark_failed(conn: Conn, max_attempts: int, ids: list[str], delays: lis
 # transaction can commit below any more. H is found like this:
 #
 # 1. read the sequence's last value L (every seq <= L has been handed out by now);
-# 2. take a snapshot and note its xmax X (every transaction holding an xid is below X);
-# 3. wait until a later snapshot's xmin is >= X, i.e. every transaction that was open at step 2
+# 2. note the next transaction id X (every transaction holding an xid is below X);
+# 3. wait until a later snapshot's xmin is >= X, i.e. every transaction that held an xid at step 2
 #    has committed or rolled back.
+#
+# X is not a snapshot's xmax: that is one past the newest *completed* xid, and a transaction newer
+# than every completed one is in progress yet listed nowhere in the snapshot (A alone open with xid
+# 753 gives the snapshot 753:753:, "nothing in progress"). `age(xid)` in a transaction without an
+# xid counts from the next xid, so X = xmax + age(xmax). A snapshot's xmin >= X means xid X - 1 has
+# completed (so xmax >= X) and none below it is in progress.
 #
 # Writers draw their seq only after their transaction has an xid (the seq default
 # `caracal_outbox_next_seq()` of migration 0002 assigns the xid first; a subtree cascade draws its
 # events' seqs itself, after its UPDATE has assigned it, storage/sessions.py). So each holder of a
-# seq <= L got its xid before step 1, hence before the snapshot of step 2: it is below X, and after
+# seq <= L got its xid before step 1, hence before step 2: it is below X, and after
 # step 3 it has ended. From then on no row with seq <= L can appear, and a read of
 # `cursor < seq <= L` sees every one of them that will ever exist (aborted ones never will). Cursors
 # are seq values, pages are in seq order: each event of a zone appears exactly once. Seq order
@@ -149,7 +157,17 @@ async def mark_failed(conn: Conn, max_attempts: int, ids: list[str], delays: lis
 # the wait is bounded by the caller, who then gets an empty page and retries.
 
 SEQUENCE = "caracal_outbox_seq_seq"
+# Every statement that writes events notifies this channel at its commit, once per zone, with the
+# zone id as the payload (the trigger of migration 0012): a reader of that zone reads again.
+FEED_CHANNEL = "event_feed"
 MAX_LIMIT = 500
+# The xmin of a snapshot and the next xid (see above), as xid8 text; the pooled connections run in
+# autocommit, so this statement's transaction has no xid of its own.
+_NEXT_XID_SQL = """
+    SELECT pg_snapshot_xmin(s)::text AS xmin,
+           (pg_snapshot_xmax(s)::text::bigint
+            + age((pg_snapshot_xmax(s)::text::bigint % 4294967296)::text::xid))::text AS next_xid
+    FROM pg_current_snapshot() AS s"""
 _GATE_FIRST_SLEEP = 0.002
 _GATE_MAX_SLEEP = 0.05
 
@@ -160,13 +178,12 @@ async def stable_horizon(db: Database, timeout: float) -> int | None:
     async with db.connection() as conn:
         cur = await conn.execute(f"SELECT CASE WHEN is_called THEN last_value ELSE 0 END AS last FROM {SEQUENCE}")
         last = int(one(await cur.fetchone())["last"])
-        # A separate statement: its snapshot is taken after the sequence was read.
-        cur = await conn.execute("SELECT pg_snapshot_xmin(s)::text AS xmin, pg_snapshot_xmax(s)::text AS xmax "
-                                 "FROM pg_current_snapshot() AS s")
+        # A separate statement: the next xid is read after the sequence was.
+        cur = await conn.execute(_NEXT_XID_SQL)
         snap = one(await cur.fetchone())
-    if int(snap["xmin"]) >= int(snap["xmax"]):
-        return last  # no transaction was in progress
-    xmax = snap["xmax"]
+    if int(snap["xmin"]) >= int(snap["next_xid"]):
+        return last  # no transaction held an xid
+    xmax = snap["next_xid"]
     deadline = time.monotonic() + timeout
     sleep = _GATE_FIRST_SLEEP
     while True:
@@ -178,6 +195,12 @@ async def stable_horizon(db: Database, timeout: float) -> int | None:
             return None
         await asyncio.sleep(min(sleep, remaining))
         sleep = min(sleep * 2, _GATE_MAX_SLEEP)
+
+
+def feed_listener(url: str, *, on_zone: Callable[[str], None], on_connect: Callable[[], None],
+                  on_lost: Callable[[Exception], None]) -> ChannelListener:
+    """A LISTEN connection on FEED_CHANNEL: `on_zone(zone_id)` for each notification."""
+    return ChannelListener(url, FEED_CHANNEL, on_notify=on_zone, on_connect=on_connect, on_lost=on_lost)
 
 
 def project(row: dict[str, Any]) -> dict[str, Any]:

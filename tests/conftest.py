@@ -144,6 +144,7 @@ class Stack:
         await self.stop_worker()
         await self.http.aclose()
         await self.services.auth.aclose()
+        await self.services.feed.aclose()
         for table in ("workflow_outbox", "workflow_outbox_fanout"):
             await self.db.execute(f"DELETE FROM {table} WHERE task_queue = %s", (self.settings.TEMPORAL_TASK_QUEUE,))
         await self.db.close()

@@ -9,14 +9,16 @@ import time
 import uuid
 
 import httpx
+import psycopg
 import pytest
 import uvicorn
 
 from api.app import create_app
 from devstack.postgres import free_port
 from storage.db import Database
-from storage.event_feed import AGENTS_LIFECYCLE, SESSIONS_REVOKE, Event, emit
-from tests.conftest import Zone
+from feed.wakeups import SAFETY_SECONDS
+from storage.event_feed import AGENTS_LIFECYCLE, FEED_CHANNEL, SESSIONS_REVOKE, Event, emit
+from tests.conftest import Zone, eventually
 
 
 async def _emit(db: Database, zone_id: str, n: int, topic: str = AGENTS_LIFECYCLE) -> list[str]:
@@ -84,6 +86,20 @@ async def test_long_poll_waits_for_the_next_event(zone: Zone):
     r = await poll
     assert [i["dedupe_key"] for i in r.json()["items"]] == keys
     assert time.monotonic() - started < 5
+
+
+async def test_an_open_writer_with_the_newest_xid_holds_the_feed_back(zone: Zone):
+    """A writer whose transaction id is newer than every completed one is in progress, yet no
+    snapshot lists it: the feed must still not move its cursor past that writer's seq."""
+    url = f"/zones/{zone.id}/events"
+    start = (await zone.http.get(url, headers=zone.headers())).json()["next_cursor"]
+    async with await psycopg.AsyncConnection.connect(zone.stack.settings.DATABASE_URL) as writer:
+        await emit(writer, zone.id, [Event(AGENTS_LIFECYCLE, "test:held", {"event": "test"})])  # open, uncommitted
+        page = (await zone.http.get(url, params={"after": start}, headers=zone.headers())).json()
+        assert page == {"items": [], "next_cursor": start}
+        await writer.commit()
+    page = (await zone.http.get(url, params={"after": page["next_cursor"]}, headers=zone.headers())).json()
+    assert [i["dedupe_key"] for i in page["items"]] == ["test:held"]
 
 
 async def test_concurrent_writers_no_gap_no_duplicate(stack):
@@ -209,3 +225,89 @@ async def test_server_sent_events_resume_with_last_event_id(zone: Zone, live_ser
     got = [e["dedupe_key"] for e in first + rest]
     assert got == keys and [e["dedupe_key"] for e in live] == later
     assert all(e["sse_id"] == e["cursor"] and e["sse_event"] == e["topic"] for e in first + rest + live)
+
+
+# ------------------------------------------------------------------ pushed: LISTEN/NOTIFY wake-ups
+
+async def _listening(stack) -> int:
+    """Start the feed listener if needed and wait until it listens; its backend's pid."""
+    stack.services.feed.start()
+    await eventually(lambda: stack.services.feed.listening, timeout=10)
+    return await eventually(lambda: stack.db.fetchval(
+        "SELECT pid FROM pg_stat_activity WHERE query = %s", (f"LISTEN {FEED_CHANNEL}",)), timeout=10)
+
+
+async def test_long_poll_is_woken_by_the_commit(zone: Zone):
+    """A long poll (wait=10) answers a command's event at once, not at its next re-read."""
+    assert SAFETY_SECONDS >= 1.5  # so an answer within 1 s can only come from the notification
+    await _listening(zone.stack)
+    url = f"/zones/{zone.id}/events"
+    sid = (await zone.start())["agent_session_id"]
+    start = (await zone.http.get(url, headers=zone.headers())).json()["next_cursor"]
+    poll = asyncio.create_task(zone.http.get(url, params={"after": start, "wait": "10"}, headers=zone.headers()))
+    await eventually(lambda: zone.stack.services.feed.waiters(zone.id) == 1)
+    await asyncio.sleep(0.5)  # the poll has read once and waits
+    r = await zone.http.patch(f"/zones/{zone.id}/agents/{sid}/suspend", headers=zone.headers())
+    assert r.status_code == 200, r.text
+    committed = time.monotonic()
+    r = await asyncio.wait_for(poll, 10)
+    answered = time.monotonic()
+    events = [(i["payload"]["event"], i["payload"]["agent_session_id"]) for i in r.json()["items"]
+              if i["topic"] == AGENTS_LIFECYCLE]
+    assert events == [("suspend", sid)]
+    assert answered - committed < 1.0, f"answered {answered - committed:.3f} s after the commit"
+    assert zone.stack.services.feed.waiters(zone.id) == 0  # the zone's entry went with its last waiter
+
+
+async def test_server_sent_events_get_an_event_committed_after_connecting(zone: Zone, live_server):
+    await _listening(zone.stack)
+    url = f"{live_server}/zones/{zone.id}/events"
+    start = (await zone.http.get(f"/zones/{zone.id}/events", headers=zone.headers())).json()["next_cursor"]
+    headers = {**zone.headers(), "Accept": "text/event-stream"}
+    async with httpx.AsyncClient(timeout=10) as http, http.stream("GET", url, params={"after": start},
+                                                                 headers=headers) as r:
+        assert r.status_code == 200
+        lines = r.aiter_lines()
+        assert await anext(lines) == "retry: 1000"  # connected: the stream reads the feed from here
+        await asyncio.sleep(0.5)  # it has read once and waits
+        keys = await _emit(zone.stack.db, zone.id, 1)
+        committed = time.monotonic()
+        got = await asyncio.wait_for(_read_sse(lines, 1), 10)
+        arrived = time.monotonic()
+    assert [e["dedupe_key"] for e in got] == keys
+    assert arrived - committed < 1.0, f"arrived {arrived - committed:.3f} s after the commit"
+
+
+async def test_a_lost_listener_connection_loses_no_event(zone: Zone, live_server):
+    """Postgres drops the listener's connection (pg_terminate_backend) while a stream and a long
+    poll wait and events commit: the stream gets every event once, in order, and both are pushed
+    again once the listener is back."""
+    pid = await _listening(zone.stack)
+    url = f"{live_server}/zones/{zone.id}/events"
+    start = (await zone.http.get(f"/zones/{zone.id}/events", headers=zone.headers())).json()["next_cursor"]
+    headers = {**zone.headers(), "Accept": "text/event-stream"}
+    async with httpx.AsyncClient(timeout=10) as http, http.stream("GET", url, params={"after": start},
+                                                                 headers=headers) as r:
+        lines = r.aiter_lines()
+        keys = await _emit(zone.stack.db, zone.id, 2)
+        got = await asyncio.wait_for(_read_sse(lines, 2), 10)
+
+        poll = asyncio.create_task(zone.http.get(f"/zones/{zone.id}/events", headers=zone.headers(),
+                                                 params={"after": got[-1]["cursor"], "wait": "10"}))
+        assert await zone.stack.db.fetchval("SELECT pg_terminate_backend(%s)", (pid,))
+        keys += await _emit(zone.stack.db, zone.id, 3)  # while nobody listens
+        got += await asyncio.wait_for(_read_sse(lines, 3), 10)
+        polled = (await asyncio.wait_for(poll, 10)).json()["items"]
+
+        new_pid = await _listening(zone.stack)
+        assert new_pid != pid
+        await asyncio.sleep(0.3)
+        keys += await _emit(zone.stack.db, zone.id, 1)
+        committed = time.monotonic()
+        got += await asyncio.wait_for(_read_sse(lines, 1), 10)
+        arrived = time.monotonic()
+    assert [e["dedupe_key"] for e in got] == keys
+    assert [i["dedupe_key"] for i in polled] == keys[2:2 + len(polled)] and polled
+    cursors = [int(e["cursor"]) for e in got]
+    assert cursors == sorted(set(cursors))
+    assert arrived - committed < 1.0  # pushed again

@@ -220,7 +220,8 @@ class Authenticator:
         if self._live_seconds <= 0 or not hasattr(self.db, "url"):
             return False
         if self._directory_task is None:
-            self._directory = ChannelListener(self.db.url, DIRECTORY_CHANNEL, on_notify=self.forget_identities,
+            self._directory = ChannelListener(self.db.url, DIRECTORY_CHANNEL,
+                                              on_notify=lambda _: self.forget_identities(),
                                               on_connect=self._directory_connected, on_lost=self._directory_lost)
             self._directory_task = asyncio.get_running_loop().create_task(self._directory.run(),
                                                                           name="directory-listener")

@@ -11,12 +11,13 @@ Same authentication as the other zone routes (the operator token is allowed). Tw
   15 s of silence; resume after a disconnect with `Last-Event-ID` (or `?after=`). A stream ends
   after SSE_MAX_SECONDS so that the bearer is checked again on reconnect.
 
-Ordering and exactly-once delivery come from storage/event_feed.py.
+Ordering and exactly-once delivery come from storage/event_feed.py. A waiting reader reads again
+when its zone's events commit (feed/wakeups.py: pushed by Postgres NOTIFY), and every few seconds
+regardless.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -34,7 +35,6 @@ from storage.event_feed import MAX_LIMIT, read_page
 router = make_router("events")
 
 MAX_WAIT_SECONDS = 30.0
-POLL_SECONDS = 0.2
 KEEPALIVE_SECONDS = 15.0
 SSE_MAX_SECONDS = 300.0
 
@@ -81,15 +81,16 @@ async def zone_events(zone_id: ZoneId, query: Annotated[EventsQuery, Query()], r
         return StreamingResponse(_stream(request, svc, zone_id, after, query), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     deadline = time.monotonic() + query.wait
-    while True:
-        remaining = deadline - time.monotonic()
-        items, next_after = await read_page(svc.db, zone_id, after=after, limit=query.limit, topic=query.topic,
-                                            gate_timeout=min(max(remaining, 1.0), 5.0))
-        after = next_after
-        remaining = deadline - time.monotonic()
-        if items or remaining <= 0:
-            break
-        await asyncio.sleep(min(POLL_SECONDS, remaining))
+    with svc.feed.watch(zone_id) as watch:
+        while True:
+            watch.arm()  # before the read: a commit during it wakes the wait below
+            remaining = deadline - time.monotonic()
+            items, after = await read_page(svc.db, zone_id, after=after, limit=query.limit, topic=query.topic,
+                                           gate_timeout=min(max(remaining, 1.0), 5.0))
+            remaining = deadline - time.monotonic()
+            if items or remaining <= 0:
+                break
+            await watch.wait(remaining)
     return Response(json.dumps({"items": items, "next_cursor": str(after)}), media_type="application/json")
 
 
@@ -100,18 +101,21 @@ def _sse(item: dict[str, Any]) -> bytes:
 async def _stream(request: Request, svc: Services, zone_id: str, after: int,
                   query: EventsQuery) -> AsyncIterator[bytes]:
     started = last_write = time.monotonic()
-    yield b"retry: 1000\n\n"
-    while time.monotonic() - started < SSE_MAX_SECONDS:
-        items, after = await read_page(svc.db, zone_id, after=after, limit=query.limit, topic=query.topic,
-                                       gate_timeout=2.0)
-        if items:
-            yield b"".join(_sse(item) for item in items)
-            last_write = time.monotonic()
-            if len(items) == query.limit:
-                continue  # more may be waiting
-        elif time.monotonic() - last_write >= KEEPALIVE_SECONDS:
-            yield b": keepalive\n\n"
-            last_write = time.monotonic()
-        if await request.is_disconnected():
-            return
-        await asyncio.sleep(POLL_SECONDS)
+    with svc.feed.watch(zone_id) as watch:
+        yield b"retry: 1000\n\n"
+        while time.monotonic() - started < SSE_MAX_SECONDS:
+            watch.arm()
+            items, after = await read_page(svc.db, zone_id, after=after, limit=query.limit, topic=query.topic,
+                                           gate_timeout=2.0)
+            if items:
+                yield b"".join(_sse(item) for item in items)
+                last_write = time.monotonic()
+                if len(items) == query.limit:
+                    continue  # more may be waiting
+            elif time.monotonic() - last_write >= KEEPALIVE_SECONDS:
+                yield b": keepalive\n\n"
+                last_write = time.monotonic()
+            if await request.is_disconnected():
+                return
+            now = time.monotonic()
+            await watch.wait(max(0.0, min(KEEPALIVE_SECONDS - (now - last_write), SSE_MAX_SECONDS - (now - started))))
