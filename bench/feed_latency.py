@@ -73,7 +73,7 @@ async def feed_latency(ctx: Any) -> list[Row]:
                     answered = time.perf_counter()
                     if resp.status_code != 200:
                         raise SetupError(f"PATCH …/{action} answered {resp.status_code}", {describe(resp): 1})
-                    while True:  # the next event of this session and kind is the command's
+                    while True:  # the next event of the probed session and kind is the command's
                         arrived, payload = await asyncio.wait_for(arrivals.get(), EVENT_TIMEOUT_S)
                         if payload.get("agent_session_id") == sid and payload.get("event") == action:
                             break

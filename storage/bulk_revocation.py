@@ -34,7 +34,7 @@ class EdgeSelection:
     scope: str | None = None
     created_before: datetime | None = None
     created_after: datetime | None = None
-    source_subtree_of: str | None = None  # edges whose source is this session or one of its descendants
+    source_subtree_of: str | None = None  # edges whose source is the named session or one of its descendants
 
     def as_json(self) -> dict[str, Any]:
         return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in self.__dict__.items()

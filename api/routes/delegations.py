@@ -197,7 +197,7 @@ class BulkRevokeFilter(Body):
                                        description="RFC 3339 with its offset")
     created_after: str | None = Field(default=None, json_schema_extra={"format": "date-time"},
                                       description="RFC 3339 with its offset")
-    source_subtree_of: NonEmpty | None = Field(default=None, description="Edges whose source is this session or "
+    source_subtree_of: NonEmpty | None = Field(default=None, description="Edges whose source is the named session or "
                                                                          "one of its descendants")
 
 
