@@ -119,5 +119,5 @@ def can_invoke(identity: Identity, app: str) -> bool:
 
 
 def can_bulk_revoke(identity: Identity) -> bool:
-    """A bulk revocation crosses applications: the operator token or coordinator.admin."""
-    return bool(getattr(identity, "operator", False)) or is_admin(identity)
+    """A bulk revocation crosses applications: coordinator.admin (the operator token carries it)."""
+    return is_admin(identity)

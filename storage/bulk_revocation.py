@@ -9,7 +9,7 @@ subtrees (terminated), and the other active edges of the terminated sessions (re
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -83,12 +83,13 @@ class Preview:
     walked: list[dict[str, Any]]  # id, source_session_id, target_session_id, depth, root
     targets: list[str]  # the live targets of walked edges, in walk order
     terminated: list[str]
-    touching: list[str]
-    downstream: list[str] = field(default_factory=list)
+    touching: list[str]  # the other active edges of the sessions it ends
 
-    def __post_init__(self) -> None:
+    @property
+    def downstream(self) -> list[str]:
+        """The edges it revokes besides the matched ones."""
         matched = set(self.matched)
-        self.downstream = sorted({w["id"] for w in self.walked if w["id"] not in matched} | set(self.touching))
+        return sorted({w["id"] for w in self.walked if w["id"] not in matched} | set(self.touching))
 
     @property
     def edge_count(self) -> int:

@@ -292,9 +292,7 @@ async def effective_authority(conn: Conn, zone_id: str, session_id: str, *, at: 
                {history.status_at_sql('session', 'x.source_session_id', 'a.at')} AS source_status
         FROM (SELECT %(at)s::timestamptz AS at) a
         JOIN delegation_edges x ON x.zone_id = %(zone)s AND x.target_session_id = %(sid)s AND x.created_at <= a.at
-        CROSS JOIN LATERAL (SELECT h.status, h.reason FROM status_history h
-                            WHERE h.entity_id = x.id AND h.entity = 'edge' AND h.changed_at <= a.at
-                            ORDER BY h.changed_at DESC, h.seq DESC LIMIT 1) h
+        CROSS JOIN LATERAL {history.last_status_sql('edge', 'x.id', 'a.at', 'h.status, h.reason')} h
         LEFT JOIN resources r ON r.zone_id = x.zone_id AND r.id = x.resource_id
         ORDER BY x.id""", {"at": instant, "zone": zone_id, "sid": session_id})
     candidates = [{**c, "scopes": list(c["scopes"])} for c in candidates]

@@ -52,18 +52,24 @@ async def check_instant(conn: Conn, settings: Settings, at: datetime) -> None:
                                earliest=iso_ms(bounds.earliest))
 
 
-def status_at_sql(entity: str, id_expr: str, at_param: str, column: str = "status") -> str:
-    """The `column` of the last status row of entity `id_expr` at or before `at_param` (NULL:
-    the entity did not exist then)."""
+def last_status_sql(entity: str, id_expr: str, at_param: str, columns: str = "h.status") -> str:
+    """A subquery: `columns` of the last status row (alias h) of entity `id_expr` at or before
+    `at_param`; no row when the entity did not exist then."""
     assert entity in ("session", "edge")
-    return f"""(SELECT h.{column} FROM status_history h
+    return f"""(SELECT {columns} FROM status_history h
                 WHERE h.entity_id = {id_expr} AND h.entity = '{entity}' AND h.changed_at <= {at_param}
                 ORDER BY h.changed_at DESC, h.seq DESC LIMIT 1)"""
 
 
-async def entity_history(conn: Conn, entity: str, entity_id: str) -> list[dict[str, Any]]:
-    """Every recorded status of one entity, oldest first."""
+def status_at_sql(entity: str, id_expr: str, at_param: str) -> str:
+    """The status entity `id_expr` had at `at_param` (NULL: it did not exist then)."""
+    return last_status_sql(entity, id_expr, at_param)
+
+
+async def entity_history(conn: Conn, entity: str, entity_id: str, at: datetime) -> list[dict[str, Any]]:
+    """The statuses one entity took up to `at`, oldest first."""
     cur = await conn.execute("""
         SELECT status, previous_status, changed_at, actor, reason FROM status_history
-        WHERE entity_id = %s AND entity = %s ORDER BY changed_at, seq""", (entity_id, entity))
+        WHERE entity_id = %s AND entity = %s AND changed_at <= %s ORDER BY changed_at, seq""",
+                             (entity_id, entity, at))
     return await cur.fetchall()

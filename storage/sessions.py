@@ -111,7 +111,7 @@ async def session_body_at(db: Database, zone_id: str, session_id: str, at: datet
     async with db.connection() as conn:
         body = await q1(conn, f"SELECT row_to_json(b) AS body FROM (SELECT {SESSION_BODY} FROM sessions x "
                               "WHERE x.zone_id = %s AND x.id = %s) b", (zone_id, session_id))
-        changes = [c for c in await history.entity_history(conn, "session", session_id) if c["changed_at"] <= at]
+        changes = await history.entity_history(conn, "session", session_id, at)
     if body is None or not changes:
         return None
     then = dict(body["body"], status=changes[-1]["status"], as_of=iso_ms(at))
