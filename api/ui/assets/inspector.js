@@ -653,16 +653,9 @@
       box.append(ul);
     }
     const edges = x.edges || [];
-    const t = document.createElement('table');
-    t.className = 'edges-table';
+    const t = headedTable(['edge', 'from', 'scopes', 'counts', 'why not / status']);
     t.setAttribute('aria-label', 'Inbound edges and what they contribute');
-    const head = t.createTHead().insertRow();
-    for (const name of ['edge', 'from', 'scopes', 'counts', 'why not / status']) {
-      const th = document.createElement('th');
-      th.textContent = name;
-      head.append(th);
-    }
-    const body = t.createTBody();
+    const body = t.tBodies[0];
     for (const e of edges) {
       const r = body.insertRow();
       r.dataset.edge = e.edge_id;
@@ -718,6 +711,20 @@
     explainBox.dataset.loaded = 'true';
   }
 
+  // An edges table with its header row and an empty body.
+  function headedTable(headers) {
+    const t = document.createElement('table');
+    t.className = 'edges-table';
+    const head = t.createTHead().insertRow();
+    for (const name of headers) {
+      const th = document.createElement('th');
+      th.textContent = name;
+      head.append(th);
+    }
+    t.createTBody();
+    return t;
+  }
+
   function edgesTable(title, edges, other) {
     const wrap = document.createElement('div');
     const h = document.createElement('p');
@@ -725,15 +732,8 @@
     h.textContent = title + ' (' + edges.length + ')';
     wrap.append(h);
     if (!edges.length) return wrap;
-    const t = document.createElement('table');
-    t.className = 'edges-table';
-    const head = t.createTHead().insertRow();
-    for (const name of [other, 'scopes', 'status', 'created']) {
-      const th = document.createElement('th');
-      th.textContent = name;
-      head.append(th);
-    }
-    const body = t.createTBody();
+    const t = headedTable([other, 'scopes', 'status', 'created']);
+    const body = t.tBodies[0];
     for (const e of edges) {
       const r = body.insertRow();
       const c0 = r.insertCell();
